@@ -1,0 +1,1 @@
+"""The real local stack used by the demo, the tests and the benchmarks."""

@@ -1,0 +1,531 @@
+"""The real local stack: Postgres, PgBouncer, Redis, etcd + kube-apiserver, FerretDB.
+
+Every server is a real binary started on free loopback ports inside one
+directory; ``state.json`` there records pids, ports and the generated admin
+credentials so ``devstack env`` and ``devstack down`` work from another process.
+Postgres and PgBouncer refuse to run as root, so when we are root they run as
+the ``postgres`` system user that Debian's postgresql package creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dynabase.desired.scram import scram_verifier
+
+from . import binaries, pki
+
+ALL_SERVICES = ("postgres", "pgbouncer", "redis", "etcd", "kube-apiserver", "ferretdb")
+SERVICE_GROUPS = {"kube": ("etcd", "kube-apiserver"), "mongo": ("ferretdb",)}
+SERVICE_USER = "postgres"
+PG_SUPERUSER = "postgres"
+PGBOUNCER_ADMIN = "dynabase_admin"
+PGBOUNCER_AUTH_USER = "dynabase_pgbouncer"
+MONGO_ADMIN = "dynabase"
+
+
+class DevstackError(RuntimeError):
+    pass
+
+
+def _progress(message: str) -> None:
+    print(f"[devstack] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def postgres_bindir() -> Path:
+    explicit = os.environ.get("DYNABASE_PG_BINDIR")
+    if explicit:
+        return Path(explicit)
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    on_path = shutil.which("postgres")
+    if on_path:
+        return Path(on_path).resolve().parent
+    raise DevstackError("Postgres not found: apt-get install postgresql (or set DYNABASE_PG_BINDIR)")
+
+
+def _require(command: str, package: str) -> str:
+    path = shutil.which(command) or (f"/usr/sbin/{command}" if Path(f"/usr/sbin/{command}").exists() else None)
+    if not path:
+        raise DevstackError(f"{command} not found: apt-get install {package}")
+    return path
+
+
+@dataclass
+class Service:
+    name: str
+    pid: int
+    port: int
+    log: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class State:
+    root: str
+    services: dict[str, Service] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "root": self.root,
+                "services": {k: vars(v) for k, v in self.services.items()},
+                "secrets": self.secrets,
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> State:
+        raw = json.loads(text)
+        return cls(
+            root=raw["root"],
+            services={k: Service(**v) for k, v in raw["services"].items()},
+            secrets=raw["secrets"],
+        )
+
+
+class Devstack:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+        self.state_file = self.root / "state.json"
+        self.state = State(str(self.root))
+        if self.state_file.exists():
+            self.state = State.from_json(self.state_file.read_text())
+        self._as_root = os.geteuid() == 0
+
+    # -- public ---------------------------------------------------------------
+
+    def up(self, services: Iterable[str] = ALL_SERVICES, *, build: bool = True) -> State:
+        wanted = [s for s in ALL_SERVICES if s in set(services)]
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)
+        starters: dict[str, Callable[[], Service]] = {
+            "postgres": self._start_postgres,
+            "pgbouncer": self._start_pgbouncer,
+            "redis": self._start_redis,
+            "etcd": self._start_etcd,
+            "kube-apiserver": self._start_kube_apiserver,
+            "ferretdb": self._start_ferretdb,
+        }
+        if build:
+            needed = {"etcd": binaries.ETCD, "kube-apiserver": binaries.KUBE_APISERVER,
+                      "ferretdb": binaries.FERRETDB}
+            for name in wanted:
+                if name in needed:
+                    binaries.ensure(needed[name])
+                    if name == "kube-apiserver":
+                        binaries.ensure(binaries.KUBECTL)
+        try:
+            for name in wanted:
+                if name in self.state.services and self._alive(self.state.services[name].pid):
+                    _progress(f"{name}: already running")
+                    continue
+                started = time.monotonic()
+                service = starters[name]()
+                self.state.services[name] = service
+                self._save()
+                _progress(f"{name}: ready on 127.0.0.1:{service.port} ({time.monotonic() - started:.1f}s)")
+        except BaseException:
+            self.down()
+            raise
+        return self.state
+
+    def down(self) -> None:
+        for name in reversed(ALL_SERVICES):
+            service = self.state.services.pop(name, None)
+            if service is None:
+                continue
+            self._stop(service)
+            _progress(f"{name}: stopped")
+        if self.state_file.exists():
+            self._save()
+
+    def env(self) -> dict[str, str]:
+        s = self.state.services
+        sec = self.state.secrets
+        out: dict[str, str] = {"DYNABASE_DEVSTACK_DIR": str(self.root)}
+        if "postgres" in s:
+            port = s["postgres"].port
+            out.update(
+                {
+                    "DYNABASE_POSTGRES_DSN": f"postgresql://{PG_SUPERUSER}:{sec['postgres']}@127.0.0.1:{port}/postgres",
+                    "PGHOST": "127.0.0.1",
+                    "PGPORT": str(port),
+                    "PGUSER": PG_SUPERUSER,
+                    "PGPASSWORD": sec["postgres"],
+                    "PGDATABASE": "postgres",
+                }
+            )
+        if "pgbouncer" in s:
+            port = s["pgbouncer"].port
+            out["DYNABASE_PGBOUNCER_HOST"] = "127.0.0.1"
+            out["DYNABASE_PGBOUNCER_PORT"] = str(port)
+            out["DYNABASE_PGBOUNCER_ADMIN_DSN"] = (
+                f"postgresql://{PGBOUNCER_ADMIN}:{sec['pgbouncer_admin']}@127.0.0.1:{port}/pgbouncer"
+            )
+            out["DYNABASE_PGBOUNCER_DIR"] = s["pgbouncer"].extra["dir"]
+        if "redis" in s:
+            out["DYNABASE_REDIS_URL"] = f"redis://default:{sec['redis']}@127.0.0.1:{s['redis'].port}/0"
+        if "kube-apiserver" in s:
+            out["KUBECONFIG"] = s["kube-apiserver"].extra["kubeconfig"]
+            out["DYNABASE_KUBECTL"] = s["kube-apiserver"].extra["kubectl"]
+        if "ferretdb" in s:
+            out["DYNABASE_MONGO_URL"] = (
+                f"mongodb://{MONGO_ADMIN}:{sec['mongo']}@127.0.0.1:{s['ferretdb'].port}/"
+                "?authSource=admin&authMechanism=SCRAM-SHA-256"
+            )
+        return out
+
+    # -- process plumbing -------------------------------------------------------
+
+    def _save(self) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(self.state.to_json())
+        tmp.chmod(0o600)
+        tmp.replace(self.state_file)
+
+    def _dir(self, name: str, *, service_user: bool = False) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        if service_user and self._as_root:
+            entry = pwd.getpwnam(SERVICE_USER)
+            for p in [path, *path.rglob("*")]:
+                os.chown(p, entry.pw_uid, entry.pw_gid)
+        return path
+
+    def _chown(self, path: Path) -> None:
+        if self._as_root:
+            entry = pwd.getpwnam(SERVICE_USER)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+
+    def _spawn(self, name: str, args: list[str], *, service_user: bool = False,
+               env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, str]:
+        log_path = self.root / "logs" / f"{name}.log"
+        log_path.parent.mkdir(exist_ok=True)
+        kwargs: dict[str, Any] = {}
+        if service_user and self._as_root:
+            try:
+                entry = pwd.getpwnam(SERVICE_USER)
+            except KeyError as exc:
+                raise DevstackError(
+                    f"running as root, {name} needs the '{SERVICE_USER}' user: apt-get install postgresql"
+                ) from exc
+            kwargs.update(user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+                **kwargs,
+            )
+        return proc.pid, str(log_path)
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            waited, _ = os.waitpid(pid, os.WNOHANG)
+            if waited == pid:
+                return False
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        # A zombie of another parent still answers kill(0); /proc tells.
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        return True
+
+    def _wait(self, name: str, pid: int, log: str, ready: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._alive(pid):
+                raise DevstackError(f"{name} exited during start-up; last log lines:\n{_tail(log)}")
+            with contextlib.suppress(Exception):
+                if ready():
+                    return
+            time.sleep(0.1)
+        raise DevstackError(f"{name} not ready after {timeout:.0f}s; last log lines:\n{_tail(log)}")
+
+    def _stop(self, service: Service, timeout: float = 15) -> None:
+        sig = signal.SIGINT if service.name == "postgres" else signal.SIGTERM
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(service.pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._alive(service.pid):
+            time.sleep(0.05)
+        if self._alive(service.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(service.pid, signal.SIGKILL)
+            time.sleep(0.1)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(service.pid, os.WNOHANG)
+
+    # -- services ---------------------------------------------------------------
+
+    def _start_postgres(self) -> Service:
+        bindir = postgres_bindir()
+        base = self._dir("postgres", service_user=True)
+        data = base / "data"
+        run = self._dir("run", service_user=True)
+        password = self.state.secrets.setdefault("postgres", secrets.token_urlsafe(18))
+        self._save()
+        if not (data / "PG_VERSION").exists():
+            pwfile = base / "pwfile"
+            pwfile.write_text(password + "\n")
+            pwfile.chmod(0o600)
+            self._chown(pwfile)
+            cmd = [str(bindir / "initdb"), "-D", str(data), "-U", PG_SUPERUSER, f"--pwfile={pwfile}",
+                   "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
+                   "--locale=C", "--no-sync"]
+            kwargs: dict[str, Any] = {}
+            if self._as_root:
+                entry = pwd.getpwnam(SERVICE_USER)
+                kwargs.update(user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=base, **kwargs)
+            pwfile.unlink()
+            if proc.returncode != 0:
+                raise DevstackError(f"initdb failed: {proc.stderr.strip()}")
+            # Tenants and the engine come over TCP with SCRAM; only the PgBouncer
+            # auth_query user may use the local socket without a password.
+            (data / "pg_hba.conf").write_text(
+                "# dynabase devstack\n"
+                f"local all {PG_SUPERUSER} trust\n"
+                f"local all {PGBOUNCER_AUTH_USER} trust\n"
+                "local all all scram-sha-256\n"
+                "host all all 127.0.0.1/32 scram-sha-256\n"
+                "host all all ::1/128 scram-sha-256\n"
+            )
+        port = free_port()
+        pid, log = self._spawn(
+            "postgres",
+            [str(bindir / "postgres"), "-D", str(data), "-p", str(port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={run}",
+             "-c", "max_connections=400", "-c", "fsync=off", "-c", "synchronous_commit=off",
+             "-c", "full_page_writes=off", "-c", "shared_buffers=128MB",
+             "-c", "password_encryption=scram-sha-256", "-c", "log_min_messages=warning"],
+            service_user=True,
+            cwd=base,
+        )
+        self._wait("postgres", pid, log, lambda: _port_open(port) and _pg_ready(bindir, run, port))
+        return Service("postgres", pid, port, log, {"socket_dir": str(run), "bindir": str(bindir)})
+
+    def _start_pgbouncer(self) -> Service:
+        binary = _require("pgbouncer", "pgbouncer")
+        pg = self.state.services.get("postgres")
+        if pg is None:
+            raise DevstackError("pgbouncer needs postgres in the same devstack")
+        base = self._dir("pgbouncer", service_user=True)
+        admin_password = self.state.secrets.setdefault("pgbouncer_admin", secrets.token_urlsafe(18))
+        self._save()
+        userlist = base / "userlist.txt"
+        # SCRAM verifiers only: no plaintext password is written to disk.
+        userlist.write_text(f'"{PGBOUNCER_ADMIN}" "{scram_verifier(admin_password)}"\n')
+        userlist.chmod(0o600)
+        self._chown(userlist)
+        port = free_port()
+        ini = base / "pgbouncer.ini"
+        ini.write_text(
+            "[databases]\n"
+            f"* = host={pg.extra['socket_dir']} port={pg.port} auth_user={PGBOUNCER_AUTH_USER}\n\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {port}\n"
+            f"unix_socket_dir = {base}\n"
+            "auth_type = scram-sha-256\n"
+            f"auth_file = {userlist}\n"
+            f"auth_query = SELECT usename, passwd FROM {PGBOUNCER_AUTH_USER}.lookup($1)\n"
+            f"admin_users = {PGBOUNCER_ADMIN}\n"
+            "pool_mode = transaction\n"
+            "default_pool_size = 5\nmax_client_conn = 5000\n"
+            "ignore_startup_parameters = extra_float_digits,options,application_name\n"
+            "server_reset_query = DISCARD ALL\n"
+        )
+        self._chown(ini)
+        pid, log = self._spawn("pgbouncer", [binary, str(ini)], service_user=True, cwd=base)
+        self._wait("pgbouncer", pid, log, lambda: _port_open(port))
+        return Service("pgbouncer", pid, port, log, {"dir": str(base), "ini": str(ini)})
+
+    def _start_redis(self) -> Service:
+        binary = _require("redis-server", "redis-server")
+        base = self._dir("redis")
+        password = self.state.secrets.setdefault("redis", secrets.token_urlsafe(18))
+        self._save()
+        aclfile = base / "users.acl"
+        if not aclfile.exists():
+            # The ACL file takes SHA-256 hashes (#...), so no plaintext on disk.
+            import hashlib
+
+            digest = hashlib.sha256(password.encode()).hexdigest()
+            aclfile.write_text(f"user default on #{digest} ~* &* +@all\n")
+            aclfile.chmod(0o600)
+        port = free_port()
+        conf = base / "redis.conf"
+        conf.write_text(
+            f"bind 127.0.0.1\nport {port}\ndir {base}\naclfile {aclfile}\n"
+            "save \"\"\nappendonly no\ndaemonize no\nprotected-mode yes\nlatency-tracking no\n"
+        )
+        pid, log = self._spawn("redis", [binary, str(conf)], cwd=base)
+        self._wait("redis", pid, log, lambda: _port_open(port))
+        return Service("redis", pid, port, log, {"aclfile": str(aclfile)})
+
+    def _start_etcd(self) -> Service:
+        binary = str(binaries.ensure(binaries.ETCD, build=False))
+        base = self._dir("etcd")
+        port, peer = free_port(), free_port()
+        pid, log = self._spawn(
+            "etcd",
+            [binary, "--name=devstack", f"--data-dir={base / 'data'}",
+             f"--listen-client-urls=http://127.0.0.1:{port}",
+             f"--advertise-client-urls=http://127.0.0.1:{port}",
+             f"--listen-peer-urls=http://127.0.0.1:{peer}",
+             f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+             f"--initial-cluster=devstack=http://127.0.0.1:{peer}",
+             "--unsafe-no-fsync=true", "--log-level=warn"],
+            cwd=base,
+        )
+        url = f"http://127.0.0.1:{port}/health"
+        self._wait("etcd", pid, log, lambda: b"true" in urllib.request.urlopen(url, timeout=1).read())
+        return Service("etcd", pid, port, log)
+
+    def _start_kube_apiserver(self) -> Service:
+        binary = str(binaries.ensure(binaries.KUBE_APISERVER, build=False))
+        kubectl = str(binaries.ensure(binaries.KUBECTL, build=False))
+        etcd = self.state.services.get("etcd")
+        if etcd is None:
+            raise DevstackError("kube-apiserver needs etcd in the same devstack")
+        base = self._dir("kube")
+        certs = pki.create(base / "pki")
+        port = free_port()
+        server = f"https://127.0.0.1:{port}"
+        kubeconfig = base / "kubeconfig"
+        kubeconfig.write_text(pki.kubeconfig(certs, server))
+        kubeconfig.chmod(0o600)
+        pid, log = self._spawn(
+            "kube-apiserver",
+            [binary, f"--etcd-servers=http://127.0.0.1:{etcd.port}",
+             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+             f"--secure-port={port}", f"--cert-dir={base / 'pki'}",
+             f"--tls-cert-file={certs.serving_cert}", f"--tls-private-key-file={certs.serving_key}",
+             f"--client-ca-file={certs.ca_cert}", "--authorization-mode=RBAC",
+             "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
+             "--disable-admission-plugins=ServiceAccount",
+             f"--service-account-issuer={server}/",
+             f"--service-account-key-file={certs.sa_public}",
+             f"--service-account-signing-key-file={certs.sa_private}",
+             "--v=0"],
+            cwd=base,
+        )
+        context = ssl.create_default_context(cafile=str(certs.ca_cert))
+        context.load_cert_chain(str(certs.admin_cert), str(certs.admin_key))
+
+        def ready() -> bool:
+            with urllib.request.urlopen(f"{server}/readyz", context=context, timeout=2) as resp:
+                return bool(resp.status == 200)
+
+        self._wait("kube-apiserver", pid, log, ready, timeout=120)
+        return Service("kube-apiserver", pid, port, log,
+                       {"kubeconfig": str(kubeconfig), "kubectl": kubectl, "server": server})
+
+    def _start_ferretdb(self) -> Service:
+        binary = str(binaries.ensure(binaries.FERRETDB, build=False))
+        base = self._dir("ferretdb")
+        (base / "data").mkdir(exist_ok=True)
+        password = self.state.secrets.setdefault("mongo", secrets.token_urlsafe(18))
+        self._save()
+        port = free_port()
+        pid, log = self._spawn(
+            "ferretdb",
+            [binary, "--handler=sqlite", f"--sqlite-url=file:{base / 'data'}/",
+             f"--listen-addr=127.0.0.1:{port}", f"--state-dir={base}", "--telemetry=disable",
+             f"--debug-addr=127.0.0.1:{free_port()}", "--test-enable-new-auth",
+             "--setup-database=admin", f"--setup-username={MONGO_ADMIN}", "--log-level=WARN"],
+            # The password goes through the environment, not argv (visible in ps).
+            env={"FERRETDB_SETUP_PASSWORD": password},
+            cwd=base,
+        )
+        self._wait("ferretdb", pid, log, lambda: _port_open(port))
+        return Service("ferretdb", pid, port, log)
+
+
+def _pg_ready(bindir: Path, socket_dir: Path, port: int) -> bool:
+    isready = bindir / "pg_isready"
+    if not isready.exists():
+        return True
+    proc = subprocess.run([str(isready), "-h", str(socket_dir), "-p", str(port), "-q"], check=False)
+    return proc.returncode == 0
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("DYNABASE_DEVSTACK_DIR") or f"/tmp/dynabase-devstack-{os.getuid()}")
+
+
+def resolve_services(only: str | None, without: str | None) -> list[str]:
+    def expand(text: str) -> set[str]:
+        out: set[str] = set()
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            if item in SERVICE_GROUPS:
+                out |= set(SERVICE_GROUPS[item])
+            elif item in ALL_SERVICES:
+                out.add(item)
+            else:
+                raise DevstackError(
+                    f"unknown service {item!r}; choose from {', '.join(ALL_SERVICES)} or "
+                    f"{', '.join(SERVICE_GROUPS)}"
+                )
+        return out
+
+    chosen = expand(only) if only else set(ALL_SERVICES)
+    if without:
+        chosen -= expand(without)
+    if "pgbouncer" in chosen:
+        chosen.add("postgres")
+    if "kube-apiserver" in chosen:
+        chosen.add("etcd")
+    return [s for s in ALL_SERVICES if s in chosen]

@@ -1,0 +1,32 @@
+"""Declared models of the dynabase.io API: TierPolicy and TenantDatabase."""
+
+from .resources import API_VERSION, GROUP, KINDS, VERSION, Metadata, Resource, TenantDatabase, TierPolicy
+from .tenant import (
+    CONDITION_TYPES,
+    Condition,
+    SecretRef,
+    TenantDatabaseSpec,
+    TenantDatabaseStatus,
+)
+from .tier import (
+    Billing,
+    LifecycleLimits,
+    MongoLimits,
+    PgBouncerLimits,
+    PostgresLimits,
+    ProxyLimits,
+    RailwayLimits,
+    RedisLimits,
+    Tier,
+    TierLimits,
+    TierPolicySpec,
+)
+from .units import ByteSize, Duration
+
+__all__ = [
+    "API_VERSION", "CONDITION_TYPES", "GROUP", "KINDS", "VERSION",
+    "Billing", "ByteSize", "Condition", "Duration", "LifecycleLimits", "Metadata", "MongoLimits",
+    "PgBouncerLimits", "PostgresLimits", "ProxyLimits", "RailwayLimits", "RedisLimits", "Resource",
+    "SecretRef", "TenantDatabase", "TenantDatabaseSpec", "TenantDatabaseStatus", "Tier",
+    "TierLimits", "TierPolicy", "TierPolicySpec",
+]

@@ -1,0 +1,55 @@
+"""Shared model plumbing: camelCase fields and cross-field rules kept in one place.
+
+Each cross-field rule is written twice on purpose — once in CEL for the
+apiserver (``x-kubernetes-validations``) and once in Python for headless mode —
+but with a single message, so a person sees the same words from
+``kubectl apply`` and from ``dynabase validate``. Tests run both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field rule: CEL for the CRD, a Python predicate for everything else."""
+
+    cel: str
+    message: str
+    holds: Callable[[Any], bool]
+    field_path: str | None = None  # reported path, relative to the model
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Any:
+        for rule in self.rules:
+            if not rule.holds(self):
+                raise PydanticCustomError("rule", rule.message)
+        return self
+
+    @classmethod
+    def cel_validations(cls) -> list[dict[str, str]]:
+        out = []
+        for rule in cls.rules:
+            entry = {"rule": rule.cel, "message": rule.message}
+            if rule.field_path:
+                entry["fieldPath"] = rule.field_path
+            out.append(entry)
+        return out

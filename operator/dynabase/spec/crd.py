@@ -1,0 +1,246 @@
+"""Generate the CustomResourceDefinitions from the pydantic models.
+
+Pydantic emits JSON Schema (with $ref, anyOf-null, exclusive bounds as numbers);
+Kubernetes wants a *structural* OpenAPI v3 schema. ``structural`` does that
+conversion, and the CEL rules of each model are attached where the model sits.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel
+
+from . import tenant, tier
+from .base import Model
+from .resources import GROUP, VERSION
+from .tenant import TenantDatabaseSpec, TenantDatabaseStatus
+from .tier import TierPolicySpec
+
+# Models whose CEL rules are attached to their schema node, by JSON-schema title.
+_RULED_MODELS: tuple[type[Model], ...] = (
+    tier.PostgresLimits,
+    tier.ProxyLimits,
+    tier.TierLimits,
+    tier.Tier,
+    tier.TierPolicySpec,
+    tenant.TenantDatabaseSpec,
+)
+# Inherited rules repeat on subclasses; attach each rule once per node.
+_KEEP_KEYS = {
+    "type", "properties", "items", "additionalProperties", "required", "description",
+    "enum", "pattern", "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems",
+    "minProperties", "maxProperties", "format", "default", "x-kubernetes-validations",
+    "x-kubernetes-list-type", "x-kubernetes-list-map-keys", "x-kubernetes-preserve-unknown-fields",
+}
+
+
+def _json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema(by_alias=True, mode="validation", ref_template="#/$defs/{model}")
+
+
+def structural(schema: dict[str, Any], defs: dict[str, Any], *, keep_defaults: bool) -> dict[str, Any]:
+    """Turn one pydantic JSON-schema node into a structural OpenAPI v3 node."""
+    node = copy.deepcopy(schema)
+    if "$ref" in node:
+        name = node.pop("$ref").rsplit("/", 1)[-1]
+        merged = {**defs[name], **node}
+        merged.setdefault("title", name)
+        return structural(merged, defs, keep_defaults=keep_defaults)
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot express a union in a structural schema: {options}")
+        inner = structural(options[0], defs, keep_defaults=keep_defaults)
+        if node.get("description"):
+            inner["description"] = node["description"]
+        if keep_defaults and node.get("default") is not None:
+            inner["default"] = node["default"]
+        return inner
+    title = node.get("title")
+    if "exclusiveMinimum" in node:
+        node["minimum"] = node.pop("exclusiveMinimum")
+        node["exclusiveMinimum"] = True
+    if "exclusiveMaximum" in node:
+        node["maximum"] = node.pop("exclusiveMaximum")
+        node["exclusiveMaximum"] = True
+    out: dict[str, Any] = {
+        k: v for k, v in node.items() if k in _KEEP_KEYS | {"exclusiveMinimum", "exclusiveMaximum"}
+    }
+    if not keep_defaults or out.get("default") is None:
+        out.pop("default", None)
+    if "properties" in out:
+        out["type"] = "object"
+        out["properties"] = {
+            k: structural(v, defs, keep_defaults=keep_defaults) for k, v in out["properties"].items()
+        }
+        if out.get("additionalProperties") is False:
+            del out["additionalProperties"]
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = structural(
+            out["additionalProperties"], defs, keep_defaults=keep_defaults
+        )
+    if "items" in out:
+        out["items"] = structural(out["items"], defs, keep_defaults=keep_defaults)
+    if out.get("format") == "date-time":
+        out["type"] = "string"
+    rules = _rules_for(title)
+    if rules:
+        out["x-kubernetes-validations"] = rules
+    return out
+
+
+def _rules_for(title: str | None) -> list[dict[str, str]]:
+    for model in _RULED_MODELS:
+        if model.__name__ == title:
+            return model.cel_validations()
+    return []
+
+
+def _object_schema(model: type[BaseModel], *, keep_defaults: bool) -> dict[str, Any]:
+    raw = _json_schema(model)
+    defs = raw.pop("$defs", {})
+    return structural(raw, defs, keep_defaults=keep_defaults)
+
+
+def _status_schema() -> dict[str, Any]:
+    status = _object_schema(TenantDatabaseStatus, keep_defaults=False)
+    conditions = status["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    conditions["maxItems"] = 16
+    status["properties"]["history"] = {
+        "type": "array",
+        "maxItems": 20,
+        "description": "Most recent tier changes, newest last.",
+        "items": {
+            "type": "object",
+            "properties": {
+                "from": {"type": "string"},
+                "to": {"type": "string"},
+                "at": {"type": "string", "format": "date-time"},
+            },
+        },
+    }
+    return status
+
+
+def _crd(
+    *,
+    kind: str,
+    plural: str,
+    short_names: list[str],
+    scope: str,
+    spec_schema: dict[str, Any],
+    status_schema: dict[str, Any] | None,
+    columns: list[dict[str, Any]],
+    root_rules: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object"},
+        "spec": spec_schema,
+    }
+    if status_schema is not None:
+        properties["status"] = status_schema
+    root: dict[str, Any] = {"type": "object", "required": ["spec"], "properties": properties}
+    if root_rules:
+        root["x-kubernetes-validations"] = root_rules
+    version: dict[str, Any] = {
+        "name": VERSION,
+        "served": True,
+        "storage": True,
+        "schema": {"openAPIV3Schema": root},
+        "additionalPrinterColumns": columns,
+    }
+    if status_schema is not None:
+        version["subresources"] = {"status": {}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": scope,
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": short_names,
+                "categories": ["dynabase"],
+            },
+            "versions": [version],
+        },
+    }
+
+
+def tier_policy_crd() -> dict[str, Any]:
+    spec = _object_schema(TierPolicySpec, keep_defaults=False)
+    return _crd(
+        kind="TierPolicy",
+        plural="tierpolicies",
+        short_names=["tp", "tierpol"],
+        scope="Cluster",
+        spec_schema=spec,
+        status_schema=None,
+        columns=[
+            {"name": "Tiers", "type": "string", "jsonPath": ".spec.tiers", "priority": 1},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+    )
+
+
+def tenant_database_crd() -> dict[str, Any]:
+    spec = _object_schema(TenantDatabaseSpec, keep_defaults=True)
+    # Renaming the database would orphan its data: the field is write-once.
+    spec["properties"]["databaseName"]["x-kubernetes-validations"] = [
+        {
+            "rule": "self == oldSelf",
+            "message": "databaseName is immutable: renaming would orphan the tenant's data; "
+            "create a new TenantDatabase instead",
+        }
+    ]
+    spec["x-kubernetes-validations"] = spec.get("x-kubernetes-validations", []) + [
+        {
+            "rule": "has(self.databaseName) == has(oldSelf.databaseName)",
+            "message": "databaseName cannot be added or removed after creation (it would "
+            "change the database in use); keep it as it was",
+        }
+    ]
+    root_rules = [
+        {
+            "rule": "has(self.spec.databaseName) || "
+            "(size(self.metadata.name) <= 63 && !self.metadata.name.contains('.'))",
+            "message": "metadata.name longer than 63 characters or with '.' cannot be a database "
+            "name; set spec.databaseName explicitly",
+        }
+    ]
+    return _crd(
+        kind="TenantDatabase",
+        plural="tenantdatabases",
+        short_names=["tdb", "tenantdb"],
+        scope="Namespaced",
+        spec_schema=spec,
+        status_schema=_status_schema(),
+        columns=[
+            {"name": "Org", "type": "string", "jsonPath": ".spec.orgId"},
+            {"name": "Tier", "type": "string", "jsonPath": ".spec.tier"},
+            {"name": "Applied", "type": "string", "jsonPath": ".status.appliedTier", "priority": 1},
+            {"name": "Pending", "type": "string", "jsonPath": ".status.pendingTier", "priority": 1},
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {
+                "name": "Ready",
+                "type": "string",
+                "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+            },
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+        root_rules=root_rules,
+    )
+
+
+def all_crds() -> list[dict[str, Any]]:
+    return [tier_policy_crd(), tenant_database_crd()]
