@@ -90,7 +90,7 @@ def _shell_quote(value: str) -> str:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dynabase.demo import run_demo
 
-    return run_demo(Path(args.dir) if args.dir else None, keep=args.keep)
+    return int(run_demo(Path(args.dir) if args.dir else None, keep=args.keep))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,7 @@ PG_SUPERUSER = "postgres"
 PGBOUNCER_ADMIN = "dynabase_admin"
 PGBOUNCER_AUTH_USER = "dynabase_pgbouncer"
 MONGO_ADMIN = "dynabase"
+PGBOUNCER_AUTH_QUERY = "SELECT usename, passwd FROM dynabase_pgbouncer.lookup($1)"
 
 
 class DevstackError(RuntimeError):
@@ -131,6 +132,8 @@ class Devstack:
         wanted = [s for s in ALL_SERVICES if s in set(services)]
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
+        if self._as_root and {"postgres", "pgbouncer"} & set(wanted):
+            self._check_traversable()
         starters: dict[str, Callable[[], Service]] = {
             "postgres": self._start_postgres,
             "pgbouncer": self._start_pgbouncer,
@@ -209,6 +212,15 @@ class Devstack:
         return out
 
     # -- process plumbing -------------------------------------------------------
+
+    def _check_traversable(self) -> None:
+        """Postgres runs as another user; every parent directory must let it through."""
+        for parent in [self.root, *self.root.parents]:
+            if not os.stat(parent).st_mode & 0o001:
+                raise DevstackError(
+                    f"{parent} is not searchable by the '{SERVICE_USER}' user that runs Postgres; "
+                    "choose a devstack directory under /tmp (e.g. --dir /tmp/dynabase-devstack)"
+                )
 
     def _save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
@@ -373,7 +385,7 @@ class Devstack:
             f"unix_socket_dir = {base}\n"
             "auth_type = scram-sha-256\n"
             f"auth_file = {userlist}\n"
-            f"auth_query = SELECT usename, passwd FROM {PGBOUNCER_AUTH_USER}.lookup($1)\n"
+            f"auth_query = {PGBOUNCER_AUTH_QUERY}\n"
             f"admin_users = {PGBOUNCER_ADMIN}\n"
             "pool_mode = transaction\n"
             "default_pool_size = 5\nmax_client_conn = 5000\n"

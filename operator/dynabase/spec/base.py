@@ -41,7 +41,9 @@ class Model(BaseModel):
     def _check_rules(self) -> Any:
         for rule in self.rules:
             if not rule.holds(self):
-                raise PydanticCustomError("rule", rule.message)
+                # ctx.field lets error reports point at the offending field's line.
+                field = (rule.field_path or "").lstrip(".")
+                raise PydanticCustomError("rule", rule.message, {"field": field} if field else None)
         return self
 
     @classmethod

@@ -18,7 +18,7 @@ from .resources import GROUP, VERSION
 from .tenant import TenantDatabaseSpec, TenantDatabaseStatus
 from .tier import TierPolicySpec
 
-# Models whose CEL rules are attached to their schema node, by JSON-schema title.
+# Models whose CEL rules are attached to their schema node, by model name.
 _RULED_MODELS: tuple[type[Model], ...] = (
     tier.PostgresLimits,
     tier.ProxyLimits,
@@ -27,7 +27,6 @@ _RULED_MODELS: tuple[type[Model], ...] = (
     tier.TierPolicySpec,
     tenant.TenantDatabaseSpec,
 )
-# Inherited rules repeat on subclasses; attach each rule once per node.
 _KEEP_KEYS = {
     "type", "properties", "items", "additionalProperties", "required", "description",
     "enum", "pattern", "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems",
@@ -40,14 +39,19 @@ def _json_schema(model: type[BaseModel]) -> dict[str, Any]:
     return model.model_json_schema(by_alias=True, mode="validation", ref_template="#/$defs/{model}")
 
 
-def structural(schema: dict[str, Any], defs: dict[str, Any], *, keep_defaults: bool) -> dict[str, Any]:
-    """Turn one pydantic JSON-schema node into a structural OpenAPI v3 node."""
+def structural(
+    schema: dict[str, Any], defs: dict[str, Any], *, keep_defaults: bool, model_name: str | None = None
+) -> dict[str, Any]:
+    """Turn one pydantic JSON-schema node into a structural OpenAPI v3 node.
+
+    ``model_name`` is set only where the node *is* a model (the root or a $ref
+    target): that is where the model's CEL rules belong.
+    """
     node = copy.deepcopy(schema)
     if "$ref" in node:
         name = node.pop("$ref").rsplit("/", 1)[-1]
         merged = {**defs[name], **node}
-        merged.setdefault("title", name)
-        return structural(merged, defs, keep_defaults=keep_defaults)
+        return structural(merged, defs, keep_defaults=keep_defaults, model_name=name)
     if "anyOf" in node:
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         if len(options) != 1:
@@ -58,7 +62,6 @@ def structural(schema: dict[str, Any], defs: dict[str, Any], *, keep_defaults: b
         if keep_defaults and node.get("default") is not None:
             inner["default"] = node["default"]
         return inner
-    title = node.get("title")
     if "exclusiveMinimum" in node:
         node["minimum"] = node.pop("exclusiveMinimum")
         node["exclusiveMinimum"] = True
@@ -85,15 +88,15 @@ def structural(schema: dict[str, Any], defs: dict[str, Any], *, keep_defaults: b
         out["items"] = structural(out["items"], defs, keep_defaults=keep_defaults)
     if out.get("format") == "date-time":
         out["type"] = "string"
-    rules = _rules_for(title)
+    rules = _rules_for(model_name)
     if rules:
         out["x-kubernetes-validations"] = rules
     return out
 
 
-def _rules_for(title: str | None) -> list[dict[str, str]]:
+def _rules_for(model_name: str | None) -> list[dict[str, str]]:
     for model in _RULED_MODELS:
-        if model.__name__ == title:
+        if model.__name__ == model_name:
             return model.cel_validations()
     return []
 
@@ -101,7 +104,7 @@ def _rules_for(title: str | None) -> list[dict[str, str]]:
 def _object_schema(model: type[BaseModel], *, keep_defaults: bool) -> dict[str, Any]:
     raw = _json_schema(model)
     defs = raw.pop("$defs", {})
-    return structural(raw, defs, keep_defaults=keep_defaults)
+    return structural(raw, defs, keep_defaults=keep_defaults, model_name=model.__name__)
 
 
 def _status_schema() -> dict[str, Any]:
@@ -203,19 +206,26 @@ def tenant_database_crd() -> dict[str, Any]:
             "create a new TenantDatabase instead",
         }
     ]
-    spec["x-kubernetes-validations"] = spec.get("x-kubernetes-validations", []) + [
+    spec["x-kubernetes-validations"] = [
+        *spec.get("x-kubernetes-validations", []),
         {
             "rule": "has(self.databaseName) == has(oldSelf.databaseName)",
             "message": "databaseName cannot be added or removed after creation (it would "
             "change the database in use); keep it as it was",
-        }
+        },
     ]
+    reserved = ", ".join(f"'{n}'" for n in tenant.RESERVED_NAMES)
+    prefixes = "".join(
+        f" && !self.metadata.name.startsWith('{p.replace('_', '-')}')" for p in tenant.RESERVED_PREFIXES
+    )
     root_rules = [
         {
-            "rule": "has(self.spec.databaseName) || "
-            "(size(self.metadata.name) <= 63 && !self.metadata.name.contains('.'))",
-            "message": "metadata.name longer than 63 characters or with '.' cannot be a database "
-            "name; set spec.databaseName explicitly",
+            "rule": "has(self.spec.databaseName) || (size(self.metadata.name) <= 63"
+            " && self.metadata.name.matches('^[a-z][a-z0-9-]*$')"
+            f" && !(self.metadata.name in [{reserved}]){prefixes})",
+            "message": "metadata.name does not make a valid database name (at most 63 lower case "
+            "letters, digits and -, not reserved such as postgres or pg-*); set "
+            "spec.databaseName explicitly",
         }
     ]
     return _crd(

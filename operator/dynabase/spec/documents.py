@@ -143,7 +143,7 @@ def parse_documents(text: str, filename: str) -> LoadResult:
         kind = raw.get("kind")
         name = str((raw.get("metadata") or {}).get("name", "?")) if isinstance(raw.get("metadata"), dict) else "?"
         model = KINDS.get(kind) if isinstance(kind, str) else None
-        if model is None:
+        if model is None or not isinstance(kind, str):
             result.errors.append(
                 ManifestError(
                     filename, lines.get(("kind",), doc_line), str(kind or ""), name, "kind",
@@ -159,6 +159,9 @@ def parse_documents(text: str, filename: str) -> LoadResult:
             result.invalid_keys.add((kind, key))
             for error in exc.errors():
                 loc: Loc = tuple(error["loc"])
+                ctx_field = (error.get("ctx") or {}).get("field")
+                if ctx_field:
+                    loc = (*loc, *ctx_field.split("."))
                 result.errors.append(
                     ManifestError(
                         filename, _line_for(loc, lines), kind, name, _field_name(loc), _message(error)

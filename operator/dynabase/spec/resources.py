@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -19,7 +19,7 @@ from .tier import TierPolicySpec
 
 GROUP = "dynabase.io"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+API_VERSION: Final = "dynabase.io/v1alpha1"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 
@@ -65,7 +65,7 @@ class TenantDatabase(BaseModel):
             if not valid_identifier(derived) or is_reserved(derived):
                 raise PydanticCustomError(
                     "database_name",
-                    "the name {name!r} does not make a valid database name ({pattern}, not "
+                    "the name '{name}' does not make a valid database name ({pattern}, not "
                     "reserved); set spec.databaseName explicitly",
                     {"name": self.metadata.name, "pattern": IDENTIFIER_PATTERN},
                 )

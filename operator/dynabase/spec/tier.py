@@ -86,7 +86,8 @@ class ProxyLimits(Model):
         None, ge=1, le=100_000, description="Client connections per tenant through the proxy. Default 100."
     )
     qps: int | None = Field(
-        None, ge=1, le=1_000_000, description="Queries per second per tenant over all proxy replicas. Absent = unlimited."
+        None, ge=1, le=1_000_000,
+        description="Queries per second per tenant over all proxy replicas. Absent = unlimited.",
     )
     burst: int | None = Field(
         None, ge=1, le=10_000_000, description="Bucket depth in queries; at least qps. Default = qps."

@@ -54,7 +54,8 @@ class _StringValue:
     def __get_pydantic_json_schema__(
         cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
     ) -> JsonSchemaValue:
-        return {"type": "string", "pattern": cls.pattern}
+        # maxLength bounds the cost of CEL rules that read the string.
+        return {"type": "string", "pattern": cls.pattern, "maxLength": 32}
 
     def __str__(self) -> str:
         return self.text
@@ -84,7 +85,7 @@ class Duration(_StringValue):
                 {"value": value},
             )
         text = value.strip()
-        if not re.fullmatch(DURATION_PATTERN, text):
+        if len(text) > 32 or not re.fullmatch(DURATION_PATTERN, text):
             raise PydanticCustomError(
                 "duration_format",
                 "'{value}' is not a duration: write a number with a unit ms, s, m, h or d "
