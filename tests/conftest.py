@@ -62,15 +62,32 @@ def _unavailable() -> dict[str, str]:
     return missing
 
 
+def _existing_cluster() -> dict[str, str] | None:
+    """envtest's convention: USE_EXISTING_CLUSTER=true means use KUBECONFIG's cluster."""
+    if os.environ.get("USE_EXISTING_CLUSTER", "").lower() != "true":
+        return None
+    kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    found = binaries.find(binaries.KUBECTL)
+    kubectl = str(found) if found else shutil.which("kubectl")
+    if not kubectl:
+        raise RuntimeError("USE_EXISTING_CLUSTER=true needs kubectl on PATH or TEST_ASSET_KUBECTL")
+    return {"KUBECONFIG": kubeconfig, "DYNABASE_KUBECTL": kubectl}
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
+    existing = _existing_cluster()
     missing = _unavailable()
+    if existing is not None:
+        missing.pop("etcd", None)
+        missing.pop("kube-apiserver", None)
+    skip = set(missing) | ({"etcd", "kube-apiserver"} if existing else set())
     # Not pytest's tmp_path: its 0700 parents keep the postgres user out when run as root.
     root = Path(tempfile.mkdtemp(prefix="dynabase-test-"))
     devstack = Devstack(root)
     try:
-        devstack.up([s for s in ALL_SERVICES if s not in missing], build=False)
-        yield Stack(devstack, devstack.env(), missing)
+        devstack.up([s for s in ALL_SERVICES if s not in skip], build=False)
+        yield Stack(devstack, {**devstack.env(), **(existing or {})}, missing)
     finally:
         devstack.down()
         shutil.rmtree(root, ignore_errors=True)
