@@ -6,12 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from dynabase import __version__
 
-EXIT_OK, EXIT_INVALID = 0, 1
+EXIT_OK, EXIT_INVALID, EXIT_CHANGES = 0, 1, 2
 
 
 def _cmd_crds(args: argparse.Namespace) -> int:
@@ -52,6 +53,58 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     print(f"ok: {summary}")
     return EXIT_OK
+
+
+def _load_declared(paths: list[str]) -> tuple[dict[str, Any], list[Any]] | None:
+    from dynabase.spec import TenantDatabase, TierPolicy
+    from dynabase.spec.documents import load_paths
+
+    result = load_paths(paths)
+    for error in result.errors:
+        print(error, file=sys.stderr)
+    if result.errors:
+        return None
+    policies = {d.resource.name: d.resource for d in result.documents if isinstance(d.resource, TierPolicy)}
+    tenants = [d.resource for d in result.documents if isinstance(d.resource, TenantDatabase)]
+    return policies, tenants
+
+
+def _cmd_reconcile(args: argparse.Namespace) -> int:
+    """`plan` (dry run; exit 0 no changes, 2 changes, 1 invalid) and `apply` (one pass)."""
+    import asyncio
+
+    from dynabase.engine.runtime import EngineSettings, SettingsError, open_engine
+
+    declared = _load_declared(args.paths)
+    if declared is None:
+        return EXIT_INVALID
+    policies, tenants = declared
+    try:
+        settings = EngineSettings.from_env(postgres_dsn=args.postgres_dsn, secrets_dir=args.secrets_dir)
+    except SettingsError as exc:
+        print(f"dynabase {args.command}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    dry_run = args.command == "plan"
+
+    async def run() -> int:
+        async with open_engine(settings) as engine:
+            result = await engine.reconcile_all(policies, tenants, dry_run=dry_run)
+        print(result.render())
+        if dry_run:
+            return EXIT_CHANGES if result.changes else EXIT_OK
+        failed = [t for t in result.tenants if not t.ready]
+        print(f"\napplied in {result.seconds:.2f}s: {result.writes} statement(s) written, "
+              f"{len(result.tenants) - len(failed)}/{len(result.tenants)} tenant(s) ready")
+        for tenant in failed:
+            reasons = "; ".join(f"{o.condition_type}: {o.message}" for o in tenant.outcomes if not o.ok)
+            print(f"  not ready: {tenant.key}: {reasons or (tenant.error.message if tenant.error else '')}")
+        return EXIT_OK if not failed else EXIT_INVALID
+
+    try:
+        return asyncio.run(run())
+    except OSError as exc:
+        print(f"dynabase {args.command}: cannot reach Postgres: {exc}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 def _cmd_devstack(args: argparse.Namespace) -> int:
@@ -107,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="+")
     validate.set_defaults(func=_cmd_validate)
 
+    for name, text in (("plan", "show what would change, without applying (exit 2 if anything would)"),
+                       ("apply", "reconcile the manifests once")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("paths", nargs="+", help="manifest files or folders")
+        cmd.add_argument("--postgres-dsn", help="superuser DSN (default: $DYNABASE_POSTGRES_DSN)")
+        cmd.add_argument("--secrets-dir", help="tenant passwords (default: $DYNABASE_SECRETS_DIR)")
+        cmd.set_defaults(func=_cmd_reconcile)
+
     devstack = sub.add_parser("devstack", help="the real local stack on loopback")
     devstack.add_argument("action", choices=["up", "down", "env", "build"])
     devstack.add_argument("--dir", help="state directory (default /tmp/dynabase-devstack-UID)")
@@ -123,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    from dynabase import logs
+
+    logs.setup(os.environ.get("DYNABASE_LOG_LEVEL", "WARNING"))
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynabase.backends.postgres import PGBOUNCER_AUTH_QUERY
+from dynabase.backends.postgres import PGBOUNCER_AUTH_ROLE as PGBOUNCER_AUTH_USER
 from dynabase.desired.scram import scram_verifier
 
 from . import binaries, pki
@@ -37,9 +39,7 @@ SERVICE_GROUPS = {"kube": ("etcd", "kube-apiserver"), "mongo": ("ferretdb",)}
 SERVICE_USER = "postgres"
 PG_SUPERUSER = "postgres"
 PGBOUNCER_ADMIN = "dynabase_admin"
-PGBOUNCER_AUTH_USER = "dynabase_pgbouncer"
 MONGO_ADMIN = "dynabase"
-PGBOUNCER_AUTH_QUERY = "SELECT usename, passwd FROM dynabase_pgbouncer.lookup($1)"
 
 
 class DevstackError(RuntimeError):

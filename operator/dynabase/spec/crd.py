@@ -113,19 +113,6 @@ def _status_schema() -> dict[str, Any]:
     conditions["x-kubernetes-list-type"] = "map"
     conditions["x-kubernetes-list-map-keys"] = ["type"]
     conditions["maxItems"] = 16
-    status["properties"]["history"] = {
-        "type": "array",
-        "maxItems": 20,
-        "description": "Most recent tier changes, newest last.",
-        "items": {
-            "type": "object",
-            "properties": {
-                "from": {"type": "string"},
-                "to": {"type": "string"},
-                "at": {"type": "string", "format": "date-time"},
-            },
-        },
-    }
     return status
 
 

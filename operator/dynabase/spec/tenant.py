@@ -115,6 +115,10 @@ class TenantDatabaseStatus(Model):
     pending_tier: str | None = None
     effective_at: datetime | None = None
     conditions: list[Condition] = Field(default_factory=list)
+    history: list[TierChange] = Field(default_factory=list, max_length=20, description="Recent tier changes.")
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
 
 
 def valid_identifier(name: str) -> bool:

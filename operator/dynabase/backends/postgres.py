@@ -1,0 +1,188 @@
+"""Postgres backend: observe all tenants in one round of catalog queries, apply
+one tenant's plan in one transaction (plus the statements that cannot run in one)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import asyncpg
+
+from dynabase.desired.postgres import (
+    FORBIDDEN_ATTRIBUTES,
+    ObservedDatabase,
+    ObservedRole,
+    PostgresObserved,
+    PostgresPlan,
+    Statement,
+    connect_grantees,
+    parse_setconfig,
+)
+from dynabase.desired.sql import quote_ident
+
+log = logging.getLogger(__name__)
+
+PGBOUNCER_AUTH_ROLE = "dynabase_pgbouncer"
+PGBOUNCER_AUTH_QUERY = "SELECT usename, passwd FROM dynabase_pgbouncer.lookup($1)"
+
+_OBSERVE_ROLES = """
+SELECT a.rolname, a.rolcanlogin, a.rolconnlimit, a.rolpassword,
+       a.rolsuper, a.rolcreatedb, a.rolcreaterole, a.rolreplication, a.rolbypassrls,
+       d.description AS comment, s.setconfig
+FROM pg_catalog.pg_authid a
+LEFT JOIN pg_catalog.pg_db_role_setting s ON s.setrole = a.oid AND s.setdatabase = 0
+LEFT JOIN pg_catalog.pg_shdescription d
+       ON d.objoid = a.oid AND d.classoid = 'pg_catalog.pg_authid'::regclass
+WHERE a.rolname = ANY($1::text[])
+"""
+_OBSERVE_DATABASES = """
+SELECT d.datname, pg_catalog.pg_get_userbyid(d.datdba) AS owner, d.datallowconn,
+       d.datacl::text[] AS acl
+FROM pg_catalog.pg_database d
+WHERE d.datname = ANY($1::text[])
+"""
+_OBSERVE_SESSIONS = """
+SELECT usename, count(*) AS n FROM pg_catalog.pg_stat_activity
+WHERE usename = ANY($1::text[]) GROUP BY usename
+"""
+
+# PgBouncer looks tenants up through this function instead of a userlist file, so
+# no tenant secret is written to PgBouncer's disk. It lives in template1, so every
+# tenant database is created with it; only the auth role may execute it, and it
+# answers only for login roles DynaBase manages (never a superuser).
+_BOOTSTRAP_TEMPLATE = """
+CREATE SCHEMA IF NOT EXISTS dynabase_pgbouncer;
+CREATE OR REPLACE FUNCTION dynabase_pgbouncer.lookup(p_usename text, OUT usename name, OUT passwd text)
+RETURNS record LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $fn$
+  SELECT a.rolname, a.rolpassword
+  FROM pg_catalog.pg_authid a
+  JOIN pg_catalog.pg_shdescription d
+    ON d.objoid = a.oid AND d.classoid = 'pg_catalog.pg_authid'::regclass
+  WHERE a.rolname = p_usename AND a.rolcanlogin AND NOT a.rolsuper
+    AND d.description LIKE 'dynabase:%'
+$fn$;
+REVOKE ALL ON FUNCTION dynabase_pgbouncer.lookup(text) FROM PUBLIC;
+GRANT USAGE ON SCHEMA dynabase_pgbouncer TO dynabase_pgbouncer;
+GRANT EXECUTE ON FUNCTION dynabase_pgbouncer.lookup(text) TO dynabase_pgbouncer;
+"""
+
+
+_ATTRIBUTE_COLUMNS = {
+    "superuser": "rolsuper",
+    "createdb": "rolcreatedb",
+    "createrole": "rolcreaterole",
+    "replication": "rolreplication",
+    "bypassrls": "rolbypassrls",
+}
+
+
+@dataclass
+class StatementCounter:
+    reads: int = 0
+    writes: int = 0
+
+
+class PostgresBackend:
+    name = "postgres"
+
+    def __init__(self, dsn: str, *, pool_size: int = 4) -> None:
+        self._dsn = dsn
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self.counter = StatementCounter()
+
+    async def start(self) -> None:
+        if self._pool is None:
+            self._pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=self._pool_size, command_timeout=60,
+                server_settings={"application_name": "dynabase-engine"},
+            )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("PostgresBackend.start() was not awaited")
+        return self._pool
+
+    async def bootstrap(self) -> None:
+        """Platform objects the tenants rely on; observed first, written only when missing."""
+        async with self.pool.acquire() as conn:
+            self.counter.reads += 1
+            has_role = await conn.fetchval("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1", PGBOUNCER_AUTH_ROLE)
+            if not has_role:
+                self.counter.writes += 1
+                await conn.execute(f"CREATE ROLE {quote_ident(PGBOUNCER_AUTH_ROLE)} LOGIN NOINHERIT")
+        template = await asyncpg.connect(self._dsn, database="template1")
+        try:
+            self.counter.reads += 1
+            present = await template.fetchval(
+                "SELECT 1 FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+                "WHERE n.nspname = $1 AND p.proname = 'lookup'",
+                PGBOUNCER_AUTH_ROLE,
+            )
+            if not present:
+                self.counter.writes += 1
+                await template.execute(_BOOTSTRAP_TEMPLATE)
+        finally:
+            await template.close()
+
+    async def observe(self, roles: Iterable[str], databases: Iterable[str]) -> PostgresObserved:
+        role_names, db_names = sorted(set(roles)), sorted(set(databases))
+        observed = PostgresObserved()
+        async with self.pool.acquire() as conn:
+            self.counter.reads += 3
+            for row in await conn.fetch(_OBSERVE_ROLES, role_names):
+                attributes = frozenset(a for a in FORBIDDEN_ATTRIBUTES if row[_ATTRIBUTE_COLUMNS[a]])
+                observed.roles[row["rolname"]] = ObservedRole(
+                    name=row["rolname"],
+                    login=row["rolcanlogin"],
+                    connection_limit=row["rolconnlimit"],
+                    attributes=attributes,
+                    settings=parse_setconfig(row["setconfig"]),
+                    comment=row["comment"],
+                    verifier=row["rolpassword"],
+                )
+            for row in await conn.fetch(_OBSERVE_DATABASES, db_names):
+                observed.databases[row["datname"]] = ObservedDatabase(
+                    name=row["datname"],
+                    owner=row["owner"],
+                    allow_connections=row["datallowconn"],
+                    connect_grantees=connect_grantees(row["acl"], row["owner"]),
+                )
+            for row in await conn.fetch(_OBSERVE_SESSIONS, role_names):
+                observed.sessions[row["usename"]] = row["n"]
+        return observed
+
+    async def apply(self, plan: PostgresPlan) -> None:
+        """Consecutive transactional statements share one transaction."""
+        if plan.conflict or plan.empty:
+            return
+        groups: list[tuple[bool, list[Statement]]] = []
+        for statement in plan.statements:
+            if groups and groups[-1][0] and statement.transactional:
+                groups[-1][1].append(statement)
+            else:
+                groups.append((statement.transactional, [statement]))
+        async with self.pool.acquire() as conn:
+            for transactional, statements in groups:
+                if transactional:
+                    async with conn.transaction():
+                        for statement in statements:
+                            await self._execute(conn, statement)
+                else:
+                    await self._execute(conn, statements[0])
+
+    async def _execute(self, conn: asyncpg.Connection, statement: Statement) -> None:
+        self.counter.writes += 1
+        log.debug("postgres statement", extra={"sql": statement.display})
+        if statement.args:
+            await conn.fetch(statement.sql, *statement.args)
+        else:
+            await conn.execute(statement.sql)

@@ -1,0 +1,292 @@
+"""Postgres: per-tenant target state, observed state, and the diff between them.
+
+Everything here is pure. The backend gathers ``PostgresObserved`` in one round
+of catalog queries and executes the ``Statement``s of a ``PostgresPlan``; the
+same plan renders as text for ``dynabase plan`` with secrets redacted.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .effective import PostgresEffective
+from .scram import scram_verifier, verifier_matches
+from .sql import quote_ident, quote_literal
+
+MARKER_PREFIX = "dynabase:"
+MANAGED_SETTINGS = (
+    "statement_timeout",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
+    "work_mem",
+    "temp_buffers",
+    "temp_file_limit",
+)
+# A tenant role is a plain login role; any of these would let it escape its tier.
+FORBIDDEN_ATTRIBUTES = ("superuser", "createdb", "createrole", "replication", "bypassrls")
+
+TenantState = Literal["active", "suspended", "retained", "deleted"]
+
+
+class Password:
+    """A secret that never renders: repr/str show a placeholder."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Password(***)"
+
+    __str__ = __repr__
+
+
+def render_duration_ms(milliseconds: int) -> str:
+    # Postgres' time units are ms, s, min, h, d ("m" is not one), so stay with s/ms.
+    return f"{milliseconds // 1000}s" if milliseconds % 1000 == 0 else f"{milliseconds}ms"
+
+
+def render_kilobytes(count_bytes: int) -> str:
+    kb = max(count_bytes // 1024, 0)
+    for unit, size in (("GB", 1024 * 1024), ("MB", 1024)):
+        if kb and kb % size == 0:
+            return f"{kb // size}{unit}"
+    return f"{kb}kB"
+
+
+def role_settings(limits: PostgresEffective) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in ("statement_timeout", "idle_in_transaction_session_timeout", "idle_session_timeout"):
+        value = getattr(limits, name)
+        if value is not None:
+            out[name] = render_duration_ms(value.milliseconds)
+    for name in ("work_mem", "temp_buffers", "temp_file_limit"):
+        value = getattr(limits, name)
+        if value is not None:
+            out[name] = render_kilobytes(value.bytes)
+    return out
+
+
+@dataclass(frozen=True)
+class PostgresTarget:
+    key: str  # namespace/name of the TenantDatabase
+    role: str
+    database: str
+    state: TenantState
+    connection_limit: int
+    settings: dict[str, str]
+    password: Password | None = field(default=None, repr=False)
+    # Roles besides the tenant that need CONNECT (PgBouncer's auth_query user).
+    service_roles: tuple[str, ...] = ()
+
+    @property
+    def marker(self) -> str:
+        return MARKER_PREFIX + self.key
+
+    @property
+    def login(self) -> bool:
+        return self.state == "active"
+
+
+@dataclass(frozen=True)
+class ObservedRole:
+    name: str
+    login: bool
+    connection_limit: int
+    attributes: frozenset[str]  # which FORBIDDEN_ATTRIBUTES it has
+    settings: dict[str, str]
+    comment: str | None
+    verifier: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class ObservedDatabase:
+    name: str
+    owner: str
+    allow_connections: bool
+    connect_grantees: frozenset[str]  # roles with CONNECT; "" is PUBLIC
+
+
+@dataclass
+class PostgresObserved:
+    roles: dict[str, ObservedRole] = field(default_factory=dict)
+    databases: dict[str, ObservedDatabase] = field(default_factory=dict)
+    sessions: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Statement:
+    sql: str
+    display: str  # what plans and logs show: the SQL with secrets replaced
+    args: tuple[object, ...] = ()
+    transactional: bool = True  # CREATE/DROP DATABASE cannot run in a transaction block
+
+
+@dataclass(frozen=True)
+class PostgresPlan:
+    key: str
+    statements: tuple[Statement, ...]
+    conflict: str | None = None  # why nothing may be done (the role belongs to someone else)
+
+    @property
+    def empty(self) -> bool:
+        return not self.statements
+
+
+class Conflict(ValueError):
+    pass
+
+
+def connect_grantees(acl: list[str] | None, owner: str) -> frozenset[str]:
+    """Who may CONNECT, from datacl text items such as ``=Tc/owner`` or ``app=c/owner``."""
+    if acl is None:
+        return frozenset({"", owner})  # NULL datacl is the default: PUBLIC and the owner
+    out = set()
+    for item in acl:
+        grantee, _, rest = item.partition("=")
+        if "c" in rest.split("/", 1)[0]:
+            out.add(grantee.strip('"').replace('""', '"'))
+    return frozenset(out)
+
+
+def parse_setconfig(setconfig: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in setconfig or []:
+        name, _, value = item.partition("=")
+        out[name] = value
+    return out
+
+
+@functools.lru_cache(maxsize=200_000)
+def _password_ok(verifier: str | None, password: str) -> bool:
+    # PBKDF2 with 4096 rounds costs ~1 ms; a steady-state pass over 10,000
+    # tenants must not pay it again for verifiers it has already checked.
+    return verifier_matches(verifier, password)
+
+
+def _stmt(sql: str, *, display: str | None = None, args: tuple[object, ...] = (), tx: bool = True) -> Statement:
+    return Statement(sql, display if display is not None else sql, args, tx)
+
+
+def plan_postgres(target: PostgresTarget, observed: PostgresObserved) -> PostgresPlan:
+    role = observed.roles.get(target.role)
+    if role is not None and role.comment != target.marker:
+        if role.comment and role.comment.startswith(MARKER_PREFIX):
+            why = (f"role {target.role} belongs to TenantDatabase {role.comment[len(MARKER_PREFIX):]}; "
+                   "two tenants cannot share a databaseName")
+        else:
+            why = (f"role {target.role} exists and is not managed by DynaBase; refusing to take it over "
+                   "(choose another databaseName, or mark the role with COMMENT ON ROLE … IS "
+                   f"'{target.marker}' to adopt it)")
+        return PostgresPlan(target.key, (), why)
+    if target.state == "deleted":
+        return PostgresPlan(target.key, tuple(_drop(target, observed, role)))
+    statements: list[Statement] = []
+    statements += _role_statements(target, role)
+    if target.state != "active" and observed.sessions.get(target.role, 0) > 0:
+        statements.append(_terminate(target.role))
+    if target.state in ("active", "suspended"):
+        statements += _database_statements(target, observed.databases.get(target.database))
+    return PostgresPlan(target.key, tuple(statements))
+
+
+def _terminate(role: str) -> Statement:
+    return _stmt(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = $1",
+        display=f"terminate sessions of {quote_ident(role)}",
+        args=(role,),
+    )
+
+
+def _role_statements(target: PostgresTarget, role: ObservedRole | None) -> list[Statement]:
+    ident = quote_ident(target.role)
+    out: list[Statement] = []
+    login = "LOGIN" if target.login else "NOLOGIN"
+    limit = f"CONNECTION LIMIT {int(target.connection_limit)}"
+    negated = " ".join(f"NO{a.upper()}" for a in FORBIDDEN_ATTRIBUTES)
+    if role is None:
+        password_sql, password_display = "", ""
+        if target.password is not None:
+            verifier = scram_verifier(target.password.reveal())
+            password_sql = f" PASSWORD {quote_literal(verifier)}"
+            password_display = " PASSWORD '***'"
+        head = f"CREATE ROLE {ident} {login} {negated} {limit}"
+        out.append(_stmt(head + password_sql, display=head + password_display))
+        out.append(_stmt(f"COMMENT ON ROLE {ident} IS {quote_literal(target.marker)}"))
+        current_settings: dict[str, str] = {}
+    else:
+        changes = []
+        if role.login != target.login:
+            changes.append(login)
+        if role.connection_limit != target.connection_limit:
+            changes.append(limit)
+        changes += [f"NO{a.upper()}" for a in sorted(role.attributes)]
+        if changes:
+            out.append(_stmt(f"ALTER ROLE {ident} {' '.join(changes)}"))
+        if target.password is not None and not _password_ok(role.verifier, target.password.reveal()):
+            verifier = scram_verifier(target.password.reveal())
+            out.append(
+                _stmt(f"ALTER ROLE {ident} PASSWORD {quote_literal(verifier)}",
+                      display=f"ALTER ROLE {ident} PASSWORD '***'")
+            )
+        current_settings = role.settings
+    for name in MANAGED_SETTINGS:
+        wanted, have = target.settings.get(name), current_settings.get(name)
+        if wanted is not None and wanted != have:
+            out.append(_stmt(f"ALTER ROLE {ident} SET {name} = {quote_literal(wanted)}"))
+        elif wanted is None and have is not None:
+            out.append(_stmt(f"ALTER ROLE {ident} RESET {name}"))
+    return out
+
+
+def _database_statements(target: PostgresTarget, database: ObservedDatabase | None) -> list[Statement]:
+    db, role = quote_ident(target.database), quote_ident(target.role)
+    revoke = _stmt(f"REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC")
+
+    def grant(grantee: str, privileges: str = "CONNECT") -> Statement:
+        return _stmt(f"GRANT {privileges} ON DATABASE {db} TO {quote_ident(grantee)}")
+
+    if database is None:
+        # Created closed, locked down, then opened: PUBLIC never gets a window to connect.
+        return [
+            _stmt(f"CREATE DATABASE {db} OWNER {role} ALLOW_CONNECTIONS false", tx=False),
+            revoke,
+            grant(target.role, "CONNECT, TEMPORARY"),
+            *(grant(r) for r in target.service_roles),
+            _stmt(f"ALTER DATABASE {db} ALLOW_CONNECTIONS true"),
+        ]
+    out: list[Statement] = []
+    if database.owner != target.role:
+        out.append(_stmt(f"ALTER DATABASE {db} OWNER TO {role}"))
+    grantees = database.connect_grantees
+    if "" in grantees:
+        out.append(revoke)
+    if target.role not in grantees:
+        out.append(grant(target.role, "CONNECT, TEMPORARY"))
+    out += [grant(r) for r in target.service_roles if r not in grantees]
+    if not database.allow_connections:
+        out.append(_stmt(f"ALTER DATABASE {db} ALLOW_CONNECTIONS true"))
+    return out
+
+
+def _drop(target: PostgresTarget, observed: PostgresObserved, role: ObservedRole | None) -> list[Statement]:
+    out: list[Statement] = []
+    if role is not None and observed.sessions.get(target.role, 0) > 0:
+        out.append(_terminate(target.role))
+    if target.database in observed.databases:
+        out.append(_stmt(f"DROP DATABASE IF EXISTS {quote_ident(target.database)} WITH (FORCE)", tx=False))
+    if role is not None:
+        out.append(_stmt(f"DROP ROLE IF EXISTS {quote_ident(target.role)}", tx=False))
+    return out
+
+
+def render_plan(plan: PostgresPlan) -> list[str]:
+    if plan.conflict:
+        return [f"! {plan.conflict}"]
+    return [s.display for s in plan.statements]

@@ -1,0 +1,344 @@
+"""The reconcile engine shared by the operator, headless mode and the CLI.
+
+One pass: resolve every tenant's tier (pure), observe each backend once for all
+tenants, plan per tenant (pure), apply per tenant with bounded concurrency,
+then record status. A failure in one tenant or backend becomes that condition;
+it never stops the others, and the next pass converges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import asyncpg
+
+from dynabase.backends.postgres import PGBOUNCER_AUTH_ROLE, PostgresBackend
+from dynabase.desired.effective import EffectiveLimits, ResolveError, find_policy
+from dynabase.desired.postgres import (
+    Password,
+    PostgresObserved,
+    PostgresPlan,
+    PostgresTarget,
+    TenantState,
+    plan_postgres,
+    render_plan,
+    role_settings,
+)
+from dynabase.desired.transition import TierDecision, decide_tier
+from dynabase.spec import TenantDatabase, TenantDatabaseStatus, TierPolicy
+from dynabase.spec.tenant import TierChange
+
+from .conditions import Outcome, build_conditions, make_condition
+from .stores import SecretStore, StatusStore, generate_password
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Clock = Callable[[], dt.datetime]
+HISTORY_LIMIT = 20
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class TenantResult:
+    tenant: TenantDatabase
+    decision: TierDecision | None = None
+    error: ResolveError | None = None
+    plans: dict[str, list[str]] = field(default_factory=dict)  # backend -> redacted lines
+    outcomes: list[Outcome] = field(default_factory=list)
+    status: TenantDatabaseStatus | None = None
+    status_changed: bool = False
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+    @property
+    def key(self) -> str:
+        return self.tenant.key
+
+    @property
+    def limits(self) -> EffectiveLimits | None:
+        return self.decision.limits if self.decision else None
+
+    @property
+    def ready(self) -> bool:
+        return self.error is None and all(o.ok for o in self.outcomes)
+
+    @property
+    def changes(self) -> bool:
+        return any(self.plans.values())
+
+
+@dataclass
+class PassResult:
+    tenants: list[TenantResult]
+    seconds: float
+    writes: int
+
+    @property
+    def changes(self) -> bool:
+        return any(t.changes for t in self.tenants)
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for result in sorted(self.tenants, key=lambda r: r.key):
+            head = f"{result.key} (database {result.tenant.database_name})"
+            if result.error is not None:
+                lines.append(f"{head}: ERROR {result.error.reason}: {result.error.message}")
+                continue
+            decision = result.decision
+            assert decision is not None
+            tier = decision.applied_tier
+            if decision.pending_tier:
+                when = decision.effective_at.isoformat() if decision.effective_at else "?"
+                tier += f" (downgrade to {decision.pending_tier} pending until {when})"
+            if not result.changes:
+                lines.append(f"{head}: tier {tier}: no changes")
+                continue
+            lines.append(f"{head}: tier {tier}:")
+            for backend, backend_lines in result.plans.items():
+                for line in backend_lines:
+                    lines.append(f"  {backend}: {line}")
+        return "\n".join(lines)
+
+
+_TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+              asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
+
+
+async def with_retries(fn: Callable[[], Awaitable[T]], *, attempts: int = 3, base_delay: float = 0.2) -> T:
+    for attempt in range(1, attempts + 1):
+        try:
+            return await fn()
+        except _TRANSIENT:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(base_delay * 2 ** (attempt - 1) * (1 + random.random() / 2))
+    raise AssertionError("unreachable")
+
+
+def describe_error(exc: BaseException) -> str:
+    """Error text for conditions: the driver's message, never the statement (it may hold a verifier)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"{type(exc).__name__}: {exc.args[0] if exc.args else exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        postgres: PostgresBackend,
+        secrets: SecretStore,
+        status_store: StatusStore,
+        clock: Clock = utcnow,
+        concurrency: int = 8,
+        pgbouncer: object | None = None,
+    ) -> None:
+        self.postgres = postgres
+        self.secrets = secrets
+        self.status_store = status_store
+        self.clock = clock
+        self.concurrency = concurrency
+        self.pgbouncer = pgbouncer
+        self._bootstrapped = False
+
+    async def bootstrap(self) -> None:
+        if not self._bootstrapped:
+            await with_retries(self.postgres.bootstrap)
+            self._bootstrapped = True
+
+    # -- one pass ---------------------------------------------------------------
+
+    async def reconcile_all(
+        self,
+        policies: dict[str, TierPolicy],
+        tenants: Sequence[TenantDatabase],
+        *,
+        dry_run: bool = False,
+        deleted: Sequence[TenantDatabase] = (),
+    ) -> PassResult:
+        started = time.monotonic()
+        writes_before = self.postgres.counter.writes
+        now = self.clock()
+        if not dry_run:
+            await self.bootstrap()
+        statuses = await self.status_store.load([t.key for t in [*tenants, *deleted]])
+        results = [self._resolve(t, policies, statuses.get(t.key), now) for t in tenants]
+        deleted_results = [TenantResult(t) for t in deleted]
+
+        targets: dict[str, PostgresTarget] = {}
+        for result in results:
+            if result.decision is not None:
+                targets[result.key] = await self._postgres_target(result, dry_run)
+        for result in deleted_results:
+            targets[result.key] = self._deletion_target(result.tenant)
+
+        try:
+            observed = await with_retries(
+                lambda: self.postgres.observe(
+                    [t.role for t in targets.values()], [t.database for t in targets.values()]
+                )
+            )
+        except Exception as exc:  # any failure here is this backend's condition
+            log.warning("postgres observe failed", extra={"error": describe_error(exc)})
+            for result in [*results, *deleted_results]:
+                result.outcomes.append(Outcome("PostgresReady", False, "ObserveFailed", describe_error(exc)))
+            observed = None
+
+        if observed is not None:
+            await self._postgres_pass([*results, *deleted_results], targets, observed, dry_run)
+
+        if not dry_run:
+            for result in results:
+                await self._record_status(result, statuses.get(result.key), now)
+        return PassResult(
+            [*results, *deleted_results], time.monotonic() - started, self.postgres.counter.writes - writes_before
+        )
+
+    def _resolve(
+        self, tenant: TenantDatabase, policies: dict[str, TierPolicy],
+        previous: TenantDatabaseStatus | None, now: dt.datetime,
+    ) -> TenantResult:
+        result = TenantResult(tenant)
+        try:
+            policy = find_policy(tenant, policies)
+            result.decision = decide_tier(
+                tenant, policy,
+                applied_tier=previous.applied_tier if previous else None,
+                pending_tier=previous.pending_tier if previous else None,
+                effective_at=previous.effective_at if previous else None,
+                now=now,
+            )
+        except ResolveError as exc:
+            result.error = exc
+        return result
+
+    async def _postgres_target(self, result: TenantResult, dry_run: bool) -> PostgresTarget:
+        tenant, limits = result.tenant, result.limits
+        assert limits is not None
+        state: TenantState = "suspended" if tenant.spec.suspended else "active"
+        password = await self.secrets.get_password(tenant)
+        if password is None and not dry_run:
+            password = generate_password()
+            await self.secrets.create_password(tenant, password)
+        return PostgresTarget(
+            key=tenant.key,
+            role=tenant.database_name,
+            database=tenant.database_name,
+            state=state,
+            connection_limit=limits.postgres.connection_limit,
+            settings=role_settings(limits.postgres),
+            password=Password(password) if password is not None else None,
+            service_roles=(PGBOUNCER_AUTH_ROLE,),
+        )
+
+    @staticmethod
+    def _deletion_target(tenant: TenantDatabase) -> PostgresTarget:
+        state: TenantState = "deleted" if tenant.spec.deletion_policy == "Delete" else "retained"
+        return PostgresTarget(
+            key=tenant.key, role=tenant.database_name, database=tenant.database_name, state=state,
+            connection_limit=0, settings={}, service_roles=(PGBOUNCER_AUTH_ROLE,),
+        )
+
+    async def _postgres_pass(
+        self, results: list[TenantResult], targets: dict[str, PostgresTarget],
+        observed: PostgresObserved, dry_run: bool,
+    ) -> None:
+        plans: dict[str, PostgresPlan] = {k: plan_postgres(t, observed) for k, t in targets.items()}
+        for result in results:
+            plan = plans.get(result.key)
+            if plan is None:
+                continue
+            result.plans["postgres"] = render_plan(plan)
+            if targets[result.key].password is None and targets[result.key].state == "active":
+                result.plans["postgres"].append("(a password would be generated into the tenant's Secret)")
+        if dry_run:
+            return
+        semaphore = asyncio.Semaphore(self.concurrency)
+
+        async def apply_one(result: TenantResult) -> None:
+            plan = plans.get(result.key)
+            if plan is None:
+                return
+            if plan.conflict:
+                result.outcomes.append(Outcome("PostgresReady", False, "RoleConflict", plan.conflict))
+                return
+            async with semaphore:
+                try:
+                    await with_retries(lambda: self.postgres.apply(plan))
+                except Exception as exc:  # recorded as this tenant's condition
+                    log.warning("postgres apply failed", extra={"tenant": result.key, "error": describe_error(exc)})
+                    result.outcomes.append(Outcome("PostgresReady", False, "ApplyFailed", describe_error(exc)))
+                    result.events.append(("Warning", "PostgresApplyFailed", describe_error(exc)))
+                    return
+            limits = result.limits
+            message = (
+                f"role {targets[result.key].role}: connection limit {limits.postgres.connection_limit}"
+                if limits else "removed"
+            )
+            result.outcomes.append(Outcome("PostgresReady", True, "Reconciled", message))
+
+        await asyncio.gather(*(apply_one(r) for r in results if r.error is None))
+
+    async def _record_status(self, result: TenantResult, previous: TenantDatabaseStatus | None,
+                             now: dt.datetime) -> None:
+        tenant = result.tenant
+        generation = tenant.metadata.generation
+        if result.error is not None:
+            conditions = [
+                make_condition("Ready", False, result.error.reason, result.error.message, previous, generation, now)
+            ]
+            status = TenantDatabaseStatus(
+                observed_generation=generation,
+                phase="Degraded",
+                applied_tier=previous.applied_tier if previous else None,
+                pending_tier=previous.pending_tier if previous else None,
+                effective_at=previous.effective_at if previous else None,
+                conditions=conditions,
+                history=list(previous.history) if previous else [],
+            )
+        else:
+            decision = result.decision
+            assert decision is not None
+            history = list(previous.history) if previous else []
+            previous_tier = previous.applied_tier if previous else None
+            if previous_tier != decision.applied_tier:
+                history = [*history, TierChange(from_tier=previous_tier, to_tier=decision.applied_tier, at=now)]
+                history = history[-HISTORY_LIMIT:]
+                result.events.append(
+                    ("Normal", "TierApplied", f"tier {decision.applied_tier} applied (was {previous_tier or 'none'})")
+                )
+            if decision.pending_tier and (previous is None or previous.pending_tier != decision.pending_tier):
+                when = decision.effective_at.isoformat() if decision.effective_at else "?"
+                result.events.append(
+                    ("Normal", "DowngradeScheduled", f"downgrade to {decision.pending_tier} at {when}")
+                )
+            if decision.change == "cancelled":
+                result.events.append(("Normal", "DowngradeCancelled", f"tier stays {decision.applied_tier}"))
+            if tenant.spec.suspended:
+                phase = "Suspended"
+            elif any(not o.ok for o in result.outcomes):
+                phase = "Degraded"
+            else:
+                phase = "Active"
+            status = TenantDatabaseStatus(
+                observed_generation=generation,
+                phase=phase,
+                applied_tier=decision.applied_tier,
+                pending_tier=decision.pending_tier,
+                effective_at=decision.effective_at,
+                conditions=build_conditions(result.outcomes, previous, generation, now),
+                history=history,
+            )
+        result.status = status
+        if status != previous:
+            result.status_changed = True
+            await self.status_store.save(tenant.key, status)

@@ -1,0 +1,56 @@
+"""Building an engine from settings, for the CLI and headless mode."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynabase.backends.postgres import PostgresBackend
+from dynabase.backends.status_pg import PostgresStatusStore
+
+from .reconciler import Clock, Engine, utcnow
+from .stores import DirectorySecretStore
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    postgres_dsn: str
+    secrets_dir: Path
+    concurrency: int = 8
+
+    @classmethod
+    def from_env(cls, *, postgres_dsn: str | None = None, secrets_dir: str | None = None,
+                 concurrency: int | None = None) -> EngineSettings:
+        dsn = postgres_dsn or os.environ.get("DYNABASE_POSTGRES_DSN")
+        if not dsn:
+            raise SettingsError(
+                "no Postgres to reconcile: pass --postgres-dsn or set DYNABASE_POSTGRES_DSN "
+                "(`eval \"$(dynabase devstack env)\"` sets it for the local stack)"
+            )
+        directory = secrets_dir or os.environ.get("DYNABASE_SECRETS_DIR") or os.path.expanduser(
+            "~/.local/share/dynabase/secrets"
+        )
+        return cls(dsn, Path(directory), concurrency or int(os.environ.get("DYNABASE_CONCURRENCY", "8")))
+
+
+@asynccontextmanager
+async def open_engine(settings: EngineSettings, *, clock: Clock = utcnow) -> AsyncIterator[Engine]:
+    postgres = PostgresBackend(settings.postgres_dsn, pool_size=max(2, settings.concurrency))
+    await postgres.start()
+    try:
+        yield Engine(
+            postgres=postgres,
+            secrets=DirectorySecretStore(settings.secrets_dir),
+            status_store=PostgresStatusStore(postgres.pool),
+            clock=clock,
+            concurrency=settings.concurrency,
+        )
+    finally:
+        await postgres.close()
