@@ -91,8 +91,8 @@ def test_kube_apiserver_answers_kubectl(stack: Stack) -> None:
 
 
 def test_service_selection_adds_dependencies() -> None:
-    assert resolve_services("pgbouncer", None) == ["postgres", "pgbouncer"]
-    assert resolve_services(None, "kube,mongo") == ["postgres", "pgbouncer", "redis"]
+    assert resolve_services("pgbouncer", None) == ["postgres", "redis", "pgbouncer"]
+    assert resolve_services(None, "kube,mongo") == ["postgres", "redis", "pgbouncer"]
 
 
 def test_processes_end_after_down(tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with open_engine(settings) as engine:
-            result = await engine.reconcile_all(policies, tenants, dry_run=dry_run)
+            result = await engine.reconcile_all(policies, tenants, dry_run=dry_run, complete=True)
         print(result.render())
         if dry_run:
             return EXIT_CHANGES if result.changes else EXIT_OK
@@ -105,6 +105,27 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"dynabase {args.command}: cannot reach Postgres: {exc}", file=sys.stderr)
         return EXIT_INVALID
+
+
+def _cmd_pgbouncer_agent(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from dynabase.agent.pgbouncer import PgBouncerAgent, run_agent
+
+    password = os.environ.get("DYNABASE_PGBOUNCER_ADMIN_PASSWORD")
+    redis_url = args.redis_url or os.environ.get("DYNABASE_REDIS_URL")
+    if not password or not redis_url:
+        print("pgbouncer-agent: set DYNABASE_PGBOUNCER_ADMIN_PASSWORD and DYNABASE_REDIS_URL (or --redis-url)",
+              file=sys.stderr)
+        return EXIT_INVALID
+    agent = PgBouncerAgent(
+        redis_url=redis_url, workdir=Path(args.workdir), postgres_host=args.postgres_host,
+        postgres_port=args.postgres_port, admin_password=password, base_port=args.base_port,
+        listen_host=args.listen_host,
+    )
+    asyncio.run(run_agent(agent))
+    return EXIT_OK
 
 
 def _cmd_devstack(args: argparse.Namespace) -> int:
@@ -167,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--postgres-dsn", help="superuser DSN (default: $DYNABASE_POSTGRES_DSN)")
         cmd.add_argument("--secrets-dir", help="tenant passwords (default: $DYNABASE_SECRETS_DIR)")
         cmd.set_defaults(func=_cmd_reconcile)
+
+    agent = sub.add_parser("pgbouncer-agent", help="render the published pool layout into local PgBouncers")
+    agent.add_argument("--workdir", required=True, help="config, pid and socket files")
+    agent.add_argument("--redis-url", help="default: $DYNABASE_REDIS_URL")
+    agent.add_argument("--postgres-host", required=True, help="host or unix socket directory of Postgres")
+    agent.add_argument("--postgres-port", type=int, default=5432)
+    agent.add_argument("--listen-host", default="127.0.0.1")
+    agent.add_argument("--base-port", type=int, default=6432, help="the _default pool; tier pools above it")
+    agent.set_defaults(func=_cmd_pgbouncer_agent)
 
     devstack = sub.add_parser("devstack", help="the real local stack on loopback")
     devstack.add_argument("action", choices=["up", "down", "env", "build"])

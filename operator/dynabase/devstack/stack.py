@@ -28,13 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynabase.backends.postgres import PGBOUNCER_AUTH_QUERY
-from dynabase.backends.postgres import PGBOUNCER_AUTH_ROLE as PGBOUNCER_AUTH_USER
-from dynabase.desired.scram import scram_verifier
+from dynabase.backends.postgres import PGBOUNCER_AUTH_ROLE
 
 from . import binaries, pki
 
-ALL_SERVICES = ("postgres", "pgbouncer", "redis", "etcd", "kube-apiserver", "ferretdb")
+ALL_SERVICES = ("postgres", "redis", "pgbouncer", "etcd", "kube-apiserver", "ferretdb")
 SERVICE_GROUPS = {"kube": ("etcd", "kube-apiserver"), "mongo": ("ferretdb",)}
 SERVICE_USER = "postgres"
 PG_SUPERUSER = "postgres"
@@ -343,7 +341,7 @@ class Devstack:
             (data / "pg_hba.conf").write_text(
                 "# dynabase devstack\n"
                 f"local all {PG_SUPERUSER} trust\n"
-                f"local all {PGBOUNCER_AUTH_USER} trust\n"
+                f"local all {PGBOUNCER_AUTH_ROLE} trust\n"
                 "local all all scram-sha-256\n"
                 "host all all 127.0.0.1/32 scram-sha-256\n"
                 "host all all ::1/128 scram-sha-256\n"
@@ -363,39 +361,27 @@ class Devstack:
         return Service("postgres", pid, port, log, {"socket_dir": str(run), "bindir": str(bindir)})
 
     def _start_pgbouncer(self) -> Service:
-        binary = _require("pgbouncer", "pgbouncer")
-        pg = self.state.services.get("postgres")
-        if pg is None:
-            raise DevstackError("pgbouncer needs postgres in the same devstack")
+        """The production path: a pgbouncer-agent that renders what the engine publishes."""
+        _require("pgbouncer", "pgbouncer")
+        pg, redis_service = self.state.services.get("postgres"), self.state.services.get("redis")
+        if pg is None or redis_service is None:
+            raise DevstackError("pgbouncer needs postgres and redis in the same devstack")
         base = self._dir("pgbouncer", service_user=True)
         admin_password = self.state.secrets.setdefault("pgbouncer_admin", secrets.token_urlsafe(18))
         self._save()
-        userlist = base / "userlist.txt"
-        # SCRAM verifiers only: no plaintext password is written to disk.
-        userlist.write_text(f'"{PGBOUNCER_ADMIN}" "{scram_verifier(admin_password)}"\n')
-        userlist.chmod(0o600)
-        self._chown(userlist)
         port = free_port()
-        ini = base / "pgbouncer.ini"
-        ini.write_text(
-            "[databases]\n"
-            f"* = host={pg.extra['socket_dir']} port={pg.port} auth_user={PGBOUNCER_AUTH_USER}\n\n"
-            "[pgbouncer]\n"
-            f"listen_addr = 127.0.0.1\nlisten_port = {port}\n"
-            f"unix_socket_dir = {base}\n"
-            "auth_type = scram-sha-256\n"
-            f"auth_file = {userlist}\n"
-            f"auth_query = {PGBOUNCER_AUTH_QUERY}\n"
-            f"admin_users = {PGBOUNCER_ADMIN}\n"
-            "pool_mode = transaction\n"
-            "default_pool_size = 5\nmax_client_conn = 5000\n"
-            "ignore_startup_parameters = extra_float_digits,options,application_name\n"
-            "server_reset_query = DISCARD ALL\n"
+        redis_url = f"redis://default:{self.state.secrets['redis']}@127.0.0.1:{redis_service.port}/0"
+        pid, log = self._spawn(
+            "pgbouncer",
+            [sys.executable, "-m", "dynabase.cli", "pgbouncer-agent", f"--workdir={base}",
+             f"--postgres-host={pg.extra['socket_dir']}", f"--postgres-port={pg.port}",
+             f"--base-port={port}"],
+            # Secrets through the environment, not argv (visible in ps).
+            env={"DYNABASE_PGBOUNCER_ADMIN_PASSWORD": admin_password, "DYNABASE_REDIS_URL": redis_url,
+                 "DYNABASE_LOG_LEVEL": "INFO"},
         )
-        self._chown(ini)
-        pid, log = self._spawn("pgbouncer", [binary, str(ini)], service_user=True, cwd=base)
         self._wait("pgbouncer", pid, log, lambda: _port_open(port))
-        return Service("pgbouncer", pid, port, log, {"dir": str(base), "ini": str(ini)})
+        return Service("pgbouncer", pid, port, log, {"dir": str(base)})
 
     def _start_redis(self) -> Service:
         binary = _require("redis-server", "redis-server")
@@ -537,7 +523,7 @@ def resolve_services(only: str | None, without: str | None) -> list[str]:
     if without:
         chosen -= expand(without)
     if "pgbouncer" in chosen:
-        chosen.add("postgres")
+        chosen |= {"postgres", "redis"}
     if "kube-apiserver" in chosen:
         chosen.add("etcd")
     return [s for s in ALL_SERVICES if s in chosen]

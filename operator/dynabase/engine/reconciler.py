@@ -15,12 +15,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
+from dynabase.backends.pgbouncer import PgBouncerBackend, PgBouncerObserved
 from dynabase.backends.postgres import PGBOUNCER_AUTH_ROLE, PostgresBackend
-from dynabase.desired.effective import EffectiveLimits, ResolveError, find_policy
+from dynabase.desired.effective import EffectiveLimits, ResolveError, find_policy, merge
+from dynabase.desired.pgbouncer import PgBouncerDesired, PoolSettings, TenantRoute, plan_lines, pool_name
 from dynabase.desired.postgres import (
     Password,
     PostgresObserved,
@@ -124,6 +126,14 @@ async def with_retries(fn: Callable[[], Awaitable[T]], *, attempts: int = 3, bas
     raise AssertionError("unreachable")
 
 
+def _lowers_connections(target: PostgresTarget, observed: PostgresObserved) -> bool:
+    role = observed.roles.get(target.role)
+    if role is None or target.state != "active":
+        return False
+    have, want = role.connection_limit, target.connection_limit
+    return want >= 0 and (have < 0 or want < have)
+
+
 def describe_error(exc: BaseException) -> str:
     """Error text for conditions: the driver's message, never the statement (it may hold a verifier)."""
     if isinstance(exc, asyncpg.PostgresError):
@@ -140,7 +150,7 @@ class Engine:
         status_store: StatusStore,
         clock: Clock = utcnow,
         concurrency: int = 8,
-        pgbouncer: object | None = None,
+        pgbouncer: PgBouncerBackend | None = None,
     ) -> None:
         self.postgres = postgres
         self.secrets = secrets
@@ -164,7 +174,13 @@ class Engine:
         *,
         dry_run: bool = False,
         deleted: Sequence[TenantDatabase] = (),
+        complete: bool = False,
     ) -> PassResult:
+        """Reconcile ``tenants`` (and remove ``deleted``).
+
+        ``complete`` says the tenants are *all* tenants (headless, CLI): shared
+        state such as the PgBouncer layout is then rebuilt instead of patched.
+        """
         started = time.monotonic()
         writes_before = self.postgres.counter.writes
         now = self.clock()
@@ -193,8 +209,18 @@ class Engine:
                 result.outcomes.append(Outcome("PostgresReady", False, "ObserveFailed", describe_error(exc)))
             observed = None
 
+        everyone = [*results, *deleted_results]
         if observed is not None:
-            await self._postgres_pass([*results, *deleted_results], targets, observed, dry_run)
+            plans = self._postgres_plans(everyone, targets, observed)
+            # Limits rise in Postgres before the pools grow, and fall after the pools shrink,
+            # so PgBouncer never holds more server connections than the role may open.
+            falling = {k for k, t in targets.items() if _lowers_connections(t, observed)}
+            if not dry_run:
+                await self._postgres_apply([r for r in everyone if r.key not in falling], plans)
+        if self.pgbouncer is not None:
+            await self._pgbouncer_pass(results, deleted_results, policies, dry_run, complete)
+        if observed is not None and not dry_run:
+            await self._postgres_apply([r for r in everyone if r.key in falling], plans)
 
         if not dry_run:
             for result in results:
@@ -248,10 +274,9 @@ class Engine:
             connection_limit=0, settings={}, service_roles=(PGBOUNCER_AUTH_ROLE,),
         )
 
-    async def _postgres_pass(
-        self, results: list[TenantResult], targets: dict[str, PostgresTarget],
-        observed: PostgresObserved, dry_run: bool,
-    ) -> None:
+    def _postgres_plans(
+        self, results: list[TenantResult], targets: dict[str, PostgresTarget], observed: PostgresObserved
+    ) -> dict[str, PostgresPlan]:
         plans: dict[str, PostgresPlan] = {k: plan_postgres(t, observed) for k, t in targets.items()}
         for result in results:
             plan = plans.get(result.key)
@@ -260,8 +285,9 @@ class Engine:
             result.plans["postgres"] = render_plan(plan)
             if targets[result.key].password is None and targets[result.key].state == "active":
                 result.plans["postgres"].append("(a password would be generated into the tenant's Secret)")
-        if dry_run:
-            return
+        return plans
+
+    async def _postgres_apply(self, results: list[TenantResult], plans: dict[str, PostgresPlan]) -> None:
         semaphore = asyncio.Semaphore(self.concurrency)
 
         async def apply_one(result: TenantResult) -> None:
@@ -281,12 +307,103 @@ class Engine:
                     return
             limits = result.limits
             message = (
-                f"role {targets[result.key].role}: connection limit {limits.postgres.connection_limit}"
+                f"role {result.tenant.database_name}: connection limit {limits.postgres.connection_limit}"
                 if limits else "removed"
             )
             result.outcomes.append(Outcome("PostgresReady", True, "Reconciled", message))
 
         await asyncio.gather(*(apply_one(r) for r in results if r.error is None))
+
+    # -- PgBouncer --------------------------------------------------------------
+
+    def _pgbouncer_desired(
+        self, results: list[TenantResult], deleted: list[TenantResult], policies: dict[str, TierPolicy],
+        published: PgBouncerDesired | None, complete: bool,
+    ) -> PgBouncerDesired:
+        base = published or PgBouncerDesired()
+        desired = PgBouncerDesired(
+            pools={} if complete else dict(base.pools),
+            routes={} if complete else dict(base.routes),
+        )
+        # Every tier of every policy gets its pool up front, so a tier change lands on a running one.
+        for policy_name, policy in policies.items():
+            for tier_name, tier in policy.spec.tiers.items():
+                try:
+                    limits = merge(tier_name, tier.rank, [tier])
+                except ResolveError:
+                    continue
+                desired.pools[pool_name(policy_name, tier_name)] = PoolSettings.of(limits.pgbouncer)
+        for result in deleted:
+            desired.routes.pop(result.tenant.database_name, None)
+        for result in results:
+            database = result.tenant.database_name
+            if result.decision is None:
+                # Unresolvable now: keep serving it as it was rather than drop its route.
+                if database in base.routes:
+                    desired.routes[database] = base.routes[database]
+                continue
+            pool = pool_name(result.tenant.spec.tier_policy_ref, result.decision.applied_tier)
+            own = PoolSettings.of(result.decision.limits.pgbouncer)
+            desired.routes[database] = TenantRoute(
+                database=database, role=result.tenant.database_name, pool=pool,
+                settings=None if own == desired.pools.get(pool) else own,
+                enabled=not result.tenant.spec.suspended,
+            )
+        return desired
+
+    async def _pgbouncer_pass(
+        self, results: list[TenantResult], deleted: list[TenantResult], policies: dict[str, TierPolicy],
+        dry_run: bool, complete: bool,
+    ) -> None:
+        assert self.pgbouncer is not None
+        try:
+            observed: PgBouncerObserved = await self.pgbouncer.observe()
+        except Exception as exc:  # Redis down: PgBouncer keeps its last layout; say so per tenant
+            for result in results:
+                if result.decision is not None:
+                    result.outcomes.append(Outcome("PgBouncerReady", False, "ObserveFailed", describe_error(exc)))
+            return
+        desired = self._pgbouncer_desired(results, deleted, policies, observed.published, complete)
+        for result in [*results, *deleted]:
+            lines = plan_lines(observed.published, desired, result.tenant.database_name)
+            if lines:
+                result.plans["pgbouncer"] = lines
+        if dry_run:
+            return
+        agents = observed.agents
+        changed = observed.published is None or observed.published.version != desired.version
+        try:
+            if changed:
+                await self.pgbouncer.publish(desired)
+            if changed or any(a.version != desired.version for a in agents):
+                agents = await self.pgbouncer.wait_confirmed(desired.version)
+        except Exception as exc:
+            for result in results:
+                if result.decision is not None:
+                    result.outcomes.append(Outcome("PgBouncerReady", False, "PublishFailed", describe_error(exc)))
+            return
+        for result in results:
+            if result.decision is None:
+                continue
+            route = desired.routes[result.tenant.database_name]
+            result.outcomes.append(self._pgbouncer_outcome(route, desired, agents))
+
+    @staticmethod
+    def _pgbouncer_outcome(route: TenantRoute, desired: PgBouncerDesired, agents: list[Any]) -> Outcome:
+        if not agents:
+            return Outcome("PgBouncerReady", False, "NoAgent",
+                           "no pgbouncer-agent has reported in the last 30s; is it running?")
+        behind = [a.agent_id for a in agents if a.version != desired.version]
+        if behind:
+            return Outcome("PgBouncerReady", False, "AgentPending",
+                           f"agents not yet on layout {desired.version}: {', '.join(behind)}")
+        for agent in agents:
+            ok, why = agent.pool_ok(route.pool)
+            if not ok:
+                return Outcome("PgBouncerReady", False, "LiveMismatch", why)
+        settings = route.settings or desired.pools[route.pool]
+        return Outcome("PgBouncerReady", True, "Reconciled",
+                       f"pool {route.pool}: pool_size {settings.pool_size}, mode {settings.pool_mode}")
 
     async def _record_status(self, result: TenantResult, previous: TenantDatabaseStatus | None,
                              now: dt.datetime) -> None:

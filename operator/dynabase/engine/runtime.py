@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.postgres import PostgresBackend
 from dynabase.backends.status_pg import PostgresStatusStore
 
@@ -24,10 +25,11 @@ class EngineSettings:
     postgres_dsn: str
     secrets_dir: Path
     concurrency: int = 8
+    redis_url: str | None = None  # where the PgBouncer layout is published; None = no PgBouncer
 
     @classmethod
     def from_env(cls, *, postgres_dsn: str | None = None, secrets_dir: str | None = None,
-                 concurrency: int | None = None) -> EngineSettings:
+                 concurrency: int | None = None, redis_url: str | None = None) -> EngineSettings:
         dsn = postgres_dsn or os.environ.get("DYNABASE_POSTGRES_DSN")
         if not dsn:
             raise SettingsError(
@@ -37,16 +39,21 @@ class EngineSettings:
         directory = secrets_dir or os.environ.get("DYNABASE_SECRETS_DIR") or os.path.expanduser(
             "~/.local/share/dynabase/secrets"
         )
-        return cls(dsn, Path(directory), concurrency or int(os.environ.get("DYNABASE_CONCURRENCY", "8")))
+        return cls(
+            dsn, Path(directory), concurrency or int(os.environ.get("DYNABASE_CONCURRENCY", "8")),
+            redis_url=redis_url or os.environ.get("DYNABASE_REDIS_URL"),
+        )
 
 
 @asynccontextmanager
 async def open_engine(settings: EngineSettings, *, clock: Clock = utcnow) -> AsyncIterator[Engine]:
     postgres = PostgresBackend(settings.postgres_dsn, pool_size=max(2, settings.concurrency))
     await postgres.start()
+    pgbouncer = PgBouncerBackend(settings.redis_url) if settings.redis_url else None
     try:
         yield Engine(
             postgres=postgres,
+            pgbouncer=pgbouncer,
             secrets=DirectorySecretStore(settings.secrets_dir),
             status_store=PostgresStatusStore(postgres.pool),
             clock=clock,
@@ -54,3 +61,5 @@ async def open_engine(settings: EngineSettings, *, clock: Clock = utcnow) -> Asy
         )
     finally:
         await postgres.close()
+        if pgbouncer is not None:
+            await pgbouncer.close()

@@ -1,0 +1,1 @@
+"""Agents that run beside a server and converge it locally (PgBouncer)."""

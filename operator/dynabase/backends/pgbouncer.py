@@ -1,0 +1,99 @@
+"""PgBouncer backend: publish the pool layout for the agents, read their reports.
+
+Observe = read what is published and what each agent last applied; apply = one
+SET + PUBLISH when the layout changed (nothing when it did not). Confirmation
+comes from the agents, which compare PgBouncer's live SHOW output with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from dynabase.desired.pgbouncer import AGENTS_KEY, CHANNEL, DEFAULT_POOL, DESIRED_KEY, PgBouncerDesired
+
+AGENT_STALE_SECONDS = 30.0
+
+
+@dataclass
+class AgentReport:
+    agent_id: str
+    version: str
+    at: float
+    pools: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def pool_ok(self, pool: str) -> tuple[bool, str]:
+        report = self.pools.get(pool)
+        if report is None:
+            return False, f"agent {self.agent_id} runs no pool {pool}"
+        if not report.get("ok"):
+            return False, f"agent {self.agent_id} pool {pool}: " + "; ".join(report.get("mismatches", []))
+        return True, ""
+
+
+@dataclass
+class PgBouncerObserved:
+    published: PgBouncerDesired | None
+    agents: list[AgentReport]
+
+
+class PgBouncerBackend:
+    name = "pgbouncer"
+
+    def __init__(self, redis_url: str, *, confirm_timeout: float = 5.0) -> None:
+        self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        self.confirm_timeout = confirm_timeout
+        self.writes = 0
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def observe(self) -> PgBouncerObserved:
+        published_text = await self._redis.get(DESIRED_KEY)
+        published = PgBouncerDesired.from_json(str(published_text)) if published_text else None
+        return PgBouncerObserved(published, await self._agents())
+
+    async def _agents(self) -> list[AgentReport]:
+        raw = await self._redis.hgetall(AGENTS_KEY)
+        now = time.time()
+        reports = []
+        for agent_id, text in raw.items():
+            data = json.loads(text)
+            if now - float(data.get("at", 0)) <= AGENT_STALE_SECONDS:
+                reports.append(
+                    AgentReport(str(agent_id), data.get("version", ""), float(data["at"]), data.get("pools", {}))
+                )
+        return reports
+
+    async def publish(self, desired: PgBouncerDesired) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(DESIRED_KEY, desired.to_json())
+            pipe.publish(CHANNEL, desired.version)
+            await pipe.execute()
+        self.writes += 1
+
+    async def route(self, database: str) -> tuple[str, int] | None:
+        """(pool, port) that serves ``database`` on the first live agent, or None."""
+        observed = await self.observe()
+        if observed.published is None or not observed.agents:
+            return None
+        route = observed.published.routes.get(database)
+        pool = route.pool if route else DEFAULT_POOL
+        port = observed.agents[0].pools.get(pool, {}).get("port")
+        return (pool, int(port)) if port else None
+
+    async def wait_confirmed(self, version: str) -> list[AgentReport]:
+        """Agents' reports once all live agents applied ``version`` (or the timeout passed)."""
+        deadline = time.monotonic() + self.confirm_timeout
+        while True:
+            agents = await self._agents()
+            if agents and all(a.version == version for a in agents):
+                return agents
+            if time.monotonic() >= deadline:
+                return agents
+            await asyncio.sleep(0.05)

@@ -1,0 +1,166 @@
+"""PgBouncer: the desired pool layout and its rendering. Pure.
+
+Design (why not one PgBouncer with an entry per tenant): a reload re-reads
+every [databases] entry and stalls all clients (~0.7 s at 20,000 entries on
+PgBouncer 1.18). So the agent runs one PgBouncer process per tier, whose
+*global* pool settings are the tier's and whose only [databases] entry is a
+wildcard. A tenant without pool overrides needs no entry at all: a tier change
+moves it to another process (a routing change for the proxy) and reloads
+nothing. Only tenants with their own pool overrides get explicit entries, in
+their tier's process, so a reload touches a handful of lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .effective import PgBouncerEffective
+
+# Where the engine publishes the layout and agents report back (Redis).
+DESIRED_KEY = "dynabase:pgbouncer:desired"
+AGENTS_KEY = "dynabase:pgbouncer:agents"
+CHANNEL = "dynabase:pgbouncer:changed"
+DEFAULT_POOL = "_default"  # always present: a stable admin endpoint and a fallback pool
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    pool_size: int
+    reserve_pool_size: int
+    max_db_connections: int
+    max_user_connections: int
+    pool_mode: str
+
+    @classmethod
+    def of(cls, limits: PgBouncerEffective) -> PoolSettings:
+        return cls(limits.pool_size, limits.reserve_pool_size, limits.max_db_connections,
+                   limits.max_user_connections, limits.pool_mode)
+
+
+@dataclass(frozen=True)
+class TenantRoute:
+    database: str
+    role: str
+    pool: str  # name of the PgBouncer process (tier pool) that serves it
+    settings: PoolSettings | None = None  # only when it differs from the pool's own
+    enabled: bool = True  # suspended tenants are disabled in PgBouncer too
+
+
+@dataclass
+class PgBouncerDesired:
+    pools: dict[str, PoolSettings] = field(default_factory=dict)
+    routes: dict[str, TenantRoute] = field(default_factory=dict)  # by database
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pools": {k: asdict(v) for k, v in sorted(self.pools.items())},
+            "routes": {k: asdict(v) for k, v in sorted(self.routes.items())},
+        }
+
+    @property
+    def version(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, **self.to_dict()}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PgBouncerDesired:
+        raw = json.loads(text)
+        pools = {k: PoolSettings(**v) for k, v in raw.get("pools", {}).items()}
+        routes = {}
+        for k, v in raw.get("routes", {}).items():
+            settings = PoolSettings(**v["settings"]) if v.get("settings") else None
+            routes[k] = TenantRoute(v["database"], v["role"], v["pool"], settings, v.get("enabled", True))
+        return cls(pools, routes)
+
+    def explicit_routes(self, pool: str) -> list[TenantRoute]:
+        return sorted(
+            (r for r in self.routes.values() if r.pool == pool and r.settings is not None),
+            key=lambda r: r.database,
+        )
+
+
+def pool_name(policy: str, tier: str) -> str:
+    return f"{policy}.{tier}"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Where one agent's PgBouncer processes listen and find Postgres."""
+
+    listen_host: str
+    postgres_host: str
+    postgres_port: int
+    auth_user: str
+    auth_query: str
+    auth_file: str
+    admin_user: str
+    workdir: str
+
+
+def render_ini(desired: PgBouncerDesired, pool: str, port: int, config: AgentConfig) -> str:
+    settings = desired.pools[pool]
+    backend = f"host={config.postgres_host} port={config.postgres_port} auth_user={config.auth_user}"
+    lines = ["; rendered by dynabase pgbouncer-agent; do not edit", "[databases]"]
+    # Suspended tenants need no entry: their role is NOLOGIN, so auth_query refuses them.
+    for route in desired.explicit_routes(pool):
+        own = route.settings or settings
+        lines.append(
+            f"{route.database} = {backend} pool_size={own.pool_size} reserve_pool={own.reserve_pool_size} "
+            f"max_db_connections={own.max_db_connections} pool_mode={own.pool_mode}"
+        )
+    lines.append(f"* = {backend}")
+    user_lines = [
+        f"{r.role} = pool_mode={r.settings.pool_mode} max_user_connections={r.settings.max_user_connections}"
+        for r in desired.explicit_routes(pool) if r.settings is not None
+    ]
+    if user_lines:
+        lines += ["", "[users]", *user_lines]
+    lines += [
+        "",
+        "[pgbouncer]",
+        f"listen_addr = {config.listen_host}",
+        f"listen_port = {port}",
+        f"unix_socket_dir = {config.workdir}",
+        f"pidfile = {config.workdir}/{pool}.pid",
+        "auth_type = scram-sha-256",
+        f"auth_file = {config.auth_file}",
+        f"auth_query = {config.auth_query}",
+        f"admin_users = {config.admin_user}",
+        f"stats_users = {config.admin_user}",
+        f"pool_mode = {settings.pool_mode}",
+        f"default_pool_size = {settings.pool_size}",
+        f"reserve_pool_size = {settings.reserve_pool_size}",
+        f"max_db_connections = {settings.max_db_connections}",
+        f"max_user_connections = {settings.max_user_connections}",
+        "max_client_conn = 10000",
+        "server_idle_timeout = 60",
+        "ignore_startup_parameters = extra_float_digits,options,application_name",
+        "server_reset_query = DISCARD ALL",
+        "log_connections = 0",
+        "log_disconnections = 0",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plan_lines(old: PgBouncerDesired | None, new: PgBouncerDesired, database: str) -> list[str]:
+    """What changes for one tenant, for `dynabase plan`."""
+    before = old.routes.get(database) if old else None
+    after = new.routes.get(database)
+    if before == after and (after is None or old is None or old.pools.get(after.pool) == new.pools.get(after.pool)):
+        return []
+    if after is None:
+        return [f"remove route for {database}"] if before else []
+    settings = after.settings or new.pools[after.pool]
+    text = (f"route {database} to pool {after.pool} (pool_size={settings.pool_size} "
+            f"reserve={settings.reserve_pool_size} max_db_connections={settings.max_db_connections} "
+            f"mode={settings.pool_mode}{'' if after.enabled else ', disabled'})")
+    if before is None:
+        return [text]
+    return [f"{text}; was pool {before.pool}"]
