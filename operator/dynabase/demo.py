@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -31,6 +32,57 @@ def _kubectl(env: dict[str, str], *args: str) -> str:
     return proc.stdout
 
 
+def _apply(env: dict[str, str], secrets_dir: Path) -> int:
+    from dynabase.cli import main as cli_main
+
+    saved = dict(os.environ)
+    os.environ.update(env)
+    os.environ["DYNABASE_SECRETS_DIR"] = str(secrets_dir)
+    try:
+        return cli_main(["apply", str(EXAMPLES)])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+async def _show_limits(env: dict[str, str], secrets_dir: Path) -> None:
+    import asyncpg
+
+    from dynabase.backends.pgbouncer import PgBouncerBackend
+
+    port = env["PGPORT"]
+    pgbouncer = PgBouncerBackend(env["DYNABASE_REDIS_URL"])
+    rows: list[tuple[str, ...]] = []
+    try:
+        for name, db in (("acme", "acme"), ("globex", "globex")):
+            password = (secrets_dir / f"default__{name}").read_text().strip()
+            dsn = f"postgresql://{db}:{password}@127.0.0.1:{port}/{db}"
+            held: list[asyncpg.Connection] = []
+            refused = "no"
+            for _ in range(6):
+                try:
+                    held.append(await asyncpg.connect(dsn))
+                except asyncpg.TooManyConnectionsError as exc:
+                    refused = f"yes ({exc.sqlstate})"
+                    break
+            timeout = await held[0].fetchval("SHOW statement_timeout")
+            try:
+                await held[0].execute("SELECT pg_sleep(11)" if db == "acme" else "SELECT pg_sleep(0.1)")
+                slow = "ran"
+            except asyncpg.QueryCanceledError:
+                slow = "cancelled at 10s"
+            for conn in held:
+                await conn.close()
+            route = await pgbouncer.route(db)
+            rows.append((name, db, f"{len(held)}", refused, timeout, slow, f"{route[0]}:{route[1]}" if route else "-"))
+    finally:
+        await pgbouncer.close()
+    header = ("tenant", "database", "conns opened", "6th refused", "statement_timeout", "long query", "pgbouncer pool")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
 def run_demo(root: Path | None, *, keep: bool) -> int:
     started = time.monotonic()
     owns_root = root is None
@@ -46,6 +98,13 @@ def run_demo(root: Path | None, *, keep: bool) -> int:
             _kubectl(env, "wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
         _step("Applying the example TierPolicy and TenantDatabases")
         print(_kubectl(env, "apply", "-R", "-f", str(EXAMPLES)), end="")
+        _step("Reconciling the examples: Postgres roles and databases, PgBouncer pools")
+        secrets_dir = root / "secrets"
+        code = _apply(env, secrets_dir)
+        if code != 0:
+            return code
+        _step("Limits enforced on the real servers")
+        asyncio.run(_show_limits(env, secrets_dir))
         _step("kubectl get tenantdatabases")
         print(_kubectl(env, "get", "tenantdatabases", "-A", "-o", "wide"), end="")
         _step(f"Done in {time.monotonic() - started:.1f}s")
