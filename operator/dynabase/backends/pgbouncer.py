@@ -70,10 +70,10 @@ class PgBouncerBackend:
                 )
         return reports
 
-    async def publish(self, desired: PgBouncerDesired) -> None:
+    async def publish(self, desired: PgBouncerDesired, version: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(DESIRED_KEY, desired.to_json())
-            pipe.publish(CHANNEL, desired.version)
+            pipe.set(DESIRED_KEY, desired.to_json(version))
+            pipe.publish(CHANNEL, version)
             await pipe.execute()
         self.writes += 1
 

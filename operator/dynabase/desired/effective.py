@@ -3,6 +3,7 @@ overrides merged field by field on top, and documented defaults beneath both."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,4 +206,10 @@ def effective_limits(tenant: TenantDatabase, policy: TierPolicy, tier_name: str)
             "TierNotFound",
             f"tier '{tier_name}' is not in TierPolicy '{policy.name}' (tiers: {known}); fix spec.tier",
         )
-    return merge(tier_name, tier.rank, [tier, tenant.spec.overrides])
+    return _merged(tier_name, tier.rank, tier, tenant.spec.overrides)
+
+
+@functools.lru_cache(maxsize=8192)
+def _merged(tier_name: str, rank: int, tier: TierLimits, overrides: TierLimits | None) -> EffectiveLimits:
+    # Models are frozen and hashable: thousands of tenants on the same tier share one merge.
+    return merge(tier_name, rank, [tier, overrides])

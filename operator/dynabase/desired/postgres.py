@@ -7,7 +7,8 @@ same plan renders as text for ``dynabase plan`` with secrets redacted.
 
 from __future__ import annotations
 
-import functools
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -163,11 +164,38 @@ def parse_setconfig(setconfig: list[str] | None) -> dict[str, str]:
     return out
 
 
-@functools.lru_cache(maxsize=200_000)
+# PBKDF2 with 4096 rounds costs a few ms; a steady-state pass over 10,000 tenants
+# must not pay it again for verifiers already checked or made here. Keyed by a
+# digest of the pair, so the cache holds no password.
+_VERIFIED: OrderedDict[bytes, None] = OrderedDict()
+_VERIFIED_MAX = 200_000
+
+
+def _pair_key(verifier: str, password: str) -> bytes:
+    return hashlib.sha256(verifier.encode() + b"\0" + password.encode()).digest()
+
+
+def _remember(verifier: str, password: str) -> None:
+    _VERIFIED[_pair_key(verifier, password)] = None
+    while len(_VERIFIED) > _VERIFIED_MAX:
+        _VERIFIED.popitem(last=False)
+
+
 def _password_ok(verifier: str | None, password: str) -> bool:
-    # PBKDF2 with 4096 rounds costs ~1 ms; a steady-state pass over 10,000
-    # tenants must not pay it again for verifiers it has already checked.
-    return verifier_matches(verifier, password)
+    if not verifier:
+        return False
+    if _pair_key(verifier, password) in _VERIFIED:
+        return True
+    ok = verifier_matches(verifier, password)
+    if ok:
+        _remember(verifier, password)
+    return ok
+
+
+def _new_verifier(password: str) -> str:
+    verifier = scram_verifier(password)
+    _remember(verifier, password)
+    return verifier
 
 
 def _stmt(sql: str, *, display: str | None = None, args: tuple[object, ...] = (), tx: bool = True) -> Statement:
@@ -213,7 +241,7 @@ def _role_statements(target: PostgresTarget, role: ObservedRole | None) -> list[
     if role is None:
         password_sql, password_display = "", ""
         if target.password is not None:
-            verifier = scram_verifier(target.password.reveal())
+            verifier = _new_verifier(target.password.reveal())
             password_sql = f" PASSWORD {quote_literal(verifier)}"
             password_display = " PASSWORD '***'"
         head = f"CREATE ROLE {ident} {login} {negated} {limit}"
@@ -230,7 +258,7 @@ def _role_statements(target: PostgresTarget, role: ObservedRole | None) -> list[
         if changes:
             out.append(_stmt(f"ALTER ROLE {ident} {' '.join(changes)}"))
         if target.password is not None and not _password_ok(role.verifier, target.password.reveal()):
-            verifier = scram_verifier(target.password.reveal())
+            verifier = _new_verifier(target.password.reveal())
             out.append(
                 _stmt(f"ALTER ROLE {ident} PASSWORD {quote_literal(verifier)}",
                       display=f"ALTER ROLE {ident} PASSWORD '***'")

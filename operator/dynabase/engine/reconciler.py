@@ -371,12 +371,13 @@ class Engine:
         if dry_run:
             return
         agents = observed.agents
-        changed = observed.published is None or observed.published.version != desired.version
+        version = desired.version
+        changed = observed.published is None or observed.published.version != version
         try:
             if changed:
-                await self.pgbouncer.publish(desired)
-            if changed or any(a.version != desired.version for a in agents):
-                agents = await self.pgbouncer.wait_confirmed(desired.version)
+                await self.pgbouncer.publish(desired, version)
+            if changed or any(a.version != version for a in agents):
+                agents = await self.pgbouncer.wait_confirmed(version)
         except Exception as exc:
             for result in results:
                 if result.decision is not None:
@@ -386,17 +387,18 @@ class Engine:
             if result.decision is None:
                 continue
             route = desired.routes[result.tenant.database_name]
-            result.outcomes.append(self._pgbouncer_outcome(route, desired, agents))
+            result.outcomes.append(self._pgbouncer_outcome(route, desired, version, agents))
 
     @staticmethod
-    def _pgbouncer_outcome(route: TenantRoute, desired: PgBouncerDesired, agents: list[Any]) -> Outcome:
+    def _pgbouncer_outcome(route: TenantRoute, desired: PgBouncerDesired, version: str,
+                           agents: list[Any]) -> Outcome:
         if not agents:
             return Outcome("PgBouncerReady", False, "NoAgent",
                            "no pgbouncer-agent has reported in the last 30s; is it running?")
-        behind = [a.agent_id for a in agents if a.version != desired.version]
+        behind = [a.agent_id for a in agents if a.version != version]
         if behind:
             return Outcome("PgBouncerReady", False, "AgentPending",
-                           f"agents not yet on layout {desired.version}: {', '.join(behind)}")
+                           f"agents not yet on layout {version}: {', '.join(behind)}")
         for agent in agents:
             ok, why = agent.pool_ok(route.pool)
             if not ok:
