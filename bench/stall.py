@@ -116,8 +116,7 @@ async def main_async(args: argparse.Namespace, env: dict[str, str]) -> None:
                 "zz_override", "zz_override", "default.FREE", PoolSettings(2 + i % 2, 0, 0, 0, "transaction")
             )
             version = layout.version
-            await pgbouncer.publish(layout, version)
-            await pgbouncer.wait_confirmed(version)
+            await pgbouncer.wait_confirmed(await pgbouncer.publish(layout, version))
 
         await change(1)  # load the entries once before measuring
         return change

@@ -127,5 +127,5 @@ async def test_manual_change_to_pgbouncer_is_reverted_by_the_agent(engine) -> No
 def test_no_agent_is_a_condition_not_silence() -> None:
     route = TenantRoute("d", "d", "default.FREE")
     desired = PgBouncerDesired({"default.FREE": PoolSettings(3, 1, 4, 0, "transaction")}, {"d": route})
-    outcome = Engine._pgbouncer_outcome(route, desired, desired.version, [])
+    outcome = Engine._pgbouncer_outcome(route, desired, 1, [])
     assert not outcome.ok and outcome.reason == "NoAgent"

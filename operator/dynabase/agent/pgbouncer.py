@@ -250,6 +250,7 @@ class PgBouncerAgent:
         self.version = version
         await self.redis.hset(AGENTS_KEY, self.agent_id, json.dumps({
             "version": version,
+            "seq": desired.seq,
             "at": time.time(),
             "pools": {k: {"port": r.port, "ok": r.ok, "mismatches": r.mismatches} for k, r in reports.items()},
         }))

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from dynabase.desired.pgbouncer import AGENTS_KEY, CHANNEL, DEFAULT_POOL, DESIRED_KEY, PgBouncerDesired
+from dynabase.desired.pgbouncer import AGENTS_KEY, CHANNEL, DEFAULT_POOL, DESIRED_KEY, SEQ_KEY, PgBouncerDesired
 
 AGENT_STALE_SECONDS = 30.0
 
@@ -25,6 +25,7 @@ class AgentReport:
     agent_id: str
     version: str
     at: float
+    seq: int
     pools: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def pool_ok(self, pool: str) -> tuple[bool, str]:
@@ -66,16 +67,20 @@ class PgBouncerBackend:
             data = json.loads(text)
             if now - float(data.get("at", 0)) <= AGENT_STALE_SECONDS:
                 reports.append(
-                    AgentReport(str(agent_id), data.get("version", ""), float(data["at"]), data.get("pools", {}))
+                    AgentReport(str(agent_id), data.get("version", ""), float(data["at"]), int(data.get("seq", 0)),
+                                data.get("pools", {}))
                 )
         return reports
 
-    async def publish(self, desired: PgBouncerDesired, version: str) -> None:
+    async def publish(self, desired: PgBouncerDesired, version: str) -> int:
+        """Publish a layout; returns its sequence number."""
+        seq = int(await self._redis.incr(SEQ_KEY))
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(DESIRED_KEY, desired.to_json(version))
+            pipe.set(DESIRED_KEY, desired.to_json(version, seq))
             pipe.publish(CHANNEL, version)
             await pipe.execute()
         self.writes += 1
+        return seq
 
     async def route(self, database: str) -> tuple[str, int] | None:
         """(pool, port) that serves ``database`` on the first live agent, or None."""
@@ -87,12 +92,12 @@ class PgBouncerBackend:
         port = observed.agents[0].pools.get(pool, {}).get("port")
         return (pool, int(port)) if port else None
 
-    async def wait_confirmed(self, version: str) -> list[AgentReport]:
-        """Agents' reports once all live agents applied ``version`` (or the timeout passed)."""
+    async def wait_confirmed(self, seq: int) -> list[AgentReport]:
+        """Agents' reports once all live agents applied publication ``seq`` or a newer one."""
         deadline = time.monotonic() + self.confirm_timeout
         while True:
             agents = await self._agents()
-            if agents and all(a.version == version for a in agents):
+            if agents and all(a.seq >= seq for a in agents):
                 return agents
             if time.monotonic() >= deadline:
                 return agents

@@ -23,6 +23,7 @@ from .effective import PgBouncerEffective
 DESIRED_KEY = "dynabase:pgbouncer:desired"
 AGENTS_KEY = "dynabase:pgbouncer:agents"
 CHANNEL = "dynabase:pgbouncer:changed"
+SEQ_KEY = "dynabase:pgbouncer:seq"
 DEFAULT_POOL = "_default"  # always present: a stable admin endpoint and a fallback pool
 
 
@@ -53,6 +54,9 @@ class TenantRoute:
 class PgBouncerDesired:
     pools: dict[str, PoolSettings] = field(default_factory=dict)
     routes: dict[str, TenantRoute] = field(default_factory=dict)  # by database
+    # Publication counter (not part of the content hash): agents report the highest
+    # they applied, so concurrent publishers can tell "applied mine or newer".
+    seq: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         # By hand rather than dataclasses.asdict: this runs over 10,000 routes per pass.
@@ -78,8 +82,11 @@ class PgBouncerDesired:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-    def to_json(self, version: str | None = None) -> str:
-        return json.dumps({"version": version or self.version, **self.to_dict()}, sort_keys=True)
+    def to_json(self, version: str | None = None, seq: int | None = None) -> str:
+        return json.dumps(
+            {"version": version or self.version, "seq": self.seq if seq is None else seq, **self.to_dict()},
+            sort_keys=True,
+        )
 
     @classmethod
     def from_json(cls, text: str) -> PgBouncerDesired:
@@ -89,7 +96,7 @@ class PgBouncerDesired:
         for k, v in raw.get("routes", {}).items():
             settings = PoolSettings(**v["settings"]) if v.get("settings") else None
             routes[k] = TenantRoute(v["database"], v["role"], v["pool"], settings, v.get("enabled", True))
-        return cls(pools, routes)
+        return cls(pools, routes, int(raw.get("seq", 0)))
 
     def explicit_routes(self, pool: str) -> list[TenantRoute]:
         return sorted(

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import random
 import time
+from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ from dynabase.desired.transition import TierDecision, decide_tier
 from dynabase.spec import TenantDatabase, TenantDatabaseStatus, TierPolicy
 from dynabase.spec.tenant import TierChange
 
+from . import metrics
 from .conditions import Outcome, build_conditions, make_condition
 from .stores import SecretStore, StatusStore, generate_password
 
@@ -64,6 +66,10 @@ class TenantResult:
     @property
     def key(self) -> str:
         return self.tenant.key
+
+    @property
+    def limits_tier(self) -> str | None:
+        return self.decision.applied_tier if self.decision else None
 
     @property
     def limits(self) -> EffectiveLimits | None:
@@ -159,6 +165,8 @@ class Engine:
         self.concurrency = concurrency
         self.pgbouncer = pgbouncer
         self._bootstrapped = False
+        # Partial passes patch the shared PgBouncer layout: read-modify-write under a lock.
+        self._layout_lock = asyncio.Lock()
 
     async def bootstrap(self) -> None:
         if not self._bootstrapped:
@@ -224,10 +232,43 @@ class Engine:
 
         if not dry_run:
             for result in results:
-                await self._record_status(result, statuses.get(result.key), now)
-        return PassResult(
-            [*results, *deleted_results], time.monotonic() - started, self.postgres.counter.writes - writes_before
-        )
+                previous = statuses.get(result.key)
+                self._count_drift(result, previous)
+                await self._record_status(result, previous, now)
+            for result in everyone:
+                for outcome in result.outcomes:
+                    if not outcome.ok:
+                        metrics.BACKEND_ERRORS.labels(metrics.backend_of(outcome.condition_type), outcome.reason).inc()
+            metrics.STATEMENTS.inc(self.postgres.counter.writes - writes_before)
+            if complete:
+                self._update_gauges(results)
+        seconds = time.monotonic() - started
+        metrics.RECONCILE_SECONDS.labels("dry-run" if dry_run else ("all" if complete else "partial")).observe(seconds)
+        return PassResult(everyone, seconds, self.postgres.counter.writes - writes_before)
+
+    @staticmethod
+    def _count_drift(result: TenantResult, previous: TenantDatabaseStatus | None) -> None:
+        """A change with an unchanged declaration that was already Ready means someone drifted it."""
+        if previous is None or previous.observed_generation != result.tenant.metadata.generation:
+            return
+        ready = previous.condition("Ready")
+        if ready is None or ready.status != "True" or previous.applied_tier != result.limits_tier:
+            return
+        for backend, lines in result.plans.items():
+            if lines:
+                metrics.DRIFT_CORRECTIONS.labels(backend).inc()
+
+    @staticmethod
+    def _update_gauges(results: list[TenantResult]) -> None:
+        counts: Tally[tuple[str, str]] = Tally()
+        pending = 0
+        for result in results:
+            status = result.status
+            if status is None:
+                continue
+            counts[(status.applied_tier or "none", status.phase)] += 1
+            pending += status.pending_tier is not None
+        metrics.set_tenant_gauges(counts, pending)
 
     def _resolve(
         self, tenant: TenantDatabase, policies: dict[str, TierPolicy],
@@ -356,28 +397,40 @@ class Engine:
         dry_run: bool, complete: bool,
     ) -> None:
         assert self.pgbouncer is not None
-        try:
-            observed: PgBouncerObserved = await self.pgbouncer.observe()
-        except Exception as exc:  # Redis down: PgBouncer keeps its last layout; say so per tenant
-            for result in results:
-                if result.decision is not None:
-                    result.outcomes.append(Outcome("PgBouncerReady", False, "ObserveFailed", describe_error(exc)))
-            return
-        desired = self._pgbouncer_desired(results, deleted, policies, observed.published, complete)
-        for result in [*results, *deleted]:
-            lines = plan_lines(observed.published, desired, result.tenant.database_name)
-            if lines:
-                result.plans["pgbouncer"] = lines
-        if dry_run:
-            return
+        async with self._layout_lock:
+            try:
+                observed: PgBouncerObserved = await self.pgbouncer.observe()
+            except Exception as exc:  # Redis down: PgBouncer keeps its last layout; say so per tenant
+                for result in results:
+                    if result.decision is not None:
+                        result.outcomes.append(
+                            Outcome("PgBouncerReady", False, "ObserveFailed", describe_error(exc))
+                        )
+                return
+            desired = self._pgbouncer_desired(results, deleted, policies, observed.published, complete)
+            for result in [*results, *deleted]:
+                lines = plan_lines(observed.published, desired, result.tenant.database_name)
+                if lines:
+                    result.plans["pgbouncer"] = lines
+            if dry_run:
+                return
+            version = desired.version
+            changed = observed.published is None or observed.published.version != version
+            seq = observed.published.seq if observed.published else 0
+            try:
+                if changed:
+                    seq = await self.pgbouncer.publish(desired, version)
+            except Exception as exc:
+                for result in results:
+                    if result.decision is not None:
+                        result.outcomes.append(
+                            Outcome("PgBouncerReady", False, "PublishFailed", describe_error(exc))
+                        )
+                return
         agents = observed.agents
-        version = desired.version
-        changed = observed.published is None or observed.published.version != version
         try:
-            if changed:
-                await self.pgbouncer.publish(desired, version)
-            if changed or any(a.version != version for a in agents):
-                agents = await self.pgbouncer.wait_confirmed(version)
+            if changed or any(a.seq < seq for a in agents):
+                agents = await self.pgbouncer.wait_confirmed(seq)
         except Exception as exc:
             for result in results:
                 if result.decision is not None:
@@ -387,18 +440,18 @@ class Engine:
             if result.decision is None:
                 continue
             route = desired.routes[result.tenant.database_name]
-            result.outcomes.append(self._pgbouncer_outcome(route, desired, version, agents))
+            result.outcomes.append(self._pgbouncer_outcome(route, desired, seq, agents))
 
     @staticmethod
-    def _pgbouncer_outcome(route: TenantRoute, desired: PgBouncerDesired, version: str,
+    def _pgbouncer_outcome(route: TenantRoute, desired: PgBouncerDesired, seq: int,
                            agents: list[Any]) -> Outcome:
         if not agents:
             return Outcome("PgBouncerReady", False, "NoAgent",
                            "no pgbouncer-agent has reported in the last 30s; is it running?")
-        behind = [a.agent_id for a in agents if a.version != version]
+        behind = [a.agent_id for a in agents if a.seq < seq]
         if behind:
             return Outcome("PgBouncerReady", False, "AgentPending",
-                           f"agents not yet on layout {version}: {', '.join(behind)}")
+                           f"agents not yet on layout #{seq}: {', '.join(behind)}")
         for agent in agents:
             ok, why = agent.pool_ok(route.pool)
             if not ok:

@@ -13,7 +13,7 @@ from dynabase.backends.postgres import PostgresBackend
 from dynabase.backends.status_pg import PostgresStatusStore
 
 from .reconciler import Clock, Engine, utcnow
-from .stores import DirectorySecretStore
+from .stores import DirectorySecretStore, SecretStore, StatusStore
 
 
 class SettingsError(ValueError):
@@ -45,21 +45,34 @@ class EngineSettings:
         )
 
 
-@asynccontextmanager
-async def open_engine(settings: EngineSettings, *, clock: Clock = utcnow) -> AsyncIterator[Engine]:
+async def start_engine(
+    settings: EngineSettings, *, clock: Clock = utcnow,
+    secrets: SecretStore | None = None, status_store: StatusStore | None = None,
+) -> Engine:
+    """An engine with its backends connected; ``close_engine`` releases them."""
     postgres = PostgresBackend(settings.postgres_dsn, pool_size=max(2, settings.concurrency))
     await postgres.start()
     pgbouncer = PgBouncerBackend(settings.redis_url) if settings.redis_url else None
+    return Engine(
+        postgres=postgres,
+        pgbouncer=pgbouncer,
+        secrets=secrets or DirectorySecretStore(settings.secrets_dir),
+        status_store=status_store or PostgresStatusStore(postgres.pool),
+        clock=clock,
+        concurrency=settings.concurrency,
+    )
+
+
+async def close_engine(engine: Engine) -> None:
+    await engine.postgres.close()
+    if engine.pgbouncer is not None:
+        await engine.pgbouncer.close()
+
+
+@asynccontextmanager
+async def open_engine(settings: EngineSettings, *, clock: Clock = utcnow) -> AsyncIterator[Engine]:
+    engine = await start_engine(settings, clock=clock)
     try:
-        yield Engine(
-            postgres=postgres,
-            pgbouncer=pgbouncer,
-            secrets=DirectorySecretStore(settings.secrets_dir),
-            status_store=PostgresStatusStore(postgres.pool),
-            clock=clock,
-            concurrency=settings.concurrency,
-        )
+        yield engine
     finally:
-        await postgres.close()
-        if pgbouncer is not None:
-            await pgbouncer.close()
+        await close_engine(engine)

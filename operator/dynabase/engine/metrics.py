@@ -1,0 +1,37 @@
+"""Prometheus metrics of the engine (shared by the operator and headless mode)."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECONCILE_SECONDS = Histogram(
+    "dynabase_reconcile_duration_seconds", "Wall time of one reconcile pass.", ["mode"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+BACKEND_ERRORS = Counter(
+    "dynabase_backend_errors_total", "Tenants whose backend condition was False after a pass.", ["backend", "reason"]
+)
+DRIFT_CORRECTIONS = Counter(
+    "dynabase_drift_corrections_total", "Changes written although the declaration had not changed.", ["backend"]
+)
+STATEMENTS = Counter("dynabase_postgres_statements_total", "Statements the engine wrote to Postgres.")
+TENANTS = Gauge("dynabase_tenants", "Tenants by applied tier and phase.", ["tier", "phase"])
+PENDING_DOWNGRADES = Gauge("dynabase_pending_downgrades", "Tenants waiting out a downgrade grace period.")
+
+_BACKEND_OF = {
+    "PostgresReady": "postgres", "PgBouncerReady": "pgbouncer", "RedisReady": "redis",
+    "MongoReady": "mongo", "RailwayReady": "railway", "ProxyReady": "proxy",
+}
+
+
+def backend_of(condition_type: str) -> str:
+    return _BACKEND_OF.get(condition_type, condition_type)
+
+
+def set_tenant_gauges(counts: Tally[tuple[str, str]], pending: int) -> None:
+    TENANTS.clear()
+    for (tier, phase), n in counts.items():
+        TENANTS.labels(tier=tier, phase=phase).set(n)
+    PENDING_DOWNGRADES.set(pending)
