@@ -128,6 +128,18 @@ def _cmd_pgbouncer_agent(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from dynabase.kube.handlers import run
+    from dynabase.kube.settings import OperatorSettings
+
+    settings = OperatorSettings.from_env(
+        namespaces=args.namespace or None, drift_interval=args.drift_interval, concurrency=args.concurrency,
+        peering=args.peering, metrics_port=args.metrics_port, liveness_port=args.liveness_port,
+    )
+    run(settings)
+    return EXIT_OK
+
+
 def _cmd_devstack(args: argparse.Namespace) -> int:
     from dynabase.devstack import binaries
     from dynabase.devstack.stack import Devstack, DevstackError, default_root, resolve_services
@@ -188,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--postgres-dsn", help="superuser DSN (default: $DYNABASE_POSTGRES_DSN)")
         cmd.add_argument("--secrets-dir", help="tenant passwords (default: $DYNABASE_SECRETS_DIR)")
         cmd.set_defaults(func=_cmd_reconcile)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    op.add_argument("--namespace", action="append", help="watch only these namespaces (repeat); default all")
+    op.add_argument("--drift-interval", type=float, help="seconds between drift passes per tenant (default 60)")
+    op.add_argument("--concurrency", type=int, help="backend connections and parallel tenants (default 8)")
+    op.add_argument("--peering", help="peering name: one active replica among several (default standalone)")
+    op.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090, 0 = off)")
+    op.add_argument("--liveness-port", type=int, help="/healthz port (default 8080, 0 = off)")
+    op.set_defaults(func=_cmd_operator)
 
     agent = sub.add_parser("pgbouncer-agent", help="render the published pool layout into local PgBouncers")
     agent.add_argument("--workdir", required=True, help="config, pid and socket files")

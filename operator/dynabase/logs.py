@@ -21,8 +21,9 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+            # Plain values only: libraries (kopf) attach whole settings objects to records.
+            if key not in _RESERVED and not key.startswith("_") and isinstance(value, (str, int, float, bool)):
+                entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -167,11 +167,13 @@ class Engine:
         self._bootstrapped = False
         # Partial passes patch the shared PgBouncer layout: read-modify-write under a lock.
         self._layout_lock = asyncio.Lock()
+        self._bootstrap_lock = asyncio.Lock()
 
     async def bootstrap(self) -> None:
-        if not self._bootstrapped:
-            await with_retries(self.postgres.bootstrap)
-            self._bootstrapped = True
+        async with self._bootstrap_lock:  # concurrent first passes must not race on CREATE
+            if not self._bootstrapped:
+                await with_retries(self.postgres.bootstrap)
+                self._bootstrapped = True
 
     # -- one pass ---------------------------------------------------------------
 

@@ -1,0 +1,206 @@
+"""Thin kopf handlers: every decision is the engine's; this file only wires events to it.
+
+- TenantDatabase create/update/resume and a per-tenant timer (drift correction and
+  due downgrades) reconcile that tenant.
+- A TierPolicy change reconciles the tenants that use it, found through a kopf index.
+- Deletion holds a finalizer, honours deletionPolicy, and gives up after bounded
+  retries with a Warning event instead of hanging forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
+
+import kopf
+from kubernetes import client, config
+from prometheus_client import start_http_server
+from pydantic import ValidationError
+
+from dynabase.engine.reconciler import Engine, TenantResult
+from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
+from dynabase.spec import GROUP, VERSION, TenantDatabase, TierPolicy
+
+from .settings import OperatorSettings
+from .stores import KubeSecretStore, KubeStatusStore
+
+log = logging.getLogger(__name__)
+TENANTS, POLICIES = "tenantdatabases", "tierpolicies"
+
+
+class Runtime:
+    """What the handlers share: the engine and the Kubernetes-backed stores."""
+
+    def __init__(self, engine: Engine, statuses: KubeStatusStore, settings: OperatorSettings) -> None:
+        self.engine = engine
+        self.statuses = statuses
+        self.settings = settings
+        self._policy_cache: dict[tuple[str, str], TierPolicy] = {}
+
+    @classmethod
+    async def start(cls, settings: OperatorSettings) -> Runtime:
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config()  # type: ignore[no-untyped-call]
+        api = client.ApiClient()
+        statuses = KubeStatusStore(api)
+        engine = await start_engine(
+            EngineSettings.from_env(concurrency=settings.concurrency),
+            secrets=KubeSecretStore(api), status_store=statuses,
+        )
+        return cls(engine, statuses, settings)
+
+    async def close(self) -> None:
+        await close_engine(self.engine)
+
+    def policies(self, index: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[str, TierPolicy]:
+        out: dict[str, TierPolicy] = {}
+        for name, bodies in index.items():
+            for body in bodies:
+                key = (name, str(body.get("metadata", {}).get("resourceVersion", "")))
+                if key not in self._policy_cache:
+                    try:
+                        self._policy_cache[key] = TierPolicy.model_validate(_plain(body))
+                    except ValidationError as exc:
+                        log.warning("invalid TierPolicy ignored", extra={"policy": name, "error": str(exc)})
+                        continue
+                out[name] = self._policy_cache[key]
+        return out
+
+    def tenant(self, body: Mapping[str, Any]) -> TenantDatabase | None:
+        try:
+            tenant = TenantDatabase.model_validate(_plain(body))
+        except ValidationError as exc:
+            _event(body, "Warning", "InvalidSpec", str(exc)[:1000])
+            return None
+        self.statuses.remember(tenant)
+        return tenant
+
+    async def reconcile(self, bodies: list[Mapping[str, Any]], policy_index: Mapping[str, Any]) -> list[TenantResult]:
+        tenants = [t for t in (self.tenant(b) for b in bodies) if t is not None]
+        if not tenants:
+            return []
+        result = await self.engine.reconcile_all(self.policies(policy_index), tenants)
+        by_key = {f"{b['metadata'].get('namespace', 'default')}/{b['metadata']['name']}": b for b in bodies}
+        for tenant_result in result.tenants:
+            for type_, reason, message in tenant_result.events:
+                _event(by_key[tenant_result.key], type_, reason, message)
+        return result.tenants
+
+
+def _event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    # kopf only reads apiVersion/kind/metadata of the body to address the event.
+    kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message)
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A kopf body as plain data, without the fields the models do not declare."""
+    raw = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
+    meta = dict(raw.get("metadata", {}))
+    raw["metadata"] = {k: meta[k] for k in ("name", "namespace", "generation", "uid", "labels", "annotations",
+                                            "resourceVersion") if k in meta}
+    return raw
+
+
+def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        # Only our own meaningful events, not one per handler run; our annotation prefix.
+        settings.posting.level = logging.WARNING
+        settings.persistence.finalizer = "dynabase.io/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="dynabase.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="dynabase.io", key="last-handled-configuration"
+        )
+        settings.batching.worker_limit = operator_settings.concurrency * 4
+        if operator_settings.metrics_port:
+            start_http_server(operator_settings.metrics_port)
+        memo.runtime = await Runtime.start(operator_settings)
+
+    operator_settings = settings
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        runtime = getattr(memo, "runtime", None)
+        if runtime is not None:
+            await runtime.close()
+
+    @kopf.index(GROUP, VERSION, POLICIES, registry=registry, id="policy_index")
+    def policy_index(name: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+        return {name: _plain(body)}
+
+    @kopf.index(GROUP, VERSION, TENANTS, registry=registry, id="tenants_by_policy")
+    def tenants_by_policy(spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+        return {spec.get("tierPolicyRef", "default"): _plain(body)}
+
+    async def reconcile_one(body: kopf.Body, memo: kopf.Memo, policy_index: kopf.Index[str, Any]) -> None:
+        results = await memo.runtime.reconcile([body], policy_index)
+        if results and not results[0].ready:
+            failing = [o for o in results[0].outcomes if not o.ok]
+            reason = results[0].error.message if results[0].error else "; ".join(o.message for o in failing)
+            # Retried by kopf with backoff; the timer keeps trying after that.
+            raise kopf.TemporaryError(f"not ready: {reason}", delay=10)
+
+    @kopf.on.create(GROUP, VERSION, TENANTS, registry=registry, retries=6, backoff=5)
+    @kopf.on.update(GROUP, VERSION, TENANTS, registry=registry, retries=6, backoff=5)
+    @kopf.on.resume(GROUP, VERSION, TENANTS, registry=registry, retries=6, backoff=5)
+    async def tenant_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+        await reconcile_one(body, memo, kwargs["policy_index"])
+
+    @kopf.timer(GROUP, VERSION, TENANTS, registry=registry, interval=settings.drift_interval,
+                initial_delay=lambda **_: random.uniform(0, settings.drift_interval))
+    async def drift(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+        # Level-based: the same pass reverts manual changes and applies due downgrades.
+        if body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        await memo.runtime.reconcile([body], kwargs["policy_index"])
+
+    @kopf.on.create(GROUP, VERSION, POLICIES, registry=registry)
+    @kopf.on.update(GROUP, VERSION, POLICIES, registry=registry)
+    async def policy_changed(name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+        bodies = list(kwargs["tenants_by_policy"].get(name, []))
+        if bodies:
+            await memo.runtime.reconcile(bodies, kwargs["policy_index"])
+
+    @kopf.on.delete(GROUP, VERSION, TENANTS, registry=registry, retries=settings.delete_retries, backoff=3)
+    async def tenant_deleted(body: kopf.Body, memo: kopf.Memo, retry: int, **kwargs: Any) -> None:
+        runtime: Runtime = memo.runtime
+        tenant = runtime.tenant(body)
+        if tenant is None:
+            return
+        policies = runtime.policies(kwargs["policy_index"])
+        result = await runtime.engine.reconcile_all(policies, [], deleted=[tenant])
+        failing = [o for r in result.tenants for o in r.outcomes if not o.ok]
+        runtime.statuses.forget(tenant.key)
+        if not failing:
+            _event(body, "Normal", "Deleted", f"deletionPolicy {tenant.spec.deletion_policy} carried out")
+            return
+        message = "; ".join(f"{o.condition_type}: {o.message}" for o in failing)
+        if retry + 1 < settings.delete_retries:
+            raise kopf.TemporaryError(f"deletion incomplete: {message}", delay=3 * (retry + 1))
+        # Never hang forever on a backend that is gone: release the finalizer and say so.
+        _event(body, "Warning", "DeletionIncomplete",
+               f"gave up after {retry + 1} attempts, resources may remain: {message}")
+
+    return registry
+
+
+def run(settings: OperatorSettings) -> None:
+    registry = build_registry(settings)
+    kopf.run(
+        registry=registry,
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        standalone=settings.peering is None,
+        peering_name=settings.peering,
+        liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None,
+    )
