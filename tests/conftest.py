@@ -95,6 +95,6 @@ def stack() -> Iterator[Stack]:
 
 @pytest.fixture(scope="session")
 def crds_applied(stack: Stack) -> None:
-    stack.kubectl("apply", "-f", str(ROOT / "crds"))
+    stack.kubectl("apply", "-k", str(ROOT / "crds"))
     for crd in ("tenantdatabases.dynabase.io", "tierpolicies.dynabase.io"):
         stack.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")

@@ -32,20 +32,43 @@ def _kubectl(env: dict[str, str], *args: str) -> str:
     return proc.stdout
 
 
-def _apply(env: dict[str, str], secrets_dir: Path) -> int:
-    from dynabase.cli import main as cli_main
-
-    saved = dict(os.environ)
-    os.environ.update(env)
-    os.environ["DYNABASE_SECRETS_DIR"] = str(secrets_dir)
-    try:
-        return cli_main(["apply", str(EXAMPLES)])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+def _start_operator(env: dict[str, str], root: Path) -> subprocess.Popen[bytes]:
+    log = open(root / "logs" / "operator.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynabase.cli", "operator", "--drift-interval", "10",
+         "--metrics-port", "0", "--liveness-port", "0"],
+        env={**os.environ, **env, "DYNABASE_LOG_LEVEL": "INFO"}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+    return proc
 
 
-async def _show_limits(env: dict[str, str], secrets_dir: Path) -> None:
+def _wait_ready(env: dict[str, str], expected: list[str], timeout: float = 120) -> None:
+    import json
+
+    deadline = time.monotonic() + timeout
+    ready: set[str] = set()
+    while time.monotonic() < deadline:
+        items = json.loads(_kubectl(env, "get", "tenantdatabases", "-A", "-o", "json"))["items"]
+        ready = {
+            i["metadata"]["name"] for i in items
+            if any(c["type"] == "Ready" and c["status"] == "True" for c in i.get("status", {}).get("conditions", []))
+        }
+        print(f"  ready: {len(ready)}/{len(items)}", flush=True)
+        if len(ready) == len(items) and items:
+            return
+        time.sleep(1)
+    raise DevstackError(f"tenants not Ready after {timeout:.0f}s: ready={sorted(ready)}")
+
+
+def _password(env: dict[str, str], tenant: str) -> str:
+    import base64
+
+    data = _kubectl(env, "get", "secret", f"{tenant}-dynabase-password", "-o", "jsonpath={.data.password}")
+    return base64.b64decode(data).decode()
+
+
+async def _show_limits(env: dict[str, str]) -> None:
     import asyncpg
 
     from dynabase.backends.pgbouncer import PgBouncerBackend
@@ -55,7 +78,7 @@ async def _show_limits(env: dict[str, str], secrets_dir: Path) -> None:
     rows: list[tuple[str, ...]] = []
     try:
         for name, db in (("acme", "acme"), ("globex", "globex")):
-            password = (secrets_dir / f"default__{name}").read_text().strip()
+            password = _password(env, name)
             dsn = f"postgresql://{db}:{password}@127.0.0.1:{port}/{db}"
             held: list[asyncpg.Connection] = []
             refused = "no"
@@ -93,20 +116,22 @@ def run_demo(root: Path | None, *, keep: bool) -> int:
         stack.up(ALL_SERVICES)
         env = stack.env()
         _step("Applying the CRDs generated from dynabase.spec")
-        print(_kubectl(env, "apply", "-f", str(CRDS)), end="")
+        print(_kubectl(env, "apply", "-k", str(CRDS)), end="")
         for crd in ("tenantdatabases.dynabase.io", "tierpolicies.dynabase.io"):
             _kubectl(env, "wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
         _step("Applying the example TierPolicy and TenantDatabases")
         print(_kubectl(env, "apply", "-R", "-f", str(EXAMPLES)), end="")
-        _step("Reconciling the examples: Postgres roles and databases, PgBouncer pools")
-        secrets_dir = root / "secrets"
-        code = _apply(env, secrets_dir)
-        if code != 0:
-            return code
-        _step("Limits enforced on the real servers")
-        asyncio.run(_show_limits(env, secrets_dir))
-        _step("kubectl get tenantdatabases")
-        print(_kubectl(env, "get", "tenantdatabases", "-A", "-o", "wide"), end="")
+        _step("Starting the operator (dynabase operator) against the local apiserver")
+        operator = _start_operator(env, root)
+        try:
+            _wait_ready(env, [p.stem for p in (EXAMPLES / "tenants").glob("*.yaml")])
+            _step("kubectl get tenantdatabases")
+            print(_kubectl(env, "get", "tenantdatabases", "-A", "-o", "wide"), end="")
+            _step("Limits enforced on the real servers")
+            asyncio.run(_show_limits(env))
+        finally:
+            operator.terminate()
+            operator.wait(timeout=30)
         _step(f"Done in {time.monotonic() - started:.1f}s")
         if keep:
             print(f"The stack keeps running; `dynabase devstack env --dir {root}` prints its settings, "

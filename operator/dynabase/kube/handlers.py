@@ -148,7 +148,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
             failing = [o for o in results[0].outcomes if not o.ok]
             reason = results[0].error.message if results[0].error else "; ".join(o.message for o in failing)
             # Retried by kopf with backoff; the timer keeps trying after that.
-            raise kopf.TemporaryError(f"not ready: {reason}", delay=10)
+            raise kopf.TemporaryError(f"not ready: {reason}", delay=3)
 
     @kopf.on.create(GROUP, VERSION, TENANTS, registry=registry, retries=6, backoff=5)
     @kopf.on.update(GROUP, VERSION, TENANTS, registry=registry, retries=6, backoff=5)
