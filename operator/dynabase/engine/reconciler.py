@@ -22,6 +22,7 @@ import asyncpg
 
 from dynabase.backends.pgbouncer import PgBouncerBackend, PgBouncerObserved
 from dynabase.backends.postgres import PGBOUNCER_AUTH_ROLE, PostgresBackend
+from dynabase.backends.proxy import ProxyBackend
 from dynabase.desired.effective import EffectiveLimits, ResolveError, find_policy, merge
 from dynabase.desired.pgbouncer import PgBouncerDesired, PoolSettings, TenantRoute, plan_lines, pool_name
 from dynabase.desired.postgres import (
@@ -34,6 +35,8 @@ from dynabase.desired.postgres import (
     render_plan,
     role_settings,
 )
+from dynabase.desired.proxy import ProxyTenantLimits, proxy_limits
+from dynabase.desired.proxy import plan_lines as proxy_plan_lines
 from dynabase.desired.transition import TierDecision, decide_tier
 from dynabase.spec import TenantDatabase, TenantDatabaseStatus, TierPolicy
 from dynabase.spec.tenant import TierChange
@@ -132,6 +135,21 @@ async def with_retries(fn: Callable[[], Awaitable[T]], *, attempts: int = 3, bas
     raise AssertionError("unreachable")
 
 
+@dataclass
+class _ProxyState:
+    observed: dict[str, ProxyTenantLimits]
+    targets: dict[str, tuple[TenantResult, ProxyTenantLimits]] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
+
+
+def _lowers_proxy(before: ProxyTenantLimits | None, after: ProxyTenantLimits) -> bool:
+    if before is None:
+        return False
+    def qps(v: int | None) -> float:
+        return float("inf") if v is None else v
+    return after.max_connections < before.max_connections or qps(after.qps) < qps(before.qps)
+
+
 def _lowers_connections(target: PostgresTarget, observed: PostgresObserved) -> bool:
     role = observed.roles.get(target.role)
     if role is None or target.state != "active":
@@ -157,6 +175,7 @@ class Engine:
         clock: Clock = utcnow,
         concurrency: int = 8,
         pgbouncer: PgBouncerBackend | None = None,
+        proxy: ProxyBackend | None = None,
     ) -> None:
         self.postgres = postgres
         self.secrets = secrets
@@ -164,6 +183,7 @@ class Engine:
         self.clock = clock
         self.concurrency = concurrency
         self.pgbouncer = pgbouncer
+        self.proxy = proxy
         self._bootstrapped = False
         # Partial passes patch the shared PgBouncer layout: read-modify-write under a lock.
         self._layout_lock = asyncio.Lock()
@@ -220,6 +240,10 @@ class Engine:
             observed = None
 
         everyone = [*results, *deleted_results]
+        proxy_state = await self._proxy_prepare(results, deleted_results, dry_run) if self.proxy else None
+        if proxy_state is not None and not dry_run:
+            # Limits fall at the proxy first (and deleted tenants leave it first).
+            await self._proxy_apply(proxy_state, lowering=True)
         if observed is not None:
             plans = self._postgres_plans(everyone, targets, observed)
             # Limits rise in Postgres before the pools grow, and fall after the pools shrink,
@@ -231,6 +255,9 @@ class Engine:
             await self._pgbouncer_pass(results, deleted_results, policies, dry_run, complete)
         if observed is not None and not dry_run:
             await self._postgres_apply([r for r in everyone if r.key in falling], plans)
+        if proxy_state is not None and not dry_run:
+            # ... and rise there last, once the backends behind it can take the load.
+            await self._proxy_apply(proxy_state, lowering=False)
 
         if not dry_run:
             for result in results:
@@ -356,6 +383,63 @@ class Engine:
             result.outcomes.append(Outcome("PostgresReady", True, "Reconciled", message))
 
         await asyncio.gather(*(apply_one(r) for r in results if r.error is None))
+
+    # -- Proxy ------------------------------------------------------------------
+
+    async def _proxy_prepare(
+        self, results: list[TenantResult], deleted: list[TenantResult], dry_run: bool
+    ) -> _ProxyState | None:
+        assert self.proxy is not None
+        try:
+            observed = await self.proxy.observe()
+        except Exception as exc:
+            for result in results:
+                if result.decision is not None:
+                    result.outcomes.append(Outcome("ProxyReady", False, "ObserveFailed", describe_error(exc)))
+            return None
+        state = _ProxyState(observed=observed)
+        for result in results:
+            if result.decision is None:
+                continue
+            tenant = result.tenant
+            target = proxy_limits(
+                tenant.key, tenant.database_name,
+                pool_name(tenant.spec.tier_policy_ref, result.decision.applied_tier),
+                result.decision.limits, enabled=not tenant.spec.suspended,
+            )
+            state.targets[tenant.database_name] = (result, target)
+            lines = proxy_plan_lines(observed.get(tenant.database_name), target)
+            if lines:
+                result.plans["proxy"] = lines
+        for result in deleted:
+            if result.tenant.database_name in observed:
+                state.removed.append(result.tenant.database_name)
+                result.plans["proxy"] = proxy_plan_lines(observed[result.tenant.database_name], None)
+        return state
+
+    async def _proxy_apply(self, state: _ProxyState, *, lowering: bool) -> None:
+        assert self.proxy is not None
+        changed: dict[str, ProxyTenantLimits] = {}
+        for database, (_result, target) in state.targets.items():
+            before = state.observed.get(database)
+            if before == target or _lowers_proxy(before, target) != lowering:
+                continue
+            changed[database] = target
+        removed = state.removed if lowering else []
+        try:
+            await self.proxy.apply(changed, removed)
+        except Exception as exc:
+            for database in changed:
+                result = state.targets[database][0]
+                result.outcomes.append(Outcome("ProxyReady", False, "PublishFailed", describe_error(exc)))
+            return
+        if not lowering:
+            for result, target in state.targets.values():
+                if not any(o.condition_type == "ProxyReady" for o in result.outcomes):
+                    qps = "unlimited" if target.qps is None else f"{target.qps}/s"
+                    result.outcomes.append(Outcome(
+                        "ProxyReady", True, "Published", f"{target.max_connections} connections, {qps}"
+                    ))
 
     # -- PgBouncer --------------------------------------------------------------
 

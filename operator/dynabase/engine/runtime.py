@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.postgres import PostgresBackend
+from dynabase.backends.proxy import ProxyBackend
 from dynabase.backends.status_pg import PostgresStatusStore
 
 from .reconciler import Clock, Engine, utcnow
@@ -53,9 +54,11 @@ async def start_engine(
     postgres = PostgresBackend(settings.postgres_dsn, pool_size=max(2, settings.concurrency))
     await postgres.start()
     pgbouncer = PgBouncerBackend(settings.redis_url) if settings.redis_url else None
+    proxy = ProxyBackend(settings.redis_url) if settings.redis_url else None
     return Engine(
         postgres=postgres,
         pgbouncer=pgbouncer,
+        proxy=proxy,
         secrets=secrets or DirectorySecretStore(settings.secrets_dir),
         status_store=status_store or PostgresStatusStore(postgres.pool),
         clock=clock,
@@ -67,6 +70,8 @@ async def close_engine(engine: Engine) -> None:
     await engine.postgres.close()
     if engine.pgbouncer is not None:
         await engine.pgbouncer.close()
+    if engine.proxy is not None:
+        await engine.proxy.close()
 
 
 @asynccontextmanager
