@@ -150,6 +150,24 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    import os
+
+    from dynabase.proxy.main import ProxySettings, default_replica_id, run
+
+    redis_url = args.redis_url or os.environ.get("DYNABASE_REDIS_URL")
+    if not redis_url:
+        print("proxy: set DYNABASE_REDIS_URL or --redis-url (limits are published there)", file=sys.stderr)
+        return EXIT_INVALID
+    host, _, port = args.listen.rpartition(":")
+    run(ProxySettings(
+        listen_host=host or "0.0.0.0", listen_port=int(port), pgbouncer_host=args.pgbouncer_host,
+        redis_url=redis_url, agent_id=args.agent_id, replica_id=args.replica_id or default_replica_id(int(port)),
+        metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+    ))
+    return EXIT_OK
+
+
 def _cmd_devstack(args: argparse.Namespace) -> int:
     from dynabase.devstack import binaries
     from dynabase.devstack.stack import Devstack, DevstackError, default_root, resolve_services
@@ -219,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090, 0 = off)")
     op.add_argument("--liveness-port", type=int, help="/healthz port (default 8080, 0 = off)")
     op.set_defaults(func=_cmd_operator)
+
+    px = sub.add_parser("proxy", help="the tenant proxy in front of PgBouncer")
+    px.add_argument("--listen", default="0.0.0.0:5432", help="HOST:PORT (default 0.0.0.0:5432)")
+    px.add_argument("--pgbouncer-host", default="127.0.0.1")
+    px.add_argument("--redis-url", help="default: $DYNABASE_REDIS_URL")
+    px.add_argument("--agent-id", help="the pgbouncer-agent beside this proxy (default: any)")
+    px.add_argument("--replica-id", help="default: HOSTNAME:PORT")
+    px.add_argument("--metrics-port", type=int, default=9187, help="0 = off")
+    px.add_argument("--tls-cert", help="terminate TLS with this certificate (SSLRequest answered S)")
+    px.add_argument("--tls-key")
+    px.set_defaults(func=_cmd_proxy)
 
     agent = sub.add_parser("pgbouncer-agent", help="render the published pool layout into local PgBouncers")
     agent.add_argument("--workdir", required=True, help="config, pid and socket files")

@@ -1,0 +1,209 @@
+"""The proxy's link to Redis: limits (hash + channel), pool ports, replica count,
+token leases and usage flushes. Nothing here runs per query.
+
+If Redis goes away the proxy keeps serving from its last copy of the limits and
+switches every limiter to its local share (qps / replicas), adding no latency;
+the `dynabase_proxy_redis_up` gauge says so. After a reconnect it reloads all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import Gauge
+
+from dynabase.desired.pgbouncer import AGENTS_KEY
+from dynabase.desired.proxy import LIMITS_CHANNEL, LIMITS_KEY, ProxyTenantLimits
+
+from .limiter import LEASE_SCRIPT
+from .metering import USAGE_KEY, HourlyMeter, encode, usage_field
+from .server import Proxy, TenantState
+
+log = logging.getLogger(__name__)
+REPLICAS_KEY = "dynabase:proxy:replicas"
+LEASE_KEY = "dynabase:qps:{database}"
+REDIS_UP = Gauge("dynabase_proxy_redis_up", "1 while the proxy reaches Redis; 0 = enforcing locally.")
+LEASES = Gauge("dynabase_proxy_redis_leases", "Token leases requested from Redis so far.")
+
+
+class Coordinator:
+    def __init__(self, proxy: Proxy, redis_url: str, *, replica_id: str, agent_id: str | None,
+                 flush_interval: float = 1.0) -> None:
+        self.proxy = proxy
+        self.redis = aioredis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=2,
+                                             socket_connect_timeout=2)
+        self.replica_id = replica_id
+        self.agent_id = agent_id
+        self.flush_interval = flush_interval
+        self.meter = HourlyMeter()
+        self.lease_calls = 0
+        self.flushes = 0
+        self._lease = self.redis.register_script(LEASE_SCRIPT)
+        proxy.lease = self.lease
+
+    # -- limits ---------------------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        raw = await self.redis.hgetall(LIMITS_KEY)
+        table: dict[str, ProxyTenantLimits] = {}
+        for database, text in raw.items():
+            with contextlib.suppress(TypeError, ValueError):
+                table[str(database)] = ProxyTenantLimits.from_json(str(text))
+        self.proxy.router.limits = table
+
+    async def load_some(self, databases: list[str]) -> None:
+        values = await self.redis.hmget(LIMITS_KEY, databases)
+        table = dict(self.proxy.router.limits)
+        for database, text in zip(databases, values, strict=True):
+            if text is None:
+                table.pop(database, None)
+            else:
+                with contextlib.suppress(TypeError, ValueError):
+                    table[database] = ProxyTenantLimits.from_json(str(text))
+        self.proxy.router.limits = table
+
+    async def refresh_topology(self) -> None:
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(REPLICAS_KEY, {self.replica_id: now})
+            pipe.zremrangebyscore(REPLICAS_KEY, 0, now - 5)
+            pipe.zcard(REPLICAS_KEY)
+            pipe.hgetall(AGENTS_KEY)
+            _, _, replicas, agents = await pipe.execute()
+        self.proxy.router.replicas = max(1, int(replicas))
+        ports: dict[str, int] = {}
+        for agent_id, text in agents.items():
+            if self.agent_id and agent_id != self.agent_id:
+                continue
+            for pool, report in json.loads(text).get("pools", {}).items():
+                ports.setdefault(pool, int(report["port"]))
+        if ports:
+            self.proxy.router.pool_ports = ports
+        for state in self.proxy.tenants.values():
+            if state.limiter is not None:
+                state.limiter.set_replicas(self.proxy.router.replicas)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        """Subscribe to limit changes; on any Redis trouble, reconnect and reload everything."""
+        while not stop.is_set():
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(LIMITS_CHANNEL)
+                await self.load_all()
+                await self.refresh_topology()
+                self._set_redis(True)
+                last_topology = time.monotonic()
+                while not stop.is_set():
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    if message is not None:
+                        names = [n for n in str(message["data"]).split(",") if n]
+                        await self.load_some(names)
+                    if time.monotonic() - last_topology >= 1.0:
+                        await self.refresh_topology()
+                        last_topology = time.monotonic()
+            except (aioredis.RedisError, OSError) as exc:
+                self._set_redis(False)
+                log.warning("redis unavailable; enforcing limits locally", extra={"error": str(exc)})
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _set_redis(self, ok: bool) -> None:
+        if self.proxy.redis_ok != ok:
+            self.proxy.redis_ok = ok
+            REDIS_UP.set(1 if ok else 0)
+            if not ok:
+                for state in self.proxy.tenants.values():
+                    # Wake queries waiting on a lease: they re-decide locally.
+                    for waiter in list(state.waiters):
+                        state.waiters.remove(waiter)
+                        waiter.release()
+
+    # -- token leases -------------------------------------------------------------------------
+
+    def lease(self, state: TenantState) -> None:
+        limiter = state.limiter
+        if limiter is None or limiter.leasing:
+            return
+        limiter.leasing = True
+        self.proxy.spawn(self._lease_task(state))
+
+    async def _lease_task(self, state: TenantState) -> None:
+        limiter = state.limiter
+        assert limiter is not None
+        interval_us = 1_000_000 / limiter.qps
+        tolerance_us = max(limiter.burst - 1, 0) * interval_us
+        try:
+            self.lease_calls += 1
+            LEASES.set(self.lease_calls)
+            granted, wait_us = await self._lease(
+                keys=[LEASE_KEY.format(database=state.limits.database)],
+                args=[int(time.time() * 1000), interval_us, tolerance_us, limiter.batch],
+            )
+        except (aioredis.RedisError, OSError):
+            limiter.leasing = False
+            self._set_redis(False)
+            return
+        limiter.leasing = False
+        granted = int(granted)
+        now = time.monotonic()
+        if granted:
+            limiter.tokens += granted
+            limiter.next_free = 0.0
+        else:
+            limiter.next_free = now + int(wait_us) / 1_000_000
+        waiters, state.waiters = state.waiters, []
+        for waiter in waiters:
+            if granted:
+                waiter.release()
+            elif now + int(wait_us) / 1_000_000 > waiter.hold_deadline:
+                waiter.release(reject=True)
+            else:
+                delay = int(wait_us) / 1_000_000
+                asyncio.get_running_loop().call_later(delay, self._retry, state, waiter)
+
+    def _retry(self, state: TenantState, waiter: object) -> None:
+        from .server import ClientConnection
+
+        if isinstance(waiter, ClientConnection):
+            waiter.release()
+
+    # -- usage ------------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Absolute per-hour values per replica: idempotent, so a retry never double-counts."""
+        now = time.time()
+        by_hour: dict[int, dict[Any, Any]] = {}
+        for state in self.proxy.tenants.values():
+            hour, values = self.meter.per_hour(state.usage, now)
+            by_hour.setdefault(hour, {})[usage_field(state.usage.tenant, self.replica_id)] = encode(
+                values, state.usage.tier
+            )
+        if not by_hour:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for hour, fields in by_hour.items():
+                key = USAGE_KEY.format(hour=hour)
+                pipe.hset(key, mapping=fields)
+                pipe.expire(key, 8 * 24 * 3600)
+            await pipe.execute()
+        self.flushes += 1
+
+    async def flush_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.flush_interval)
+            with contextlib.suppress(aioredis.RedisError, OSError):
+                await self.flush()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.flush()
+        await self.redis.aclose()

@@ -1,0 +1,122 @@
+"""Running the proxy: event loop (uvloop), Redis coordinator, Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client import REGISTRY, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .coordinator import Coordinator
+from .server import Proxy, ProxyConfig, Router
+
+
+@dataclass
+class ProxySettings:
+    listen_host: str
+    listen_port: int
+    pgbouncer_host: str
+    redis_url: str
+    agent_id: str | None
+    replica_id: str
+    metrics_port: int
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+class TenantCollector(Collector):
+    """Per-tenant counters read at scrape time: the hot path only increments ints."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        labels = ["tenant", "tier"]
+        families = {
+            "queries": CounterMetricFamily("dynabase_proxy_queries", "Queries (Query/Execute) forwarded.",
+                                           labels=labels),
+            "query_seconds": CounterMetricFamily("dynabase_proxy_query_seconds", "Time from query to ReadyForQuery.",
+                                                 labels=labels),
+            "throttled": CounterMetricFamily("dynabase_proxy_throttled", "Queries delayed by the QPS limit.",
+                                             labels=labels),
+            "rejected": CounterMetricFamily("dynabase_proxy_rejected", "Queries refused by the QPS limit (53400).",
+                                            labels=labels),
+            "rejected_connections": CounterMetricFamily(
+                "dynabase_proxy_rejected_connections", "Connections refused by the cap (53300).", labels=labels),
+            "bytes_in": CounterMetricFamily("dynabase_proxy_bytes_in", "Bytes from clients.", labels=labels),
+            "bytes_out": CounterMetricFamily("dynabase_proxy_bytes_out", "Bytes to clients.", labels=labels),
+        }
+        active = GaugeMetricFamily("dynabase_proxy_connections", "Authenticated client connections.", labels=labels)
+        for state in self.proxy.tenants.values():
+            values = [state.usage.tenant, state.usage.tier]
+            for name, family in families.items():
+                family.add_metric(values, float(getattr(state.usage, name)))
+            active.add_metric(values, state.active)
+        yield from families.values()
+        yield active
+
+
+def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def serve(settings: ProxySettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> Proxy:
+    router = Router()
+    proxy = Proxy(
+        ProxyConfig(listen_host=settings.listen_host, listen_port=settings.listen_port,
+                    pgbouncer_host=settings.pgbouncer_host,
+                    ssl_context=ssl_context(settings.tls_cert, settings.tls_key)),
+        router,
+    )
+    coordinator = Coordinator(proxy, settings.redis_url, replica_id=settings.replica_id, agent_id=settings.agent_id)
+    watcher = asyncio.create_task(coordinator.watch(stop))
+    flusher = asyncio.create_task(coordinator.flush_loop(stop))
+    # Serve once the limits are loaded (or after a short wait, from an empty table).
+    for _ in range(50):
+        if proxy.redis_ok:
+            break
+        await asyncio.sleep(0.1)
+    await proxy.start()
+    if settings.metrics_port:
+        with contextlib.suppress(ValueError):
+            REGISTRY.register(TenantCollector(proxy))
+        start_http_server(settings.metrics_port)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    await proxy.stop()
+    for task in (watcher, flusher):
+        task.cancel()
+    await coordinator.close()
+    return proxy
+
+
+def run(settings: ProxySettings) -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(main())
+
+
+def default_replica_id(port: int) -> str:
+    return f"{socket.gethostname()}:{port}"

@@ -1,0 +1,722 @@
+"""`dynabase proxy`: per-tenant connection caps, queries per second and metering
+in front of PgBouncer, on the Postgres wire protocol.
+
+After start-up the proxy forwards bytes as they arrive. It reads only the
+5-byte message headers (type + length) to find Query/Execute/Sync on the way
+in and ReadyForQuery on the way out; message bodies are never copied or parsed,
+except an ErrorResponse it must reword after cancelling a statement itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dynabase.desired.proxy import ProxyTenantLimits
+
+from . import wire
+from .limiter import TenantLimiter
+from .metering import Usage
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 1 << 30  # Postgres' own limit for a single message
+Q, E, S, X, F, Z, ERR, K, R = (ord(c) for c in "QESXFZEKR")
+ERR = ord("E")
+STARTUP, CONNECTING, AUTH, READY, CLOSED = range(5)
+
+
+@dataclass
+class ProxyConfig:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 6543
+    pgbouncer_host: str = "127.0.0.1"
+    startup_timeout: float = 10.0
+    pending_startups_per_tenant: int = 10
+    sweep_interval: float = 0.1
+    ssl_context: ssl.SSLContext | None = None
+    metering: bool = True
+
+
+@dataclass
+class TenantState:
+    limits: ProxyTenantLimits
+    limiter: TenantLimiter | None
+    usage: Usage
+    active: int = 0
+    pending: int = 0
+    waiters: list[ClientConnection] = field(default_factory=list)
+
+    def reconfigure(self, limits: ProxyTenantLimits, replicas: int) -> None:
+        self.limits = limits
+        if limits.qps is None:
+            self.limiter = None
+        elif self.limiter is None or (self.limiter.qps, self.limiter.burst) != (limits.qps, limits.burst):
+            self.limiter = TenantLimiter(limits.qps, limits.burst or limits.qps, replicas)
+
+
+@dataclass
+class SyncPoint:
+    """One expected ReadyForQuery: from a Query, a Sync, or a rejected Query (synthetic)."""
+
+    started: float
+    inject: bytes | None = None  # an ErrorResponse to send just before the server's ReadyForQuery
+    synthetic: bytes | None = None  # a rejected simple Query: ErrorResponse, sent with our own RFQ
+    counted: int = 0  # queries (Query/Execute) this point completes
+
+
+class Router:
+    """Tenant limits and pool ports; filled and kept current by the Redis watcher."""
+
+    def __init__(self) -> None:
+        self.limits: dict[str, ProxyTenantLimits] = {}
+        self.pool_ports: dict[str, int] = {}
+        self.replicas = 1
+
+
+class Proxy:
+    def __init__(self, config: ProxyConfig, router: Router) -> None:
+        self.config = config
+        self.router = router
+        self.tenants: dict[str, TenantState] = {}
+        self.connections: set[ClientConnection] = set()
+        self.cancel_targets: dict[tuple[int, int], tuple[str, int]] = {}
+        self.lease: Callable[[TenantState], None] | None = None  # set by the Redis coordinator
+        self.redis_ok = False
+        self.server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        """Fire-and-forget with a reference kept, so the task is not collected mid-flight."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: ClientConnection(self), self.config.listen_host, self.config.listen_port, backlog=1024
+        )
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        if self.server:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.close()
+
+    @property
+    def port(self) -> int:
+        assert isinstance(self.server, asyncio.Server)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def tenant(self, database: str) -> TenantState | None:
+        limits = self.router.limits.get(database)
+        if limits is None:
+            return None
+        state = self.tenants.get(database)
+        if state is None:
+            state = TenantState(limits, None, Usage(limits.tenant, limits.tier))
+            self.tenants[database] = state
+        if state.limits is not limits:
+            state.reconfigure(limits, self.router.replicas)
+            state.usage.tier = limits.tier
+        elif state.limiter is None and limits.qps is not None:
+            state.reconfigure(limits, self.router.replicas)
+        return state
+
+    async def _sweep(self) -> None:
+        """One periodic pass instead of a timer per query: statement and idle-in-transaction limits."""
+        while True:
+            await asyncio.sleep(self.config.sweep_interval)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                with contextlib.suppress(Exception):
+                    conn.check_timeouts(now)
+
+
+class Upstream(asyncio.Protocol):
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.client.server_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.upstream_lost()
+
+    def pause_writing(self) -> None:
+        self.client.pause_client()
+
+    def resume_writing(self) -> None:
+        self.client.resume_client()
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.upstream: Upstream | None = None
+        self.state = STARTUP
+        self.buffer = bytearray()
+        self.tenant: TenantState | None = None
+        self.counted_pending = False
+        self.counted_active = False
+        self.startup_timer: asyncio.TimerHandle | None = None
+        self.backend_key: tuple[int, int] | None = None
+        # client -> server scanning
+        self.c_remaining = 0
+        self.c_skip = 0
+        self.c_partial = b""
+        self.skip_to_sync: bytes | None = None  # error to report at the next Sync
+        self.batch_started = 0.0
+        self.batch_queries = 0
+        self.held: bytes | None = None
+        self.hold_deadline = 0.0
+        self.hold_timer: asyncio.TimerHandle | None = None
+        self.force_reject = False
+        self.reserved = False  # a local GCRA slot was reserved for the held query
+        self.first_hold = 0.0  # when the held query first had to wait (queueTimeout counts from here)
+        # server -> client scanning
+        self.s_remaining = 0
+        self.s_partial = b""
+        self.syncs: collections.deque[SyncPoint] = collections.deque()
+        self.tx_status = b"I"
+        self.idle_in_tx_since = 0.0
+        self.cancel_sent_for: SyncPoint | None = None
+
+    # -- connection lifecycle ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.proxy.connections.add(self)
+        loop = asyncio.get_running_loop()
+        self.startup_timer = loop.call_later(self.proxy.config.startup_timeout, self._startup_timeout)
+
+    def _startup_timeout(self) -> None:
+        if self.state in (STARTUP, CONNECTING, AUTH):
+            self.fail("FATAL", "08P01", "no valid start-up within "
+                      f"{self.proxy.config.startup_timeout:.0f}s; closing")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self.proxy.connections.discard(self)
+        if self.startup_timer:
+            self.startup_timer.cancel()
+        if self.hold_timer:
+            self.hold_timer.cancel()
+        tenant = self.tenant
+        if tenant is not None:
+            if self.counted_pending:
+                tenant.pending -= 1
+                self.counted_pending = False
+            if self.counted_active:
+                tenant.active -= 1
+                self.counted_active = False
+            with contextlib.suppress(ValueError):
+                tenant.waiters.remove(self)
+        if self.backend_key:
+            self.proxy.cancel_targets.pop(self.backend_key, None)
+        if self.upstream and self.upstream.transport:
+            self.upstream.transport.close()
+        if self.transport:
+            self.transport.close()
+
+    def fail(self, severity: str, sqlstate: str, message: str, hint: str | None = None) -> None:
+        if self.transport and not self.transport.is_closing():
+            self.transport.write(wire.error_response(severity, sqlstate, message, hint=hint))
+        self.close()
+
+    def upstream_lost(self) -> None:
+        self.close()
+
+    def pause_client(self) -> None:
+        if self.transport:
+            self.transport.pause_reading()
+
+    def resume_client(self) -> None:
+        if self.transport and self.held is None:
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:  # the client reads slowly: stop reading the server
+        if self.upstream and self.upstream.transport:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream and self.upstream.transport:
+            self.upstream.transport.resume_reading()
+
+    # -- client -> proxy --------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == READY:
+            self.client_data(data)
+        elif self.state == STARTUP:
+            self.buffer += data
+            self._startup()
+        elif self.state in (CONNECTING, AUTH):
+            if self.state == AUTH and self.upstream and self.upstream.transport:
+                self.upstream.transport.write(data)  # SASL/password messages pass through
+            else:
+                self.buffer += data
+
+    def _startup(self) -> None:
+        try:
+            packet = wire.parse_startup(bytes(self.buffer))
+        except wire.ProtocolError as exc:
+            self.fail("FATAL", "08P01", f"invalid start-up packet: {exc}")
+            return
+        if packet is None:
+            return
+        raw = bytes(self.buffer[: packet.length])
+        del self.buffer[: packet.length]
+        assert self.transport is not None
+        if packet.kind == "ssl":
+            if self.proxy.config.ssl_context is not None:
+                self.transport.write(b"S")
+                self.proxy.spawn(self._start_tls())
+                return
+            self.transport.write(b"N")
+        elif packet.kind == "gssenc":
+            self.transport.write(b"N")
+        elif packet.kind == "cancel":
+            self.proxy.spawn(self._forward_cancel(packet.cancel_pid, packet.cancel_key))
+            return
+        else:
+            self._begin(packet.params, raw)
+            return
+        if self.buffer:
+            self._startup()
+
+    async def _start_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.transport is not None and self.proxy.config.ssl_context is not None
+        try:
+            self.transport = await loop.start_tls(
+                self.transport, self, self.proxy.config.ssl_context, server_side=True
+            )
+        except (OSError, ssl.SSLError):
+            self.close()
+
+    async def _forward_cancel(self, pid: int, key: int) -> None:
+        """Route a CancelRequest to the PgBouncer that issued that key, wherever it came in."""
+        target = self.proxy.cancel_targets.get((pid, key))
+        self.close()
+        if target is None:
+            return
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection(*target)
+            writer.write(wire.cancel_request(pid, key))
+            await writer.drain()
+            writer.close()
+
+    def _begin(self, params: dict[str, str], startup_bytes: bytes) -> None:
+        database = params.get("database") or params["user"]
+        tenant = self.proxy.tenant(database)
+        if tenant is None:
+            self.fail("FATAL", "3D000", f'database "{database}" is not a tenant database served by this proxy',
+                      hint="check the database name in your connection string")
+            return
+        limits = tenant.limits
+        if not limits.enabled:
+            self.fail("FATAL", "57P03", f'tenant database "{database}" is suspended')
+            return
+        if tenant.pending >= self.proxy.config.pending_startups_per_tenant:
+            tenant.usage.rejected_connections += 1
+            self.fail("FATAL", "53300", f"too many connection attempts in progress for {database}")
+            return
+        port = self.proxy.router.pool_ports.get(limits.pool)
+        if port is None:
+            self.fail("FATAL", "57P03", f"no PgBouncer pool {limits.pool} is running for {database} yet",
+                      hint="retry in a moment")
+            return
+        self.tenant = tenant
+        tenant.pending += 1
+        self.counted_pending = True
+        self.state = CONNECTING
+        self.proxy.spawn(self._connect(port, startup_bytes))
+
+    async def _connect(self, port: int, startup: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        host = self.proxy.config.pgbouncer_host
+        try:
+            _, upstream = await loop.create_connection(lambda: Upstream(self), host, port)
+        except OSError as exc:
+            self.fail("FATAL", "08006", f"cannot reach the tenant's pool: {exc.strerror}")
+            return
+        if self.state == CLOSED:
+            if upstream.transport:
+                upstream.transport.close()
+            return
+        self.upstream = upstream
+        self.cancel_target = (host, port)
+        self.state = AUTH
+        assert upstream.transport is not None
+        upstream.transport.write(startup + bytes(self.buffer))
+        self.buffer.clear()
+
+    # -- the forwarding hot paths -----------------------------------------------------
+
+    def client_data(self, data: bytes) -> None:
+        tenant = self.tenant
+        assert tenant is not None
+        if self.c_partial:
+            data = self.c_partial + data
+            self.c_partial = b""
+        usage = tenant.usage
+        usage.bytes_in += len(data)
+        self.idle_in_tx_since = 0.0
+        n = len(data)
+        i = 0
+        start = 0  # first byte not yet forwarded or skipped
+        out: list[bytes] = []
+        while i < n:
+            if self.c_remaining:
+                take = min(self.c_remaining, n - i)
+                self.c_remaining -= take
+                i += take
+                continue
+            if self.c_skip:
+                if start < i:
+                    out.append(data[start:i])
+                take = min(self.c_skip, n - i)
+                self.c_skip -= take
+                i += take
+                start = i
+                continue
+            if n - i < 5:
+                if start < i:
+                    out.append(data[start:i])
+                self.c_partial = data[i:]
+                start = n
+                break
+            kind = data[i]
+            length = int.from_bytes(data[i + 1 : i + 5], "big")
+            if length < 4 or length > MAX_MESSAGE:
+                self.fail("FATAL", "08P01", "invalid message length from client")
+                return
+            total = 1 + length
+            if self.skip_to_sync is not None:
+                if kind == S:
+                    self.syncs.append(SyncPoint(self.batch_started or time.monotonic(), inject=self.skip_to_sync))
+                    self.skip_to_sync = None
+                    self.batch_started = 0.0
+                    self.c_remaining = total
+                    continue
+                if start < i:
+                    out.append(data[start:i])
+                start = i
+                self.c_skip = total
+                continue
+            if kind in (Q, E):
+                verdict = self._admit(tenant) if tenant.limiter is not None or self.force_reject else 0.0
+                if verdict is None:
+                    if start < i:
+                        out.append(data[start:i])
+                    start = i
+                    self.c_skip = total
+                    self._reject(tenant, kind)
+                    continue
+                if verdict != 0.0:
+                    if start < i:
+                        out.append(data[start:i])
+                    self._hold(data[i:], verdict)
+                    start = n
+                    break
+                usage.queries += 1
+                if kind == Q:
+                    self.syncs.append(SyncPoint(time.monotonic(), counted=1))
+                else:
+                    if not self.batch_started:
+                        self.batch_started = time.monotonic()
+                    self.batch_queries += 1
+            elif kind == S:
+                self.syncs.append(SyncPoint(self.batch_started or time.monotonic(), counted=self.batch_queries))
+                self.batch_started = 0.0
+                self.batch_queries = 0
+            elif kind == F:
+                self.syncs.append(SyncPoint(time.monotonic()))
+            elif kind == X:
+                pass
+            self.c_remaining = total
+        if start < n and not self.c_partial:
+            out.append(data[start:] if start else data)
+        if out and self.upstream and self.upstream.transport:
+            if len(out) == 1:
+                self.upstream.transport.write(out[0])
+            else:
+                self.upstream.transport.writelines(out)
+
+    def server_data(self, data: bytes) -> None:
+        if self.state == AUTH:
+            self._auth_data(data)
+            return
+        tenant = self.tenant
+        assert tenant is not None and self.transport is not None
+        tenant.usage.bytes_out += len(data)
+        if self.s_partial:
+            data = self.s_partial + data
+            self.s_partial = b""
+        n = len(data)
+        i = 0
+        start = 0
+        out: list[bytes] = []
+        while i < n:
+            if self.s_remaining:
+                take = min(self.s_remaining, n - i)
+                self.s_remaining -= take
+                i += take
+                continue
+            if n - i < 6 and (n - i < 5 or data[i] == Z):
+                self.s_partial = data[i:]
+                n = i
+                break
+            kind = data[i]
+            length = int.from_bytes(data[i + 1 : i + 5], "big")
+            total = 1 + length
+            if kind == Z:
+                status = data[i + 5 : i + 6]
+                point = self.syncs.popleft() if self.syncs else None
+                if point is not None and point.inject is not None:
+                    out.append(data[start:i])
+                    out.append(point.inject)
+                    start = i
+                end = i + total
+                out.append(data[start:end])
+                start = end
+                self.tx_status = status
+                now = time.monotonic()
+                if point is not None:
+                    tenant.usage.query_seconds += now - point.started
+                    if self.cancel_sent_for is point:
+                        self.cancel_sent_for = None
+                while self.syncs and self.syncs[0].synthetic is not None:
+                    synthetic = self.syncs.popleft()
+                    assert synthetic.synthetic is not None
+                    out.append(synthetic.synthetic + wire.ready_for_query(status))
+                self.idle_in_tx_since = now if status != b"I" else 0.0
+                i = end
+                continue
+            if kind == ERR and self.cancel_sent_for is not None and n - i >= total:
+                reworded = self._reword_cancel(data[i:i + total])
+                if reworded is not None:
+                    out.append(data[start:i])
+                    out.append(reworded)
+                    start = i + total
+            self.s_remaining = total
+        if start < n:
+            out.append(data[start:n] if start or n != len(data) else data)
+        if len(out) == 1:
+            self.transport.write(out[0])
+        elif out:
+            self.transport.writelines(out)
+
+    def _auth_data(self, data: bytes) -> None:
+        """Start-up replies: watch for BackendKeyData and the first ReadyForQuery."""
+        assert self.transport is not None and self.tenant is not None
+        self.buffer += data
+        i = 0
+        buf = self.buffer
+        while len(buf) - i >= 5:
+            kind = buf[i]
+            length = int.from_bytes(buf[i + 1 : i + 5], "big")
+            if len(buf) - i < 1 + length:
+                break
+            if kind == K and length == 12:
+                pid, key = struct.unpack_from("!ii", buf, i + 5)
+                self.backend_key = (pid, key)
+                self.proxy.cancel_targets[(pid, key)] = self.cancel_target
+            elif kind == Z:
+                self.transport.write(bytes(buf[:i]))
+                ready = bytes(buf[i : i + 1 + length])
+                rest = bytes(buf[i + 1 + length :])
+                self.buffer.clear()
+                self._authenticated(ready, rest)
+                return
+            i += 1 + length
+        if i:
+            self.transport.write(bytes(buf[:i]))
+            del buf[:i]
+
+    def _authenticated(self, ready: bytes, rest: bytes) -> None:
+        """Counted only now, so clients that fail to authenticate never use up a tenant's slots."""
+        tenant = self.tenant
+        assert tenant is not None and self.transport is not None
+        tenant.pending -= 1
+        self.counted_pending = False
+        limits = tenant.limits
+        if tenant.active >= limits.max_connections:
+            tenant.usage.rejected_connections += 1
+            self.fail(
+                "FATAL", "53300",
+                f"too many connections for tenant database {limits.database}: tier {limits.tier} allows "
+                f"{limits.max_connections}",
+                hint="close idle connections, use a pool, or upgrade to a higher tier",
+            )
+            return
+        tenant.active += 1
+        tenant.usage.connections += 1
+        self.counted_active = True
+        self.state = READY
+        if self.startup_timer:
+            self.startup_timer.cancel()
+        self.transport.write(ready)
+        if rest:
+            self.server_data(rest)
+
+    # -- limits -------------------------------------------------------------------------
+
+    def _admit(self, tenant: TenantState) -> float | None:
+        """0.0 = go now, >0 = hold that long (or until a lease answers), None = reject."""
+        if self.force_reject:
+            self.force_reject = False
+            self.first_hold = 0.0
+            return None
+        if self.reserved:
+            self.reserved = False
+            self.first_hold = 0.0
+            return 0.0
+        limiter = tenant.limiter
+        assert limiter is not None
+        limits = tenant.limits
+        now = time.monotonic()
+        budget = limits.queue_timeout_ms / 1000 if limits.over_limit == "throttle" else 0.0
+        max_wait = max(0.0, (self.first_hold or now) + budget - now)
+        if not self.proxy.redis_ok or self.proxy.lease is None:
+            wait = limiter.admit_local(now, max_wait)
+            if wait:
+                self.reserved = True
+            elif wait is None:
+                self.first_hold = 0.0
+            return wait
+        if limiter.take():
+            self.first_hold = 0.0
+            if limiter.low() and not limiter.leasing:
+                self.proxy.lease(tenant)
+            return 0.0
+        if limiter.next_free and now + max_wait < limiter.next_free:
+            self.first_hold = 0.0
+            return None
+        if not limiter.leasing:
+            self.proxy.lease(tenant)
+        return -1.0  # hold until the lease answers
+
+    def _hold(self, data: bytes, wait: float) -> None:
+        """Throttle: keep the rest of the stream, stop reading, continue later."""
+        tenant = self.tenant
+        assert tenant is not None and self.transport is not None
+        if not self.first_hold:
+            self.first_hold = time.monotonic()
+            tenant.usage.throttled += 1
+        self.held = data
+        self.transport.pause_reading()
+        limits = tenant.limits
+        max_wait = limits.queue_timeout_ms / 1000 if limits.over_limit == "throttle" else 0.0
+        self.hold_deadline = self.first_hold + max_wait
+        if wait > 0:
+            self.hold_timer = asyncio.get_running_loop().call_later(wait, self.release)
+        else:
+            tenant.waiters.append(self)
+
+    def release(self, reject: bool = False) -> None:
+        if self.state != READY or self.held is None:
+            return
+        data, self.held = self.held, None
+        self.hold_timer = None
+        self.force_reject = reject
+        self.client_data(data)
+        if self.held is None and self.transport:
+            self.transport.resume_reading()
+
+    def _reject(self, tenant: TenantState, kind: int) -> None:
+        tenant.usage.rejected += 1
+        limits = tenant.limits
+        retry = 1.0 / limits.qps if limits.qps else 1.0
+        error = wire.error_response(
+            "ERROR", "53400",
+            f"query rate limit exceeded for tenant database {limits.database}: tier {limits.tier} allows "
+            f"{limits.qps} queries per second",
+            hint=f"retry after {retry * 1000:.0f} ms, slow down, or upgrade to a higher tier",
+        )
+        if kind == Q:
+            point = SyncPoint(time.monotonic(), synthetic=error)
+            if self.syncs:
+                self.syncs.append(point)  # answered in order, after what is in flight
+            elif self.transport:
+                self.transport.write(error + wire.ready_for_query(self.tx_status))
+        else:
+            # Extended protocol: drop everything up to Sync; the server answers that Sync,
+            # and the error goes out just before its ReadyForQuery.
+            self.skip_to_sync = error
+
+    # -- timeouts the tenant cannot switch off ---------------------------------------------
+
+    def check_timeouts(self, now: float) -> None:
+        if self.state != READY or self.tenant is None:
+            return
+        limits = self.tenant.limits
+        if limits.statement_timeout_ms and self.syncs and self.cancel_sent_for is None:
+            point = self.syncs[0]
+            if point.synthetic is None and (now - point.started) * 1000 > limits.statement_timeout_ms:
+                self.cancel_sent_for = point
+                self.proxy.spawn(self._cancel_upstream())
+        if (limits.idle_in_transaction_ms and self.idle_in_tx_since and not self.syncs
+                and (now - self.idle_in_tx_since) * 1000 > limits.idle_in_transaction_ms):
+                self.fail("FATAL", "25P03",
+                          f"terminating connection: idle in transaction longer than the tier {limits.tier} "
+                          f"limit of {limits.idle_in_transaction_ms} ms")
+
+    async def _cancel_upstream(self) -> None:
+        if self.backend_key is None:
+            return
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection(*self.cancel_target)
+            writer.write(wire.cancel_request(*self.backend_key))
+            await writer.drain()
+            writer.close()
+
+    def _reword_cancel(self, message: bytes) -> bytes | None:
+        fields = _error_fields(message)
+        if fields.get("C") != "57014" or self.tenant is None:
+            return None
+        limits = self.tenant.limits
+        return wire.error_response(
+            fields.get("S", "ERROR"), "57014",
+            f"canceling statement due to statement timeout: tier {limits.tier} allows "
+            f"{limits.statement_timeout_ms} ms per statement",
+            hint="make the query faster or upgrade to a higher tier",
+        )
+
+    cancel_target: tuple[str, int] = ("127.0.0.1", 0)
+
+
+def _error_fields(message: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    body = message[5:]
+    i = 0
+    while i < len(body) and body[i] != 0:
+        code = chr(body[i])
+        end = body.index(0, i + 1)
+        out[code] = body[i + 1 : end].decode(errors="replace")
+        i = end + 1
+    return out
