@@ -324,11 +324,7 @@ class ClientConnection(asyncio.Protocol):
         self.close()
         if target is None:
             return
-        with contextlib.suppress(OSError):
-            _, writer = await asyncio.open_connection(*target)
-            writer.write(wire.cancel_request(pid, key))
-            await writer.drain()
-            writer.close()
+        await send_cancel(target, pid, key)
 
     def _begin(self, params: dict[str, str], startup_bytes: bytes) -> None:
         database = params.get("database") or params["user"]
@@ -689,11 +685,7 @@ class ClientConnection(asyncio.Protocol):
     async def _cancel_upstream(self) -> None:
         if self.backend_key is None:
             return
-        with contextlib.suppress(OSError):
-            _, writer = await asyncio.open_connection(*self.cancel_target)
-            writer.write(wire.cancel_request(*self.backend_key))
-            await writer.drain()
-            writer.close()
+        await send_cancel(self.cancel_target, *self.backend_key)
 
     def _reword_cancel(self, message: bytes) -> bytes | None:
         fields = _error_fields(message)
@@ -708,6 +700,22 @@ class ClientConnection(asyncio.Protocol):
         )
 
     cancel_target: tuple[str, int] = ("127.0.0.1", 0)
+
+
+async def send_cancel(target: tuple[str, int], pid: int, key: int) -> None:
+    """Send a CancelRequest and wait for PgBouncer to close the connection.
+
+    PgBouncer 1.18 crashes ("bad client state") when the cancelling client hangs
+    up before it has finished forwarding the cancel, so we let it close first.
+    """
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        reader, writer = await asyncio.open_connection(*target)
+        try:
+            writer.write(wire.cancel_request(pid, key))
+            await writer.drain()
+            await asyncio.wait_for(reader.read(), timeout=5)
+        finally:
+            writer.close()
 
 
 def _error_fields(message: bytes) -> dict[str, str]:

@@ -1,0 +1,340 @@
+"""The tenant proxy with real clients, in front of the devstack's PgBouncer agent,
+Postgres and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+import pytest_asyncio
+import redis
+
+from dynabase.backends.pgbouncer import PgBouncerBackend
+from dynabase.backends.proxy import ProxyBackend
+from dynabase.engine.reconciler import Engine
+from dynabase.proxy.main import ProxySettings, serve
+from dynabase.spec import TenantDatabase, TierPolicy
+
+from .conftest import Stack
+from .engine_helpers import FakeClock, make_engine
+
+POLICY = TierPolicy.model_validate({
+    "apiVersion": "dynabase.io/v1alpha1", "kind": "TierPolicy", "metadata": {"name": "proxytest"},
+    "spec": {"tiers": {
+        "LIM": {"rank": 0,
+                "postgres": {"connectionLimit": 10, "statementTimeout": "1s", "idleInTransactionSessionTimeout": "1s"},
+                "pgbouncer": {"poolSize": 3, "poolMode": "transaction"},
+                "proxy": {"maxConnections": 3, "qps": 5, "burst": 5, "overLimit": "reject", "queueTimeout": "1s"}},
+        "THR": {"rank": 1, "postgres": {"connectionLimit": 20},
+                "pgbouncer": {"poolSize": 4},
+                "proxy": {"maxConnections": 10, "qps": 10, "burst": 10, "overLimit": "throttle",
+                          "queueTimeout": "5s"}},
+        "BIG": {"rank": 2, "postgres": {"connectionLimit": 60},
+                "pgbouncer": {"poolSize": 10, "poolMode": "session"},
+                "proxy": {"maxConnections": 50}},
+    }},
+})
+POLICIES = {"proxytest": POLICY}
+
+
+@dataclass
+class Env:
+    stack: Stack
+    engine: Engine
+    secrets: Any
+    port: int
+    proxy: Any
+    tenants: dict[str, TenantDatabase]
+
+    def dsn(self, tier: str, *, database: str | None = None, password: str | None = None) -> str:
+        tenant = self.tenants[tier]
+        pw = password if password is not None else self.secrets.passwords[tenant.key]
+        return (f"postgresql://{tenant.database_name}:{pw}@127.0.0.1:{self.port}/"
+                f"{database or tenant.database_name}?sslmode=disable")
+
+    def tenant_db(self, tier: str) -> str:
+        return self.tenants[tier].database_name
+
+    def password(self, tier: str) -> str:
+        return str(self.secrets.passwords[self.tenants[tier].key])
+
+    async def set_tier(self, tier_key: str, new_tier: str) -> None:
+        raw = self.tenants[tier_key].model_dump(by_alias=True, exclude_none=True, mode="json")
+        raw["spec"]["tier"] = new_tier
+        tenant = TenantDatabase.model_validate(raw)
+        await self.engine.reconcile_all(POLICIES, [tenant])
+        self.tenants[tier_key] = tenant
+
+
+def make(db: str, tier: str) -> TenantDatabase:
+    return TenantDatabase.model_validate({
+        "apiVersion": "dynabase.io/v1alpha1", "kind": "TenantDatabase",
+        "metadata": {"name": db.replace("_", "-"), "namespace": "proxy", "generation": 1},
+        "spec": {"orgId": "org", "tier": tier, "tierPolicyRef": "proxytest", "databaseName": db},
+    })
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def env(stack: Stack) -> AsyncIterator[Env]:
+    engine, secrets, _ = await make_engine(stack.env["DYNABASE_POSTGRES_DSN"], FakeClock())
+    engine.pgbouncer = PgBouncerBackend(stack.env["DYNABASE_REDIS_URL"])
+    engine.proxy = ProxyBackend(stack.env["DYNABASE_REDIS_URL"])
+    suffix = uuid.uuid4().hex[:6]
+    tenants = {tier: make(f"px_{tier.lower()}_{suffix}", tier) for tier in ("LIM", "THR", "BIG")}
+    result = await engine.reconcile_all(POLICIES, list(tenants.values()))
+    assert all(t.ready for t in result.tenants), [t.outcomes for t in result.tenants]
+    stop, ready = asyncio.Event(), asyncio.Event()
+    port = _free_port()
+    settings = ProxySettings("127.0.0.1", port, "127.0.0.1", stack.env["DYNABASE_REDIS_URL"], None,
+                             f"test-{suffix}", 0)
+    task = asyncio.create_task(serve(settings, stop, ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    try:
+        yield Env(stack, engine, secrets, port, None, tenants)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await engine.postgres.close()
+        await engine.pgbouncer.close()
+        await engine.proxy.close()
+
+
+def _free_port() -> int:
+    from dynabase.devstack.stack import free_port
+
+    return free_port()
+
+
+async def connect(env: Env, tier: str, **kwargs: Any) -> asyncpg.Connection:
+    # statement_cache_size=0: PgBouncer in transaction mode and named statements do not mix.
+    return await asyncpg.connect(env.dsn(tier), statement_cache_size=0, **kwargs)
+
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_psql_and_unknown_database(env: Env) -> None:
+    # The proxy runs on this event loop: blocking clients go to a thread.
+    out = await asyncio.to_thread(subprocess.run, ["psql", env.dsn("BIG"), "-tAc", "SELECT current_user"],
+                                  capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == env.tenant_db("BIG")
+    with pytest.raises(asyncpg.InvalidCatalogNameError) as info:
+        await asyncpg.connect(env.dsn("BIG", database="not_a_tenant"))
+    assert "not a tenant database" in str(info.value)
+
+
+async def test_connection_cap_counts_only_authenticated_clients(env: Env) -> None:
+    for _ in range(5):  # failed logins do not use up slots
+        with pytest.raises((asyncpg.InvalidPasswordError, asyncpg.ProtocolViolationError)):
+            await asyncpg.connect(env.dsn("LIM", password="wrong"))
+    conns = [await connect(env, "LIM") for _ in range(3)]
+    try:
+        with pytest.raises(asyncpg.TooManyConnectionsError) as info:
+            await connect(env, "LIM")
+        assert info.value.sqlstate == "53300"
+        assert "tier LIM allows 3" in str(info.value)
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
+    await asyncio.sleep(0.05)
+    conn = await connect(env, "LIM")  # a slot is free again
+    await conn.close()
+
+
+async def test_qps_rejection_leaves_the_session_usable(env: Env) -> None:
+    await asyncio.sleep(1.2)  # let the bucket refill
+    conn = await connect(env, "LIM")
+    try:
+        outcomes = []
+        for _ in range(15):
+            try:
+                await conn.execute("SELECT 1")
+                outcomes.append("ok")
+            except asyncpg.PostgresError as exc:
+                assert exc.sqlstate == "53400", exc
+                assert "tier LIM allows 5 queries per second" in str(exc)
+                outcomes.append("rejected")
+        assert outcomes.count("ok") >= 5 and outcomes.count("rejected") >= 5
+        await asyncio.sleep(1.2)
+        assert await conn.fetchval("SELECT 41 + 1") == 42  # extended protocol, after rejections
+        # Inside a transaction, the synthetic ReadyForQuery keeps the transaction state.
+        await asyncio.sleep(1.2)
+        await conn.execute("BEGIN")
+        rejected_in_tx = 0
+        for _ in range(8):
+            try:
+                await conn.execute("SELECT 1")
+            except asyncpg.PostgresError:
+                rejected_in_tx += 1
+        assert rejected_in_tx > 0
+        assert conn.is_in_transaction()
+        await asyncio.sleep(0.4)  # a token again, well within the tier's 1s idle-in-transaction limit
+        await conn.execute("ROLLBACK")
+    finally:
+        await conn.close()
+
+
+async def test_extended_protocol_rejection_skips_to_sync(env: Env) -> None:
+    await asyncio.sleep(1.2)
+    conn = await connect(env, "LIM")
+    try:
+        results = []
+        for i in range(12):
+            try:
+                results.append(await conn.fetchval("SELECT $1::int * 2", i))
+            except asyncpg.PostgresError as exc:
+                assert exc.sqlstate == "53400"
+                results.append(None)
+        assert None in results and any(r is not None for r in results)
+        assert all(r == i * 2 for i, r in enumerate(results) if r is not None)
+        await asyncio.sleep(1.2)
+        assert await conn.fetchval("SELECT $1::text", "still fine") == "still fine"
+    finally:
+        await conn.close()
+
+
+async def test_throttle_delays_instead_of_rejecting(env: Env) -> None:
+    conn = await connect(env, "THR")
+    try:
+        started = time.monotonic()
+        for _ in range(30):
+            await conn.execute("SELECT 1")  # none rejected: throttled ones wait
+        elapsed = time.monotonic() - started
+        assert elapsed >= 1.5, elapsed  # 10/s after a burst of 10: 30 queries need ~2s
+    finally:
+        await conn.close()
+
+
+async def test_statement_timeout_cannot_be_switched_off(env: Env) -> None:
+    await asyncio.sleep(1.2)
+    conn = await connect(env, "LIM")
+    try:
+        await conn.execute("SET statement_timeout = 0")
+        started = time.monotonic()
+        with pytest.raises(asyncpg.QueryCanceledError) as info:
+            await conn.execute("SELECT pg_sleep(5)")
+        assert time.monotonic() - started < 3
+        assert "tier LIM allows 1000 ms per statement" in str(info.value)
+    finally:
+        await conn.close()
+
+
+async def test_idle_in_transaction_session_is_ended(env: Env) -> None:
+    await asyncio.sleep(1.2)
+    conn = await connect(env, "LIM")
+    await conn.execute("SET idle_in_transaction_session_timeout = 0")
+    await conn.execute("BEGIN")
+    await asyncio.sleep(1.6)
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+        await conn.execute("SELECT 1")
+    conn.terminate()
+
+
+async def test_client_cancel_request_is_routed(env: Env) -> None:
+    conn = await connect(env, "BIG")
+    try:
+        started = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await conn.execute("SELECT pg_sleep(10)", timeout=0.5)  # asyncpg sends a CancelRequest
+        assert await conn.fetchval("SELECT 7") == 7
+        assert time.monotonic() - started < 5
+    finally:
+        await conn.close()
+
+
+async def test_ssl_request_is_refused_cleanly(env: Env) -> None:
+    dsn = env.dsn("BIG").replace("sslmode=disable", "sslmode=prefer")
+    out = await asyncio.to_thread(subprocess.run, ["psql", dsn, "-tAc", "SELECT 1"], capture_output=True,
+                                  text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1"
+
+
+async def test_copy_in_and_out_and_psycopg_pipeline(env: Env) -> None:
+    dsn = env.dsn("BIG")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS copy_t (id int, name text)")
+        await conn.execute("TRUNCATE copy_t")
+        async with conn.cursor() as cur:
+            async with cur.copy("COPY copy_t FROM STDIN") as copy:
+                for i in range(1000):
+                    await copy.write_row((i, f"row {i}"))
+            rows = []
+            async with cur.copy("COPY copy_t TO STDOUT") as copy:
+                async for row in copy.rows():
+                    rows.append(row)
+        assert len(rows) == 1000
+        async with conn.pipeline():
+            cursors = [await conn.execute("SELECT %s::int", (i,)) for i in range(50)]
+        assert [(await c.fetchone())[0] for c in cursors] == list(range(50))
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
+async def test_pgbench_modes_through_the_proxy(env: Env, mode: str) -> None:
+    db = env.tenant_db("BIG")
+    script = env.stack.devstack.root / "select1.sql"
+    script.write_text("SELECT 1;\n")
+    out = await asyncio.to_thread(
+        subprocess.run,
+        ["pgbench", "-n", "-c", "4", "-j", "2", "-t", "200", "-M", mode, "-f", str(script),
+         "-h", "127.0.0.1", "-p", str(env.port), "-U", db, db],
+        env={**os.environ, "PGPASSWORD": env.password("BIG")}, capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "number of transactions actually processed: 800/800" in out.stdout
+
+
+async def test_live_tier_change_reaches_the_proxy_within_a_second(env: Env) -> None:
+    await asyncio.sleep(1.2)
+    conns = [await connect(env, "LIM") for _ in range(3)]
+    try:
+        with pytest.raises(asyncpg.TooManyConnectionsError):
+            await connect(env, "LIM")
+        await env.set_tier("LIM", "THR")
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                conns.append(await connect(env, "LIM"))
+                break
+            except asyncpg.TooManyConnectionsError:
+                assert time.monotonic() < deadline, "new cap not live within 1s"
+                await asyncio.sleep(0.05)
+    finally:
+        await asyncio.gather(*(c.close() for c in conns))
+        await env.set_tier("LIM", "LIM")
+
+
+async def test_metering_counts_queries_exactly_and_flush_is_idempotent(env: Env) -> None:
+    conn = await connect(env, "BIG")
+    tenant_key = env.tenants["BIG"].key
+    client = redis.Redis.from_url(env.stack.env["DYNABASE_REDIS_URL"], decode_responses=True)
+
+    def counted() -> int:
+        total = 0
+        for key in client.scan_iter("dynabase:usage:*"):
+            for name, value in client.hgetall(key).items():
+                if name.startswith(tenant_key + "|"):
+                    total += int(json.loads(value)["queries"])
+        return total
+
+    try:
+        await asyncio.sleep(1.5)
+        before = counted()
+        for _ in range(37):
+            await conn.execute("SELECT 1")
+        await asyncio.sleep(2.5)  # at least one flush
+        assert counted() - before == 37
+        await asyncio.sleep(1.2)  # further flushes rewrite the same absolute values
+        assert counted() - before == 37
+    finally:
+        await conn.close()
+        client.close()
