@@ -4,6 +4,7 @@ Postgres and Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -18,6 +19,8 @@ import psycopg
 import pytest
 import pytest_asyncio
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.proxy import ProxyBackend
@@ -61,6 +64,13 @@ class Env:
         pw = password if password is not None else self.secrets.passwords[tenant.key]
         return (f"postgresql://{tenant.database_name}:{pw}@127.0.0.1:{self.port}/"
                 f"{database or tenant.database_name}?sslmode=disable")
+
+    def proxy_limits_tier(self, tier: str) -> str:
+        client = redis.Redis.from_url(self.stack.env["DYNABASE_REDIS_URL"], decode_responses=True)
+        try:
+            return str(json.loads(client.hget("dynabase:proxy:limits", self.tenant_db(tier)) or "{}").get("tier"))
+        finally:
+            client.close()
 
     def tenant_db(self, tier: str) -> str:
         return self.tenants[tier].database_name
@@ -310,7 +320,10 @@ async def test_live_tier_change_reaches_the_proxy_within_a_second(env: Env) -> N
                 await asyncio.sleep(0.05)
     finally:
         await asyncio.gather(*(c.close() for c in conns))
-        await env.set_tier("LIM", "LIM")
+        await env.set_tier("LIM", "LIM")  # a downgrade: it waits out the grace period...
+        env.engine.clock.advance(hours=1)  # type: ignore[attr-defined]
+        await env.set_tier("LIM", "LIM")  # ...which is over now
+        assert env.proxy_limits_tier("LIM") == "LIM"
 
 
 async def test_metering_counts_queries_exactly_and_flush_is_idempotent(env: Env) -> None:
@@ -338,3 +351,109 @@ async def test_metering_counts_queries_exactly_and_flush_is_idempotent(env: Env)
     finally:
         await conn.close()
         client.close()
+
+
+# -- robustness -----------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=4))
+async def test_garbage_from_clients_never_crashes_or_leaks(env: Env, garbage: list[bytes]) -> None:
+    proxy = _proxy_of(env)
+    before = len(proxy.connections)
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    for chunk in garbage:
+        writer.write(chunk)
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    writer.write_eof()
+    with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
+        await asyncio.wait_for(reader.read(), 2)
+    writer.close()
+    for _ in range(40):
+        if len(proxy.connections) <= before:
+            break
+        await asyncio.sleep(0.05)
+    assert len(proxy.connections) <= before
+
+
+def _proxy_of(env: Env) -> Any:
+    import gc
+
+    from dynabase.proxy.server import Proxy
+
+    proxies = [o for o in gc.get_objects() if isinstance(o, Proxy) and o.server is not None and o.port == env.port]
+    assert proxies
+    return proxies[0]
+
+
+async def test_oversized_startup_is_refused_with_an_error(env: Env) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    writer.write((20_000).to_bytes(4, "big") + (196608).to_bytes(4, "big"))
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert reply.startswith(b"E") and b"08P01" in reply
+
+
+async def test_tls_is_terminated_when_a_certificate_is_configured(env: Env, tmp_path_factory: Any) -> None:
+    from dynabase.devstack import pki
+
+    certs = pki.create(env.stack.devstack.root / f"proxy-tls-{uuid.uuid4().hex[:4]}")
+    stop, ready = asyncio.Event(), asyncio.Event()
+    port = _free_port()
+    settings_ = ProxySettings("127.0.0.1", port, "127.0.0.1", env.stack.env["DYNABASE_REDIS_URL"], None,
+                              f"tls-{port}", 0, tls_cert=str(certs.serving_cert), tls_key=str(certs.serving_key))
+    task = asyncio.create_task(serve(settings_, stop, ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    try:
+        dsn = env.dsn("BIG").replace(f":{env.port}/", f":{port}/").replace("sslmode=disable", "sslmode=require")
+        out = await asyncio.to_thread(subprocess.run, ["psql", dsn, "-c", "\\conninfo"], capture_output=True,
+                                      text=True, check=False)
+        assert out.returncode == 0, out.stderr
+        assert "SSL connection" in out.stdout
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_redis_lost_mid_run_keeps_enforcing_locally(env: Env) -> None:
+    from dynabase.devstack.stack import Devstack
+
+    root = env.stack.devstack.root / f"redis-{uuid.uuid4().hex[:4]}"
+    side = Devstack(root)
+    side.up(["redis"])
+    main = redis.Redis.from_url(env.stack.env["DYNABASE_REDIS_URL"])
+    copy = redis.Redis.from_url(side.env()["DYNABASE_REDIS_URL"])
+    for key in ("dynabase:proxy:limits", "dynabase:pgbouncer:agents"):
+        copy.hset(key, mapping=main.hgetall(key))
+    stop, ready = asyncio.Event(), asyncio.Event()
+    port = _free_port()
+    task = asyncio.create_task(serve(
+        ProxySettings("127.0.0.1", port, "127.0.0.1", side.env()["DYNABASE_REDIS_URL"], None, f"side-{port}", 0),
+        stop, ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    try:
+        dsn = env.dsn("LIM").replace(f":{env.port}/", f":{port}/")
+        conn = await asyncpg.connect(dsn, statement_cache_size=0)
+        await asyncio.to_thread(side.down)  # Redis gone
+        await asyncio.sleep(1.5)
+        started = time.monotonic()
+        ok = rejected = 0
+        for _ in range(20):
+            try:
+                await conn.execute("SELECT 1")
+                ok += 1
+            except asyncpg.PostgresError as exc:
+                assert exc.sqlstate == "53400"
+                rejected += 1
+        assert time.monotonic() - started < 2  # no added latency waiting for Redis
+        assert ok >= 1 and rejected >= 10  # still limited, from the local copy
+        await conn.close()
+        fresh = await asyncpg.connect(dsn, statement_cache_size=0)  # and new clients are still served
+        await fresh.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        main.close()
+        copy.close()
