@@ -138,10 +138,18 @@ class PgBouncerAgent:
         if pool not in ports:
             used = set(ports.values()) | {self.base_port}
             port = self.base_port + 1
-            while port in used:
+            while port in used or not self._port_free(port):
                 port += 1
             ports[pool] = port
         return ports[pool]
+
+    def _port_free(self, port: int) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind((self.config.listen_host, port))
+            except OSError:
+                return False
+            return True
 
     # -- processes --------------------------------------------------------------
 

@@ -46,7 +46,7 @@ class PgBouncerObserved:
 class PgBouncerBackend:
     name = "pgbouncer"
 
-    def __init__(self, redis_url: str, *, confirm_timeout: float = 5.0) -> None:
+    def __init__(self, redis_url: str, *, confirm_timeout: float = 10.0) -> None:
         self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
         self.confirm_timeout = confirm_timeout
         self.writes = 0
