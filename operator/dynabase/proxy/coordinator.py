@@ -143,16 +143,28 @@ class Coordinator:
         try:
             self.lease_calls += 1
             LEASES.set(self.lease_calls)
+            limits = state.limits
+            max_wait_us = limits.queue_timeout_ms * 1000 if limits.over_limit == "throttle" else 0
             granted, wait_us = await self._lease(
                 keys=[LEASE_KEY.format(database=state.limits.database)],
-                args=[int(time.time() * 1000), interval_us, tolerance_us, limiter.batch],
+                args=[int(time.time() * 1000), interval_us, tolerance_us, limiter.batch, max_wait_us],
             )
         except (aioredis.RedisError, OSError):
             limiter.leasing = False
             self._set_redis(False)
             return
-        limiter.leasing = False
         granted = int(granted)
+        if granted and int(wait_us) > 0:
+            # A reservation: the tokens become usable later; nobody asks Redis meanwhile.
+            asyncio.get_running_loop().call_later(int(wait_us) / 1_000_000, self._grant, state, granted)
+            return
+        self._grant(state, granted, int(wait_us))
+
+    def _grant(self, state: TenantState, granted: int, wait_us: int = 0) -> None:
+        limiter = state.limiter
+        if limiter is None:
+            return
+        limiter.leasing = False
         now = time.monotonic()
         if granted:
             limiter.tokens += granted

@@ -11,22 +11,32 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-# KEYS[1] tenant key; ARGV: now_ms, interval_us, tolerance_us, want. Returns {granted, wait_us}.
+# KEYS[1] tenant key; ARGV: now_ms, interval_us, tolerance_us, want, max_wait_us.
+# Returns {granted, wait_us}: `granted` tokens usable after `wait_us` (a reservation,
+# so a throttled replica holds its queries instead of asking again and again), or
+# {0, wait_us} when even the first token is further away than max_wait_us.
 LEASE_SCRIPT = """
 local now = tonumber(ARGV[1]) * 1000
 local interval = tonumber(ARGV[2])
 local tolerance = tonumber(ARGV[3])
 local want = tonumber(ARGV[4])
+local max_wait = tonumber(ARGV[5])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local room = math.floor((now + tolerance - tat) / interval) + 1
-local granted = math.max(0, math.min(want, room))
-if granted > 0 then
+if room >= want or (room > 0 and max_wait <= 0) then
+  local granted = math.min(want, room)
   tat = tat + granted * interval
   redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
   return {granted, 0}
 end
-return {0, math.ceil(tat - tolerance - now)}
+local new_tat = tat + want * interval
+local wait = new_tat - tolerance - now
+if wait <= max_wait then
+  redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+  return {want, math.ceil(wait)}
+end
+return {0, math.ceil(tat + interval - tolerance - now)}
 """
 
 

@@ -1,0 +1,204 @@
+"""Proxy cost and limiter accuracy, side by side in one run.
+
+    python -m bench.proxy [--seconds 5]
+
+1. pgbench -S (select-only) at 1, 8 and 50 clients in simple, extended and prepared
+   modes, through PgBouncer alone and through the proxy in front of it: TPS, ratio,
+   and at 1 client the p99 latency and what the proxy adds to it.
+2. Limiter: 3 proxy processes, one tenant limited to 200 q/s (throttle), offered
+   far more for 10 s: admitted rate against the limit, Redis leases per query.
+3. Metering: queries counted by the proxies (flushed to Redis) vs pgbench's count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import redis
+
+from bench.common import devstack
+from dynabase.backends.pgbouncer import PgBouncerBackend
+from dynabase.backends.postgres import PostgresBackend
+from dynabase.backends.proxy import ProxyBackend
+from dynabase.devstack.stack import free_port
+from dynabase.engine.reconciler import Engine
+from dynabase.engine.stores import MemorySecretStore, MemoryStatusStore
+from dynabase.spec import TenantDatabase, TierPolicy
+
+POLICY = TierPolicy.model_validate({
+    "apiVersion": "dynabase.io/v1alpha1", "kind": "TierPolicy", "metadata": {"name": "bench"},
+    "spec": {"tiers": {
+        "BENCH": {"rank": 1, "postgres": {"connectionLimit": 120},
+                  "pgbouncer": {"poolSize": 60, "poolMode": "session"}, "proxy": {"maxConnections": 500}},
+        "LIMITED": {"rank": 0, "postgres": {"connectionLimit": 60},
+                    "pgbouncer": {"poolSize": 20, "poolMode": "transaction"},
+                    "proxy": {"maxConnections": 500, "qps": 200, "burst": 200, "overLimit": "throttle",
+                              "queueTimeout": "30s"}},
+    }},
+})
+
+
+def tenant(db: str, tier: str) -> TenantDatabase:
+    return TenantDatabase.model_validate({
+        "apiVersion": "dynabase.io/v1alpha1", "kind": "TenantDatabase",
+        "metadata": {"name": db.replace("_", "-"), "namespace": "bench"},
+        "spec": {"orgId": "bench", "tier": tier, "tierPolicyRef": "bench", "databaseName": db},
+    })
+
+
+def pgbench(port: int, db: str, password: str, *, clients: int, mode: str, seconds: int,
+            log_dir: Path | None = None, script: Path | None = None) -> tuple[float, int, list[float]]:
+    args = ["pgbench", "-n", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds), "-M", mode,
+            "-h", "127.0.0.1", "-p", str(port), "-U", db, db]
+    args += ["-f", str(script)] if script else ["-S"]
+    if log_dir is not None:
+        for old in glob.glob(str(log_dir / "pgbench_log*")):
+            os.unlink(old)
+        args += ["-l", "--log-prefix", str(log_dir / "pgbench_log")]
+    out = subprocess.run(args, env={**os.environ, "PGPASSWORD": password}, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"pgbench failed: {out.stderr}")
+    tps = float(next(line for line in out.stdout.splitlines() if line.startswith("tps")).split()[2])
+    count = int(next(line for line in out.stdout.splitlines() if "actually processed" in line).split()[-1]
+                .split("/")[0])
+    latencies: list[float] = []
+    if log_dir is not None:
+        for path in glob.glob(str(log_dir / "pgbench_log*")):
+            latencies += [int(line.split()[2]) / 1000 for line in Path(path).read_text().splitlines() if line]
+    return tps, count, latencies
+
+
+def p99(values: list[float]) -> float:
+    values = sorted(values)
+    return values[max(0, int(len(values) * 0.99) - 1)]
+
+
+def start_proxy(env: dict[str, str], port: int, metrics: int, replica: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynabase.cli", "proxy", "--listen", f"127.0.0.1:{port}",
+         "--metrics-port", str(metrics), "--replica-id", replica],
+        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=1)
+            time.sleep(0.5)
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("proxy did not start")
+
+
+def scrape(metrics: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=2).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def setup(env: dict[str, str]) -> tuple[dict[str, str], dict[str, int]]:
+    postgres = PostgresBackend(env["DYNABASE_POSTGRES_DSN"])
+    await postgres.start()
+    secrets = MemorySecretStore()
+    engine = Engine(postgres=postgres, pgbouncer=PgBouncerBackend(env["DYNABASE_REDIS_URL"]),
+                    proxy=ProxyBackend(env["DYNABASE_REDIS_URL"]), secrets=secrets,
+                    status_store=MemoryStatusStore())
+    tenants = [tenant("bench_main", "BENCH"), tenant("bench_limited", "LIMITED")]
+    result = await engine.reconcile_all({"bench": POLICY}, tenants, complete=True)
+    assert all(t.ready for t in result.tenants), [t.outcomes for t in result.tenants]
+    ports = {}
+    for t in tenants:
+        route = await engine.pgbouncer.route(t.database_name)  # type: ignore[union-attr]
+        assert route is not None
+        ports[t.database_name] = route[1]
+    passwords = {t.database_name: secrets.passwords[t.key] for t in tenants}
+    await postgres.close()
+    return passwords, ports
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--skip-throughput", action="store_true", help="only the limiter and metering parts")
+    args = parser.parse_args()
+    with devstack(["postgres", "redis", "pgbouncer"]) as env:
+        passwords, pool_ports = asyncio.run(setup(env))
+        db, pw = "bench_main", passwords["bench_main"]
+        subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", env["PGPORT"], "-U", db, db],
+                       env={**os.environ, "PGPASSWORD": pw}, check=True, capture_output=True)
+        proxy_port, metrics = free_port(), free_port()
+        proxies = [start_proxy(env, proxy_port, metrics, "bench-0")]
+        logs = Path(tempfile.mkdtemp(prefix="dynabase-bench-proxy-"))
+        try:
+            print("== pgbench -S: PgBouncer alone vs proxy -> PgBouncer", flush=True)
+            print(f"{'mode':<9}{'clients':>8}{'pgbouncer tps':>15}{'proxy tps':>12}{'ratio':>8}", flush=True)
+            for mode in () if args.skip_throughput else ("simple", "extended", "prepared"):
+                for clients in (1, 8, 50):
+                    log_dir = logs if clients == 1 else None
+                    base, _, base_lat = pgbench(pool_ports[db], db, pw, clients=clients, mode=mode,
+                                                seconds=args.seconds, log_dir=log_dir)
+                    prox, _, prox_lat = pgbench(proxy_port, db, pw, clients=clients, mode=mode,
+                                                seconds=args.seconds, log_dir=log_dir)
+                    line = f"{mode:<9}{clients:>8}{base:>15.0f}{prox:>12.0f}{prox / base:>8.2f}"
+                    if clients == 1:
+                        added = (statistics.median(prox_lat) - statistics.median(base_lat)) * 1000
+                        added99 = (p99(prox_lat) - p99(base_lat)) * 1000
+                        line += (f"   p99 {p99(base_lat) * 1000:.0f}->{p99(prox_lat) * 1000:.0f} us"
+                                 f" (added: p50 {added:.0f} us, p99 {added99:.0f} us)")
+                    print(line, flush=True)
+
+            print("\n== limiter: 3 proxies, tenant limited to 200 q/s, offered ~10x for 10 s", flush=True)
+            more = [(free_port(), free_port()) for _ in range(2)]
+            proxies += [start_proxy(env, p, m, f"bench-{i + 1}") for i, (p, m) in enumerate(more)]
+            ldb, lpw = "bench_limited", passwords["bench_limited"]
+            script = logs / "select1.sql"
+            script.write_text("SELECT 1;\n")
+            all_ports = [(proxy_port, metrics), *more]
+            leases_before = sum(scrape(m, "dynabase_proxy_redis_leases") for _, m in all_ports)
+            results: list[tuple[float, int, list[float]]] = []
+
+            async def offer() -> None:
+                loop = asyncio.get_running_loop()
+                runs = [loop.run_in_executor(None, lambda p=p: pgbench(p, ldb, lpw, clients=4, mode="simple",
+                                                                       seconds=10, script=script))
+                        for p, _ in all_ports]
+                results.extend(await asyncio.gather(*runs))
+
+            started = time.monotonic()
+            asyncio.run(offer())
+            elapsed = time.monotonic() - started
+            admitted = sum(count for _, count, _ in results)
+            leases = sum(scrape(m, "dynabase_proxy_redis_leases") for _, m in all_ports) - leases_before
+            limit_total = 200 * 10 + 200
+            print(f"admitted {admitted} in {elapsed:.1f}s -> {admitted / 10:.1f} q/s against a limit of 200 "
+                  f"(+burst 200): {admitted / limit_total:.3f} of limit*10s+burst; per proxy "
+                  f"{[c for _, c, _ in results]}; Redis leases per admitted query {leases / max(admitted, 1):.4f}",
+                  flush=True)
+
+            time.sleep(2.5)  # a flush or two
+            client = redis.Redis.from_url(env["DYNABASE_REDIS_URL"], decode_responses=True)
+            counted = 0
+            for key in client.scan_iter("dynabase:usage:*"):
+                for name, value in client.hgetall(key).items():
+                    if name.startswith("bench/bench-limited|"):
+                        counted += int(json.loads(value)["queries"])
+            print(f"\n== metering: proxies counted {counted} queries for the limited tenant; "
+                  f"pgbench completed {admitted} transactions (+ its own connection checks)", flush=True)
+        finally:
+            for proc in proxies:
+                proc.terminate()
+                proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
