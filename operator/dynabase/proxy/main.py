@@ -98,6 +98,7 @@ async def serve(settings: ProxySettings, stop: asyncio.Event, ready: asyncio.Eve
     await proxy.stop()
     for task in (watcher, flusher):
         task.cancel()
+    await asyncio.gather(watcher, flusher, return_exceptions=True)
     await coordinator.close()
     return proxy
 

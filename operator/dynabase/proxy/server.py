@@ -29,6 +29,7 @@ from .metering import Usage
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 30  # Postgres' own limit for a single message
+_HEADER = struct.Struct("!BI").unpack_from  # type byte + length, without slicing the buffer
 Q, E, S, X, F, Z, ERR, K, R = (ord(c) for c in "QESXFZEKR")
 ERR = ord("E")
 STARTUP, CONNECTING, AUTH, READY, CLOSED = range(5)
@@ -406,8 +407,7 @@ class ClientConnection(asyncio.Protocol):
                 self.c_partial = data[i:]
                 start = n
                 break
-            kind = data[i]
-            length = int.from_bytes(data[i + 1 : i + 5], "big")
+            kind, length = _HEADER(data, i)
             if length < 4 or length > MAX_MESSAGE:
                 self.fail("FATAL", "08P01", "invalid message length from client")
                 return
@@ -487,8 +487,7 @@ class ClientConnection(asyncio.Protocol):
                 self.s_partial = data[i:]
                 n = i
                 break
-            kind = data[i]
-            length = int.from_bytes(data[i + 1 : i + 5], "big")
+            kind, length = _HEADER(data, i)
             total = 1 + length
             if kind == Z:
                 status = data[i + 5 : i + 6]
