@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dynabase.devstack.stack import ALL_SERVICES, Devstack, DevstackError
+from dynabase.devstack.stack import ALL_SERVICES, Devstack, DevstackError, free_port
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CRDS = Path(__file__).resolve().parents[2] / "crds"
@@ -41,6 +41,53 @@ def _start_operator(env: dict[str, str], root: Path) -> subprocess.Popen[bytes]:
     )
     log.close()
     return proc
+
+
+def _start_proxy(env: dict[str, str], root: Path, port: int) -> subprocess.Popen[bytes]:
+    log = open(root / "logs" / "proxy.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynabase.cli", "proxy", "--listen", f"127.0.0.1:{port}", "--metrics-port", "0"],
+        env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+    time.sleep(1.5)
+    return proc
+
+
+async def _show_proxy(env: dict[str, str], port: int, seconds: float = 3.0) -> None:
+    import asyncpg
+
+    rows: list[tuple[str, ...]] = []
+    # Each tier's burst (20 and 400 in the examples) is spent first, so the rate shown is the steady one.
+    for name, tier, burst in (("acme", "FREE", 20), ("globex", "PRO", 400)):
+        dsn = f"postgresql://{name}:{_password(env, name)}@127.0.0.1:{port}/{name}"
+        held: list[asyncpg.Connection] = []
+        sixth = "accepted"
+        for _ in range(6):
+            try:
+                held.append(await asyncpg.connect(dsn, statement_cache_size=0))
+            except asyncpg.TooManyConnectionsError as exc:
+                sixth = f"refused ({exc.sqlstate})"
+        conn = held[0]
+        for _ in range(burst + 5):
+            await conn.execute("SELECT 1")
+        done, rejected = 0, 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                await conn.execute("SELECT 1")
+                done += 1
+            except asyncpg.PostgresError:
+                rejected += 1
+        for c in held:
+            await c.close()
+        rows.append((name, tier, sixth, f"{done / seconds:.1f}", str(rejected)))
+    header = ("tenant", "tier", "6th connection", "queries/s (steady)", "rejected")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    print("FREE allows 5 connections and 10 queries/s (throttled, then rejected after 1s in the queue); "
+          "PRO allows 200 connections and 200 queries/s.")
 
 
 def _wait_ready(env: dict[str, str], expected: list[str], timeout: float = 120) -> None:
@@ -129,6 +176,14 @@ def run_demo(root: Path | None, *, keep: bool) -> int:
             print(_kubectl(env, "get", "tenantdatabases", "-A", "-o", "wide"), end="")
             _step("Limits enforced on the real servers")
             asyncio.run(_show_limits(env))
+            _step("Traffic through the tenant proxy (client -> dynabase proxy -> PgBouncer -> Postgres)")
+            proxy_port = free_port()
+            proxy = _start_proxy(env, root, proxy_port)
+            try:
+                asyncio.run(_show_proxy(env, proxy_port))
+            finally:
+                proxy.terminate()
+                proxy.wait(timeout=30)
         finally:
             operator.terminate()
             operator.wait(timeout=30)

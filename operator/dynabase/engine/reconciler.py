@@ -323,8 +323,7 @@ class Engine:
         state: TenantState = "suspended" if tenant.spec.suspended else "active"
         password = await self.secrets.get_password(tenant)
         if password is None and not dry_run:
-            password = generate_password()
-            await self.secrets.create_password(tenant, password)
+            password = await self.secrets.create_password(tenant, generate_password())
         return PostgresTarget(
             key=tenant.key,
             role=tenant.database_name,

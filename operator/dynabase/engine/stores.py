@@ -23,7 +23,9 @@ def generate_password() -> str:
 class SecretStore(Protocol):
     async def get_password(self, tenant: TenantDatabase) -> str | None: ...
 
-    async def create_password(self, tenant: TenantDatabase, password: str) -> None: ...
+    async def create_password(self, tenant: TenantDatabase, password: str) -> str:
+        """Store a generated password; returns the one that is stored (another writer may have won)."""
+        ...
 
 
 class StatusStore(Protocol):
@@ -39,8 +41,8 @@ class MemorySecretStore:
     async def get_password(self, tenant: TenantDatabase) -> str | None:
         return self.passwords.get(tenant.key)
 
-    async def create_password(self, tenant: TenantDatabase, password: str) -> None:
-        self.passwords[tenant.key] = password
+    async def create_password(self, tenant: TenantDatabase, password: str) -> str:
+        return self.passwords.setdefault(tenant.key, password)
 
 
 class DirectorySecretStore:
@@ -67,14 +69,16 @@ class DirectorySecretStore:
         path = self.directory / self._slug(tenant)
         return path.read_text().strip() if path.exists() else None
 
-    async def create_password(self, tenant: TenantDatabase, password: str) -> None:
+    async def create_password(self, tenant: TenantDatabase, password: str) -> str:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.directory / self._slug(tenant)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip()  # someone else generated it first: use theirs
         with os.fdopen(fd, "w") as handle:
             handle.write(password + "\n")
-        tmp.replace(path)
+        return password
 
 
 class MemoryStatusStore:

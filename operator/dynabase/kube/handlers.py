@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import logging
 import random
 from collections.abc import Iterable, Mapping
@@ -38,6 +41,8 @@ class Runtime:
         self.statuses = statuses
         self.settings = settings
         self._policy_cache: dict[tuple[str, str], TierPolicy] = {}
+        # kopf runs a tenant's timer beside its event handlers: one pass per tenant at a time.
+        self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
 
     @classmethod
     async def start(cls, settings: OperatorSettings) -> Runtime:
@@ -83,7 +88,10 @@ class Runtime:
         tenants = [t for t in (self.tenant(b) for b in bodies) if t is not None]
         if not tenants:
             return []
-        result = await self.engine.reconcile_all(self.policies(policy_index), tenants)
+        async with contextlib.AsyncExitStack() as stack:
+            for key in sorted({t.key for t in tenants}):  # sorted: no lock-order deadlocks
+                await stack.enter_async_context(self._locks[key])
+            result = await self.engine.reconcile_all(self.policies(policy_index), tenants)
         by_key = {f"{b['metadata'].get('namespace', 'default')}/{b['metadata']['name']}": b for b in bodies}
         for tenant_result in result.tenants:
             for type_, reason, message in tenant_result.events:
@@ -178,7 +186,8 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         if tenant is None:
             return
         policies = runtime.policies(kwargs["policy_index"])
-        result = await runtime.engine.reconcile_all(policies, [], deleted=[tenant])
+        async with runtime._locks[tenant.key]:
+            result = await runtime.engine.reconcile_all(policies, [], deleted=[tenant])
         failing = [o for r in result.tenants for o in r.outcomes if not o.ok]
         runtime.statuses.forget(tenant.key)
         if not failing:

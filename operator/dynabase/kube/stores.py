@@ -41,7 +41,7 @@ class KubeSecretStore:
         data = (secret.data or {}).get(key)
         return base64.b64decode(data).decode() if data else None
 
-    async def create_password(self, tenant: TenantDatabase, password: str) -> None:
+    async def create_password(self, tenant: TenantDatabase, password: str) -> str:
         """A generated Secret is owned by the TenantDatabase, so it goes with it."""
         name, key = secret_name(tenant)
         owner = client.V1OwnerReference(
@@ -59,12 +59,17 @@ class KubeSecretStore:
         )
         try:
             await asyncio.to_thread(self.core.create_namespaced_secret, tenant.namespace, body)
+            return password
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            # The Secret exists without the key: add it, never overwrite one that is there.
-            patch = {"stringData": {key: password}}
-            await asyncio.to_thread(self.core.patch_namespaced_secret, name, tenant.namespace, patch)
+        # Created meanwhile (a concurrent pass, or the user): theirs wins, never overwrite it.
+        existing = await self.get_password(tenant)
+        if existing is not None:
+            return existing
+        patch = {"stringData": {key: password}}  # the Secret exists without our key: add it
+        await asyncio.to_thread(self.core.patch_namespaced_secret, name, tenant.namespace, patch)
+        return password
 
 
 def status_patch(status: TenantDatabaseStatus) -> dict[str, Any]:
