@@ -260,10 +260,16 @@ class Engine:
             await self._proxy_apply(proxy_state, lowering=False)
 
         if not dry_run:
-            for result in results:
+            # Status writes may be API calls (the operator): a few at a time, not one by one.
+            writers = asyncio.Semaphore(16)
+
+            async def record(result: TenantResult) -> None:
                 previous = statuses.get(result.key)
                 self._count_drift(result, previous)
-                await self._record_status(result, previous, now)
+                async with writers:
+                    await self._record_status(result, previous, now)
+
+            await asyncio.gather(*(record(r) for r in results))
             for result in everyone:
                 for outcome in result.outcomes:
                     if not outcome.ok:

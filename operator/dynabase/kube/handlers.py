@@ -43,6 +43,10 @@ class Runtime:
         self._policy_cache: dict[tuple[str, str], TierPolicy] = {}
         # kopf runs a tenant's timer beside its event handlers: one pass per tenant at a time.
         self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._queue: dict[str, tuple[Mapping[str, Any], Mapping[str, Any]]] = {}
+        self._waiters: dict[str, list[asyncio.Future[TenantResult | None]]] = collections.defaultdict(list)
+        self._batch_task: asyncio.Task[None] | None = None
+        self.batch_window = 0.05
 
     @classmethod
     async def start(cls, settings: OperatorSettings) -> Runtime:
@@ -60,6 +64,41 @@ class Runtime:
 
     async def close(self) -> None:
         await close_engine(self.engine)
+
+    async def submit(self, body: Mapping[str, Any], policy_index: Mapping[str, Any]) -> TenantResult | None:
+        """Reconcile one tenant as part of a micro-batch.
+
+        Events for many tenants (a `kubectl apply` of hundreds, the drift timers)
+        arrive together; one engine pass for all of them observes each backend once
+        and publishes the PgBouncer layout once, instead of once per tenant.
+        """
+        future: asyncio.Future[TenantResult | None] = asyncio.get_running_loop().create_future()
+        key = f"{body['metadata'].get('namespace', 'default')}/{body['metadata']['name']}"
+        self._queue[key] = (body, policy_index)  # the newest body of a tenant wins
+        self._waiters[key].append(future)
+        if self._batch_task is None or self._batch_task.done():
+            self._batch_task = asyncio.create_task(self._run_batch())
+        return await future
+
+    async def _run_batch(self) -> None:
+        while self._queue:
+            await asyncio.sleep(self.batch_window)
+            batch, self._queue = self._queue, {}
+            waiters = {key: self._waiters.pop(key, []) for key in batch}
+            try:
+                results = await self.reconcile([body for body, _ in batch.values()],
+                                               list(batch.values())[-1][1])
+            except Exception as exc:  # every waiter learns of it; kopf retries
+                for futures in waiters.values():
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                continue
+            by_key = {r.key: r for r in results}
+            for key, futures in waiters.items():
+                for future in futures:
+                    if not future.done():
+                        future.set_result(by_key.get(key))
 
     def policies(self, index: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[str, TierPolicy]:
         out: dict[str, TierPolicy] = {}
@@ -129,7 +168,6 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix="dynabase.io", key="last-handled-configuration"
         )
-        settings.batching.worker_limit = operator_settings.concurrency * 4
         if operator_settings.metrics_port:
             start_http_server(operator_settings.metrics_port)
         memo.runtime = await Runtime.start(operator_settings)
@@ -151,10 +189,10 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         return {spec.get("tierPolicyRef", "default"): _plain(body)}
 
     async def reconcile_one(body: kopf.Body, memo: kopf.Memo, policy_index: kopf.Index[str, Any]) -> None:
-        results = await memo.runtime.reconcile([body], policy_index)
-        if results and not results[0].ready:
-            failing = [o for o in results[0].outcomes if not o.ok]
-            reason = results[0].error.message if results[0].error else "; ".join(o.message for o in failing)
+        result = await memo.runtime.submit(body, policy_index)
+        if result is not None and not result.ready:
+            failing = [o for o in result.outcomes if not o.ok]
+            reason = result.error.message if result.error else "; ".join(o.message for o in failing)
             # Retried by kopf with backoff; the timer keeps trying after that.
             raise kopf.TemporaryError(f"not ready: {reason}", delay=3)
 
@@ -170,7 +208,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         # Level-based: the same pass reverts manual changes and applies due downgrades.
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
-        await memo.runtime.reconcile([body], kwargs["policy_index"])
+        await memo.runtime.submit(body, kwargs["policy_index"])
 
     @kopf.on.create(GROUP, VERSION, POLICIES, registry=registry)
     @kopf.on.update(GROUP, VERSION, POLICIES, registry=registry)
