@@ -16,6 +16,9 @@ BACKEND_ERRORS = Counter(
 DRIFT_CORRECTIONS = Counter(
     "dynabase_drift_corrections_total", "Changes written although the declaration had not changed.", ["backend"]
 )
+REDIS_DEMOTIONS = Counter(
+    "dynabase_redis_quota_demotions_total", "Tenants made read-only in Redis for going over their quota."
+)
 STATEMENTS = Counter("dynabase_postgres_statements_total", "Statements the engine wrote to Postgres.")
 TENANTS = Gauge("dynabase_tenants", "Tenants by applied tier and phase.", ["tier", "phase"])
 PENDING_DOWNGRADES = Gauge("dynabase_pending_downgrades", "Tenants waiting out a downgrade grace period.")

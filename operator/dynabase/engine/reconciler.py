@@ -9,6 +9,7 @@ it never stops the others, and the next pass converges.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import random
@@ -23,6 +24,7 @@ import asyncpg
 from dynabase.backends.pgbouncer import PgBouncerBackend, PgBouncerObserved
 from dynabase.backends.postgres import PGBOUNCER_AUTH_ROLE, PostgresBackend
 from dynabase.backends.proxy import ProxyBackend
+from dynabase.backends.redis_acl import RedisBackend
 from dynabase.desired.effective import EffectiveLimits, ResolveError, find_policy, merge
 from dynabase.desired.pgbouncer import PgBouncerDesired, PoolSettings, TenantRoute, plan_lines, pool_name
 from dynabase.desired.postgres import (
@@ -37,6 +39,7 @@ from dynabase.desired.postgres import (
 )
 from dynabase.desired.proxy import ProxyTenantLimits, proxy_limits
 from dynabase.desired.proxy import plan_lines as proxy_plan_lines
+from dynabase.desired.redis import RedisTarget, acl_drift, acl_username, key_prefix, password_hash, quota_verdict
 from dynabase.desired.transition import TierDecision, decide_tier
 from dynabase.spec import TenantDatabase, TenantDatabaseStatus, TierPolicy
 from dynabase.spec.tenant import TierChange
@@ -65,6 +68,7 @@ class TenantResult:
     status: TenantDatabaseStatus | None = None
     status_changed: bool = False
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    password: Password | None = field(default=None, repr=False)
 
     @property
     def key(self) -> str:
@@ -176,6 +180,7 @@ class Engine:
         concurrency: int = 8,
         pgbouncer: PgBouncerBackend | None = None,
         proxy: ProxyBackend | None = None,
+        redis: RedisBackend | None = None,
     ) -> None:
         self.postgres = postgres
         self.secrets = secrets
@@ -184,6 +189,7 @@ class Engine:
         self.concurrency = concurrency
         self.pgbouncer = pgbouncer
         self.proxy = proxy
+        self.redis = redis
         self._bootstrapped = False
         # Partial passes patch the shared PgBouncer layout: read-modify-write under a lock.
         self._layout_lock = asyncio.Lock()
@@ -224,6 +230,7 @@ class Engine:
         for result in results:
             if result.decision is not None:
                 targets[result.key] = await self._postgres_target(result, dry_run)
+                result.password = targets[result.key].password
         for result in deleted_results:
             targets[result.key] = self._deletion_target(result.tenant)
 
@@ -255,6 +262,8 @@ class Engine:
             await self._pgbouncer_pass(results, deleted_results, policies, dry_run, complete)
         if observed is not None and not dry_run:
             await self._postgres_apply([r for r in everyone if r.key in falling], plans)
+        if self.redis is not None:
+            await self._redis_pass(results, deleted_results, dry_run)
         if proxy_state is not None and not dry_run:
             # ... and rise there last, once the backends behind it can take the load.
             await self._proxy_apply(proxy_state, lowering=False)
@@ -388,6 +397,73 @@ class Engine:
             result.outcomes.append(Outcome("PostgresReady", True, "Reconciled", message))
 
         await asyncio.gather(*(apply_one(r) for r in results if r.error is None))
+
+    # -- Redis ------------------------------------------------------------------
+
+    async def _redis_pass(self, results: list[TenantResult], deleted: list[TenantResult], dry_run: bool) -> None:
+        backend = self.redis
+        assert backend is not None
+        active = [r for r in results if r.decision is not None and r.password is not None]
+        try:
+            backend.known_prefixes |= {key_prefix(r.tenant.database_name) for r in active}
+            await backend.walk(sorted(backend.known_prefixes))
+            names = [acl_username(r.tenant.database_name) for r in [*active, *deleted]]
+            observed = await backend.observe(names)
+            canonical = {ro: await backend.canonical_commands(ro) for ro in (False, True)}
+        except Exception as exc:
+            for result in active:
+                result.outcomes.append(Outcome("RedisReady", False, "ObserveFailed", describe_error(exc)))
+            return
+        wrote = False
+        for result in active:
+            tenant, limits = result.tenant, result.limits
+            assert limits is not None and result.password is not None
+            keys, memory = backend.usage(key_prefix(tenant.database_name))
+            verdict = quota_verdict(limits.redis, keys, memory)
+            target = RedisTarget(tenant.key, tenant.database_name, password_hash(result.password.reveal()),
+                                 read_only=verdict.over, enabled=not tenant.spec.suspended)
+            before = observed.get(target.username)
+            why = acl_drift(target, before, canonical[target.read_only])
+            if why:
+                result.plans["redis"] = [f"ACL SETUSER {target.username} ({'; '.join(why)})"]
+            if dry_run:
+                continue
+            try:
+                if why:
+                    await backend.apply(target)
+                    wrote = True
+            except Exception as exc:
+                result.outcomes.append(Outcome("RedisReady", False, "ApplyFailed", describe_error(exc)))
+                continue
+            was_read_only = before is not None and before.commands == canonical[True]
+            if verdict.over:
+                result.outcomes.append(Outcome("RedisReady", False, "QuotaExceeded", verdict.message))
+                if not was_read_only:
+                    metrics.REDIS_DEMOTIONS.inc()
+                    result.events.append(("Warning", "RedisQuotaExceeded", f"writes refused: {verdict.message}"))
+            else:
+                result.outcomes.append(Outcome("RedisReady", True, "Reconciled", f"user {target.username}: "
+                                               f"{verdict.message}"))
+                if was_read_only:
+                    result.events.append(("Normal", "RedisQuotaRestored", f"writes allowed again: {verdict.message}"))
+        for result in deleted:
+            tenant = result.tenant
+            name = acl_username(tenant.database_name)
+            if observed.get(name) is not None:
+                result.plans["redis"] = [f"ACL DELUSER {name}"]
+            if dry_run:
+                continue
+            try:
+                if observed.get(name) is not None:
+                    await backend.apply(RedisTarget(tenant.key, tenant.database_name, "", False, present=False))
+                    wrote = True
+                if tenant.spec.deletion_policy == "Delete":
+                    await backend.drop_keys(key_prefix(tenant.database_name))
+            except Exception as exc:
+                result.outcomes.append(Outcome("RedisReady", False, "DeleteFailed", describe_error(exc)))
+        if wrote:
+            with contextlib.suppress(Exception):
+                await backend.persist()
 
     # -- Proxy ------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.postgres import PostgresBackend
 from dynabase.backends.proxy import ProxyBackend
+from dynabase.backends.redis_acl import RedisBackend
 from dynabase.backends.status_pg import PostgresStatusStore
 
 from .reconciler import Clock, Engine, utcnow
@@ -27,6 +28,8 @@ class EngineSettings:
     secrets_dir: Path
     concurrency: int = 8
     redis_url: str | None = None  # where the PgBouncer layout is published; None = no PgBouncer
+    # The Redis that tenants use (ACL users, quotas); by default the same one.
+    tenant_redis_url: str | None = None
 
     @classmethod
     def from_env(cls, *, postgres_dsn: str | None = None, secrets_dir: str | None = None,
@@ -43,6 +46,8 @@ class EngineSettings:
         return cls(
             dsn, Path(directory), concurrency or int(os.environ.get("DYNABASE_CONCURRENCY", "8")),
             redis_url=redis_url or os.environ.get("DYNABASE_REDIS_URL"),
+            tenant_redis_url=os.environ.get("DYNABASE_TENANT_REDIS_URL") or redis_url
+            or os.environ.get("DYNABASE_REDIS_URL"),
         )
 
 
@@ -55,10 +60,12 @@ async def start_engine(
     await postgres.start()
     pgbouncer = PgBouncerBackend(settings.redis_url) if settings.redis_url else None
     proxy = ProxyBackend(settings.redis_url) if settings.redis_url else None
+    tenant_redis = RedisBackend(settings.tenant_redis_url) if settings.tenant_redis_url else None
     return Engine(
         postgres=postgres,
         pgbouncer=pgbouncer,
         proxy=proxy,
+        redis=tenant_redis,
         secrets=secrets or DirectorySecretStore(settings.secrets_dir),
         status_store=status_store or PostgresStatusStore(postgres.pool),
         clock=clock,
@@ -72,6 +79,8 @@ async def close_engine(engine: Engine) -> None:
         await engine.pgbouncer.close()
     if engine.proxy is not None:
         await engine.proxy.close()
+    if engine.redis is not None:
+        await engine.redis.close()
 
 
 @asynccontextmanager

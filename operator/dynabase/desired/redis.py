@@ -1,0 +1,96 @@
+"""Redis: per-tenant ACL users confined to their key prefix, and quota decisions. Pure."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from .effective import RedisEffective
+
+# Commands a tenant never gets: keyspace-wide ones ignore key patterns (KEYS, SCAN,
+# RANDOMKEY), and the rest would cross tenants or harm the server.
+DENIED = ("-@dangerous", "-keys", "-scan", "-randomkey", "-select", "-swapdb", "-flushall", "-flushdb",
+          "-config", "-acl", "-debug", "-shutdown", "-module", "-monitor", "-client", "-cluster", "-migrate")
+# Over quota: no writes, except deleting keys, which is how a tenant gets back under.
+READ_ONLY = ("-@write", "+del", "+unlink")
+
+
+def acl_username(database: str) -> str:
+    return f"tenant_{database}"
+
+
+def key_prefix(database: str) -> str:
+    return f"t:{database}:"
+
+
+def password_hash(password: str) -> str:
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def command_rules(read_only: bool) -> list[str]:
+    return ["+@all", *DENIED, *(READ_ONLY if read_only else ())]
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    key: str
+    database: str
+    password_sha256: str
+    read_only: bool
+    present: bool = True  # False: remove the user
+    enabled: bool = True  # False (suspended): the user stays but cannot log in
+
+    @property
+    def username(self) -> str:
+        return acl_username(self.database)
+
+    def setuser_args(self) -> list[str]:
+        prefix = key_prefix(self.database)
+        return ["reset", "on" if self.enabled else "off", f"#{self.password_sha256}", f"~{prefix}*",
+                "resetchannels", f"&{prefix}*", *command_rules(self.read_only)]
+
+
+@dataclass(frozen=True)
+class ObservedAcl:
+    flags: tuple[str, ...]
+    passwords: tuple[str, ...]
+    commands: str
+    keys: str
+    channels: str
+
+
+def acl_drift(target: RedisTarget, observed: ObservedAcl | None, canonical_commands: str) -> list[str]:
+    """Why the user must be rewritten (empty: it matches)."""
+    if observed is None:
+        return ["create ACL user"]
+    why = []
+    prefix = key_prefix(target.database)
+    if ("on" in observed.flags) != target.enabled:
+        why.append("user is disabled" if target.enabled else "user is enabled")
+    if observed.passwords != (target.password_sha256,):
+        why.append("password differs")
+    if observed.keys != f"~{prefix}*":
+        why.append(f"key patterns are {observed.keys!r}")
+    if observed.channels != f"&{prefix}*":
+        why.append(f"channels are {observed.channels!r}")
+    if observed.commands != canonical_commands:
+        why.append(f"commands are {observed.commands!r}")
+    return why
+
+
+@dataclass(frozen=True)
+class QuotaVerdict:
+    over: bool
+    message: str
+
+
+def quota_verdict(limits: RedisEffective, keys: int | None, memory_bytes: int | None) -> QuotaVerdict:
+    if keys is None:
+        return QuotaVerdict(False, "usage not measured yet")
+    if limits.max_keys is not None and keys > limits.max_keys:
+        return QuotaVerdict(True, f"{keys} keys, tier allows {limits.max_keys}; writes are refused until "
+                                  "keys are deleted or the tier is raised")
+    if limits.max_memory is not None and memory_bytes is not None and memory_bytes > limits.max_memory.bytes:
+        return QuotaVerdict(True, f"about {memory_bytes // 1024} kB used, tier allows {limits.max_memory}; "
+                                  "writes are refused until usage drops or the tier is raised")
+    return QuotaVerdict(False, f"{keys} keys")
