@@ -370,11 +370,11 @@ async def test_garbage_from_clients_never_crashes_or_leaks(env: Env, garbage: li
     with contextlib.suppress(ConnectionError, asyncio.TimeoutError):
         await asyncio.wait_for(reader.read(), 2)
     writer.close()
-    for _ in range(40):
+    for _ in range(100):  # closing may wait on the upstream a moment under load
         if len(proxy.connections) <= before:
             break
         await asyncio.sleep(0.05)
-    assert len(proxy.connections) <= before
+    assert len(proxy.connections) <= before, f"connection left open after {garbage!r}"
 
 
 def _proxy_of(env: Env) -> Any:

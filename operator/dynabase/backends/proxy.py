@@ -31,6 +31,11 @@ class ProxyBackend:
                 continue  # unreadable entry: rewritten by this pass
         return out
 
+    async def usage_fields(self, hour: int) -> dict[str, str]:
+        """The proxies' cumulative counters for one hour: "<tenant>|<replica>" -> JSON."""
+        raw = await self._redis.hgetall(f"dynabase:usage:{hour}")
+        return {str(k): str(v) for k, v in raw.items()}
+
     async def apply(self, changed: dict[str, ProxyTenantLimits], removed: list[str]) -> None:
         if not changed and not removed:
             return

@@ -17,6 +17,9 @@ class Outcome:
     ok: bool
     reason: str
     message: str = ""
+    # Shown as its own False condition but not held against Ready: a known limit of the
+    # server (FerretDB's missing roles), not something a reconcile can fix.
+    advisory: bool = False
 
 
 def build_conditions(
@@ -27,7 +30,8 @@ def build_conditions(
     for outcome in outcomes:
         out.append(make_condition(outcome.condition_type, outcome.ok, outcome.reason, outcome.message,
                               previous, generation, now))
-    failing = [o for o in outcomes if not o.ok]
+    failing = [o for o in outcomes if not o.ok and not o.advisory]
+    notes = [f"{o.condition_type}: {o.reason}" for o in outcomes if not o.ok and o.advisory]
     if failing:
         ready = make_condition(
             "Ready", False, failing[0].reason,
@@ -35,8 +39,10 @@ def build_conditions(
             previous, generation, now,
         )
     else:
-        ready = make_condition("Ready", True, "Reconciled", "all backends match the declared tier",
-                           previous, generation, now)
+        message = "all backends match the declared tier"
+        if notes:
+            message += " (advisory: " + "; ".join(notes) + ")"
+        ready = make_condition("Ready", True, "Reconciled", message, previous, generation, now)
     out.append(ready)
     return out
 

@@ -21,11 +21,13 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from dynabase.backends.mongo import MongoBackend
 from dynabase.backends.pgbouncer import PgBouncerBackend, PgBouncerObserved
 from dynabase.backends.postgres import PGBOUNCER_AUTH_ROLE, PostgresBackend
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.backends.redis_acl import RedisBackend
 from dynabase.desired.effective import EffectiveLimits, ResolveError, find_policy, merge
+from dynabase.desired.mongo import org_changed, org_document
 from dynabase.desired.pgbouncer import PgBouncerDesired, PoolSettings, TenantRoute, plan_lines, pool_name
 from dynabase.desired.postgres import (
     Password,
@@ -84,7 +86,7 @@ class TenantResult:
 
     @property
     def ready(self) -> bool:
-        return self.error is None and all(o.ok for o in self.outcomes)
+        return self.error is None and all(o.ok or o.advisory for o in self.outcomes)
 
     @property
     def changes(self) -> bool:
@@ -181,6 +183,7 @@ class Engine:
         pgbouncer: PgBouncerBackend | None = None,
         proxy: ProxyBackend | None = None,
         redis: RedisBackend | None = None,
+        mongo: MongoBackend | None = None,
     ) -> None:
         self.postgres = postgres
         self.secrets = secrets
@@ -190,6 +193,8 @@ class Engine:
         self.pgbouncer = pgbouncer
         self.proxy = proxy
         self.redis = redis
+        self.mongo = mongo
+        self._last_rollup = 0.0
         self._bootstrapped = False
         # Partial passes patch the shared PgBouncer layout: read-modify-write under a lock.
         self._layout_lock = asyncio.Lock()
@@ -264,6 +269,8 @@ class Engine:
             await self._postgres_apply([r for r in everyone if r.key in falling], plans)
         if self.redis is not None:
             await self._redis_pass(results, deleted_results, dry_run)
+        if self.mongo is not None:
+            await self._mongo_pass(results, deleted_results, policies, dry_run)
         if proxy_state is not None and not dry_run:
             # ... and rise there last, once the backends behind it can take the load.
             await self._proxy_apply(proxy_state, lowering=False)
@@ -465,6 +472,76 @@ class Engine:
             with contextlib.suppress(Exception):
                 await backend.persist()
 
+    # -- MongoDB ----------------------------------------------------------------
+
+    async def _mongo_pass(self, results: list[TenantResult], deleted: list[TenantResult],
+                          policies: dict[str, TierPolicy], dry_run: bool) -> None:
+        backend = self.mongo
+        assert backend is not None
+        active = [r for r in results if r.decision is not None and r.password is not None]
+        try:
+            roles_supported = await backend.detect()
+            orgs = await backend.orgs([r.key for r in [*active, *deleted]])
+        except Exception as exc:
+            for result in active:
+                result.outcomes.append(Outcome("MongoReady", False, "ObserveFailed", describe_error(exc)))
+            return
+        for result in active:
+            tenant, limits = result.tenant, result.limits
+            assert limits is not None and result.password is not None
+            database = tenant.database_name
+            roles = [{"role": "readWrite", "db": database}] if roles_supported else []
+            policy = policies.get(tenant.spec.tier_policy_ref)
+            doc = org_document(tenant.key, tenant.spec.org_id, database, limits, tenant.spec.tier_policy_ref,
+                               policy.metadata.generation if policy else None)
+            if org_changed(orgs.get(tenant.key), doc):
+                result.plans.setdefault("mongo", []).append(f"upsert organizations/{tenant.key} (tier {limits.tier})")
+            if dry_run:
+                continue
+            try:
+                current = await backend.user(database, database)
+                done = await backend.ensure_user(database, database, result.password.reveal(), roles, current)
+                if done:
+                    result.plans.setdefault("mongo", []).append(f"user {database}: {', '.join(done)}")
+                await backend.upsert_org(doc, orgs.get(tenant.key))
+            except Exception as exc:
+                result.outcomes.append(Outcome("MongoReady", False, "ApplyFailed", describe_error(exc)))
+                continue
+            if roles_supported:
+                result.outcomes.append(Outcome("MongoReady", True, "Reconciled", f"user {database}: readWrite"))
+            else:
+                result.outcomes.append(Outcome(
+                    "MongoReady", False, "RolesUnsupported",
+                    f"user {database} exists without roles: this server (FerretDB) has no authorization, "
+                    "so any authenticated user can read other databases", advisory=True,
+                ))
+        for result in deleted:
+            if dry_run:
+                continue
+            tenant = result.tenant
+            try:
+                await backend.drop_user(tenant.database_name, tenant.database_name,
+                                        drop_database=tenant.spec.deletion_policy == "Delete")
+                await backend.delete_org(tenant.key)
+            except Exception as exc:
+                result.outcomes.append(Outcome("MongoReady", False, "DeleteFailed", describe_error(exc)))
+        if not dry_run and self.proxy is not None and time.monotonic() - self._last_rollup > 60:
+            await self.rollup_usage()
+
+    async def rollup_usage(self, hours: int = 2) -> int:
+        """Copy the proxies' hourly usage into dynabase.tenantUsage (idempotent upserts)."""
+        if self.mongo is None or self.proxy is None:
+            return 0
+        self._last_rollup = time.monotonic()
+        written = 0
+        current = int(time.time() // 3600)
+        with contextlib.suppress(Exception):
+            for hour in range(current - hours + 1, current + 1):
+                fields = await self.proxy.usage_fields(hour)
+                if fields:
+                    written += await self.mongo.write_usage(hour, fields)
+        return written
+
     # -- Proxy ------------------------------------------------------------------
 
     async def _proxy_prepare(
@@ -664,7 +741,7 @@ class Engine:
                 result.events.append(("Normal", "DowngradeCancelled", f"tier stays {decision.applied_tier}"))
             if tenant.spec.suspended:
                 phase = "Suspended"
-            elif any(not o.ok for o in result.outcomes):
+            elif not result.ready:
                 phase = "Degraded"
             else:
                 phase = "Active"

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynabase.backends.mongo import MongoBackend
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.postgres import PostgresBackend
 from dynabase.backends.proxy import ProxyBackend
@@ -30,6 +31,7 @@ class EngineSettings:
     redis_url: str | None = None  # where the PgBouncer layout is published; None = no PgBouncer
     # The Redis that tenants use (ACL users, quotas); by default the same one.
     tenant_redis_url: str | None = None
+    mongo_url: str | None = None  # tenant users and the organizations/tenantUsage collections
 
     @classmethod
     def from_env(cls, *, postgres_dsn: str | None = None, secrets_dir: str | None = None,
@@ -48,6 +50,7 @@ class EngineSettings:
             redis_url=redis_url or os.environ.get("DYNABASE_REDIS_URL"),
             tenant_redis_url=os.environ.get("DYNABASE_TENANT_REDIS_URL") or redis_url
             or os.environ.get("DYNABASE_REDIS_URL"),
+            mongo_url=os.environ.get("DYNABASE_MONGO_URL"),
         )
 
 
@@ -61,11 +64,13 @@ async def start_engine(
     pgbouncer = PgBouncerBackend(settings.redis_url) if settings.redis_url else None
     proxy = ProxyBackend(settings.redis_url) if settings.redis_url else None
     tenant_redis = RedisBackend(settings.tenant_redis_url) if settings.tenant_redis_url else None
+    mongo = MongoBackend(settings.mongo_url) if settings.mongo_url else None
     return Engine(
         postgres=postgres,
         pgbouncer=pgbouncer,
         proxy=proxy,
         redis=tenant_redis,
+        mongo=mongo,
         secrets=secrets or DirectorySecretStore(settings.secrets_dir),
         status_store=status_store or PostgresStatusStore(postgres.pool),
         clock=clock,
@@ -81,6 +86,8 @@ async def close_engine(engine: Engine) -> None:
         await engine.proxy.close()
     if engine.redis is not None:
         await engine.redis.close()
+    if engine.mongo is not None:
+        await engine.mongo.close()
 
 
 @asynccontextmanager
