@@ -11,20 +11,32 @@ import argparse
 import asyncio
 import time
 
+import redis
+
 from bench.common import devstack, policy, tenants
+from dynabase.backends.mongo import MongoBackend
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.postgres import PostgresBackend
+from dynabase.backends.proxy import ProxyBackend
+from dynabase.backends.redis_acl import RedisBackend
 from dynabase.engine.reconciler import Engine
 from dynabase.engine.stores import MemorySecretStore, MemoryStatusStore
 
 
-async def run(count: int, concurrency: int, env: dict[str, str]) -> None:
+def redis_calls(url: str) -> int:
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return sum(int(v["calls"]) for v in stats.values())
+
+
+async def run(count: int, concurrency: int, env: dict[str, str], *, tenant_redis: bool, mongo: bool) -> None:
     postgres = PostgresBackend(env["DYNABASE_POSTGRES_DSN"], pool_size=concurrency)
     await postgres.start()
     pgbouncer = PgBouncerBackend(env["DYNABASE_REDIS_URL"], confirm_timeout=30)
     statuses = MemoryStatusStore()
     engine = Engine(postgres=postgres, pgbouncer=pgbouncer, secrets=MemorySecretStore(), status_store=statuses,
-                    concurrency=concurrency)
+                    concurrency=concurrency, proxy=ProxyBackend(env["DYNABASE_REDIS_URL"]),
+                    redis=RedisBackend(env["DYNABASE_REDIS_URL"]) if tenant_redis else None,
+                    mongo=MongoBackend(env["DYNABASE_MONGO_URL"]) if mongo else None)
     policies = {"default": policy()}
     declared = tenants(count)
     try:
@@ -37,24 +49,39 @@ async def run(count: int, concurrency: int, env: dict[str, str]) -> None:
               f"{pgbouncer.writes} PgBouncer layout publish(es)", flush=True)
         for label in ("no-drift pass #1", "no-drift pass #2"):
             status_writes, publishes = statuses.writes, pgbouncer.writes
+            calls = redis_calls(env["DYNABASE_REDIS_URL"])
+            redis_writes = engine.redis.writes if engine.redis else 0
+            mongo_writes = engine.mongo.writes if engine.mongo else 0
             started = time.monotonic()
             quiet = await engine.reconcile_all(policies, declared, complete=True)
             seconds = time.monotonic() - started
+            extra = ""
+            if engine.redis:
+                extra += f", Redis ACL writes {engine.redis.writes - redis_writes}"
+            if engine.mongo:
+                extra += f", MongoDB writes {engine.mongo.writes - mongo_writes}"
             print(f"{label}: {seconds:.2f}s, {quiet.writes} statements written, "
-                  f"{statuses.writes - status_writes} status writes, {pgbouncer.writes - publishes} publishes",
+                  f"{statuses.writes - status_writes} status writes, {pgbouncer.writes - publishes} publishes, "
+                  f"{redis_calls(env['DYNABASE_REDIS_URL']) - calls - 1} Redis commands in all{extra}",
                   flush=True)
     finally:
         await postgres.close()
         await pgbouncer.close()
+        for backend in (engine.proxy, engine.redis, engine.mongo):
+            if backend is not None:
+                await backend.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tenants", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--redis", action="store_true", help="also tenant ACL users and quotas")
+    parser.add_argument("--mongo", action="store_true", help="also MongoDB users and org records (FerretDB)")
     args = parser.parse_args()
-    with devstack(["postgres", "redis", "pgbouncer"]) as env:
-        asyncio.run(run(args.tenants, args.concurrency, env))
+    services = ["postgres", "redis", "pgbouncer", *(["ferretdb"] if args.mongo else [])]
+    with devstack(services) as env:
+        asyncio.run(run(args.tenants, args.concurrency, env, tenant_redis=args.redis, mongo=args.mongo))
 
 
 if __name__ == "__main__":

@@ -107,10 +107,11 @@ async def env(stack: Stack) -> AsyncIterator[Env]:
     port = _free_port()
     settings = ProxySettings("127.0.0.1", port, "127.0.0.1", stack.env["DYNABASE_REDIS_URL"], None,
                              f"test-{suffix}", 0)
-    task = asyncio.create_task(serve(settings, stop, ready))
+    started: list[Any] = []
+    task = asyncio.create_task(serve(settings, stop, ready, on_start=started.append))
     await asyncio.wait_for(ready.wait(), 10)
     try:
-        yield Env(stack, engine, secrets, port, None, tenants)
+        yield Env(stack, engine, secrets, port, started[0], tenants)
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
@@ -359,7 +360,7 @@ async def test_metering_counts_queries_exactly_and_flush_is_idempotent(env: Env)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(garbage=st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=4))
 async def test_garbage_from_clients_never_crashes_or_leaks(env: Env, garbage: list[bytes]) -> None:
-    proxy = _proxy_of(env)
+    proxy = env.proxy
     before = len(proxy.connections)
     reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
     for chunk in garbage:
@@ -375,16 +376,6 @@ async def test_garbage_from_clients_never_crashes_or_leaks(env: Env, garbage: li
             break
         await asyncio.sleep(0.05)
     assert len(proxy.connections) <= before, f"connection left open after {garbage!r}"
-
-
-def _proxy_of(env: Env) -> Any:
-    import gc
-
-    from dynabase.proxy.server import Proxy
-
-    proxies = [o for o in gc.get_objects() if isinstance(o, Proxy) and o.server is not None and o.port == env.port]
-    assert proxies
-    return proxies[0]
 
 
 async def test_oversized_startup_is_refused_with_an_error(env: Env) -> None:

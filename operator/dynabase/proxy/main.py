@@ -7,7 +7,7 @@ import contextlib
 import signal
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, start_http_server
@@ -71,7 +71,8 @@ def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     return context
 
 
-async def serve(settings: ProxySettings, stop: asyncio.Event, ready: asyncio.Event | None = None) -> Proxy:
+async def serve(settings: ProxySettings, stop: asyncio.Event, ready: asyncio.Event | None = None,
+                on_start: Callable[[Proxy], None] | None = None) -> Proxy:
     router = Router()
     proxy = Proxy(
         ProxyConfig(listen_host=settings.listen_host, listen_port=settings.listen_port,
@@ -92,6 +93,8 @@ async def serve(settings: ProxySettings, stop: asyncio.Event, ready: asyncio.Eve
         with contextlib.suppress(ValueError):
             REGISTRY.register(TenantCollector(proxy))
         start_http_server(settings.metrics_port)
+    if on_start is not None:
+        on_start(proxy)
     if ready is not None:
         ready.set()
     await stop.wait()
