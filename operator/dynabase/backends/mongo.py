@@ -23,6 +23,23 @@ from dynabase.desired.mongo import ORG_DB, ORGS, USAGE, org_changed, rollup
 class MongoUser:
     exists: bool
     roles: list[dict[str, str]]
+    scram: dict[str, Any] | None = None  # SCRAM-SHA-256 credentials, to check a password locally
+
+
+def scram_sha256_matches(credentials: dict[str, Any], password: str) -> bool:
+    """MongoDB's SCRAM-SHA-256 record (salt, iterationCount, storedKey, serverKey) against a password."""
+    import base64
+    import hmac
+
+    try:
+        salt = base64.b64decode(credentials["salt"])
+        iterations = int(credentials["iterationCount"])
+        stored = base64.b64decode(credentials["storedKey"])
+    except (KeyError, ValueError, TypeError):
+        return False
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    return hmac.compare_digest(hashlib.sha256(client_key).digest(), stored)
 
 
 class MongoBackend:
@@ -45,17 +62,23 @@ class MongoBackend:
         return self.roles_supported
 
     async def user(self, database: str, username: str) -> MongoUser:
-        reply = await self.client[database].command("usersInfo", username)
+        reply = await self.client[database].command({"usersInfo": username, "showCredentials": True})
         users = reply.get("users", [])
         if not users:
             return MongoUser(False, [])
-        return MongoUser(True, [{"role": r["role"], "db": r["db"]} for r in users[0].get("roles", [])])
+        roles = [{"role": r["role"], "db": r["db"]} for r in users[0].get("roles", [])]
+        return MongoUser(True, roles, (users[0].get("credentials") or {}).get("SCRAM-SHA-256"))
 
-    async def password_ok(self, database: str, username: str, password: str) -> bool:
-        """Checked by logging in (there is no way to read a SCRAM secret back); remembered after."""
-        key = hashlib.sha256(f"{database}\0{username}\0{password}".encode()).digest()
+    async def password_ok(self, database: str, username: str, password: str, scram: dict[str, Any] | None) -> bool:
+        """Compare with the stored SCRAM credentials (PBKDF2, no login); remembered after a match."""
+        key = hashlib.sha256(f"{database}\0{username}\0{password}\0{scram}".encode()).digest()
         if key in self._verified:
             return True
+        if scram:
+            ok = scram_sha256_matches(scram, password)
+            if ok:
+                self._verified.add(key)
+            return ok
         probe: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
             self.url, username=username, password=password, authSource=database,
             authMechanism="SCRAM-SHA-256", serverSelectionTimeoutMS=5000,
@@ -81,7 +104,7 @@ class MongoBackend:
         if current.roles != roles and self.roles_supported:
             await db.command("updateUser", username, roles=roles)
             done.append("roles")
-        if not await self.password_ok(database, username, password):
+        if not await self.password_ok(database, username, password, current.scram):
             await db.command("updateUser", username, pwd=password)
             done.append("password")
         self.writes += len(done)

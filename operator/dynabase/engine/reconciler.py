@@ -195,6 +195,8 @@ class Engine:
         self.redis = redis
         self.mongo = mongo
         self._last_rollup = 0.0
+        self._mongo_cursor = 0
+        self.mongo_checks_per_pass = 200
         self._bootstrapped = False
         # Partial passes patch the shared PgBouncer layout: read-modify-write under a lock.
         self._layout_lock = asyncio.Lock()
@@ -486,6 +488,14 @@ class Engine:
             for result in active:
                 result.outcomes.append(Outcome("MongoReady", False, "ObserveFailed", describe_error(exc)))
             return
+        # Checking a user costs a round trip per tenant database; beyond new or changed tenants,
+        # a rotating slice is checked each pass (bounded work), so drift is found within a few passes.
+        checked = {r.key for r in active if r.key not in orgs}
+        if active:
+            start = self._mongo_cursor % len(active)
+            rotation = (active[start:] + active[:start])[: self.mongo_checks_per_pass]
+            checked |= {r.key for r in rotation}
+            self._mongo_cursor = start + len(rotation)
         for result in active:
             tenant, limits = result.tenant, result.limits
             assert limits is not None and result.password is not None
@@ -499,10 +509,11 @@ class Engine:
             if dry_run:
                 continue
             try:
-                current = await backend.user(database, database)
-                done = await backend.ensure_user(database, database, result.password.reveal(), roles, current)
-                if done:
-                    result.plans.setdefault("mongo", []).append(f"user {database}: {', '.join(done)}")
+                if result.key in checked or org_changed(orgs.get(tenant.key), doc):
+                    current = await backend.user(database, database)
+                    done = await backend.ensure_user(database, database, result.password.reveal(), roles, current)
+                    if done:
+                        result.plans.setdefault("mongo", []).append(f"user {database}: {', '.join(done)}")
                 await backend.upsert_org(doc, orgs.get(tenant.key))
             except Exception as exc:
                 result.outcomes.append(Outcome("MongoReady", False, "ApplyFailed", describe_error(exc)))
