@@ -196,7 +196,7 @@ class Engine:
         self.mongo = mongo
         self._last_rollup = 0.0
         self._mongo_cursor = 0
-        self.mongo_checks_per_pass = 200
+        self.mongo_checks_per_pass = 100
         self._bootstrapped = False
         # Partial passes patch the shared PgBouncer layout: read-modify-write under a lock.
         self._layout_lock = asyncio.Lock()
@@ -496,7 +496,9 @@ class Engine:
             rotation = (active[start:] + active[:start])[: self.mongo_checks_per_pass]
             checked |= {r.key for r in rotation}
             self._mongo_cursor = start + len(rotation)
-        for result in active:
+        semaphore = asyncio.Semaphore(self.concurrency)
+
+        async def one(result: TenantResult) -> None:
             tenant, limits = result.tenant, result.limits
             assert limits is not None and result.password is not None
             database = tenant.database_name
@@ -507,17 +509,19 @@ class Engine:
             if org_changed(orgs.get(tenant.key), doc):
                 result.plans.setdefault("mongo", []).append(f"upsert organizations/{tenant.key} (tier {limits.tier})")
             if dry_run:
-                continue
+                return
             try:
-                if result.key in checked or org_changed(orgs.get(tenant.key), doc):
-                    current = await backend.user(database, database)
-                    done = await backend.ensure_user(database, database, result.password.reveal(), roles, current)
-                    if done:
-                        result.plans.setdefault("mongo", []).append(f"user {database}: {', '.join(done)}")
-                await backend.upsert_org(doc, orgs.get(tenant.key))
+                async with semaphore:
+                    if result.key in checked or org_changed(orgs.get(tenant.key), doc):
+                        current = await backend.user(database, database)
+                        done = await backend.ensure_user(database, database, result.password.reveal(), roles,
+                                                         current)
+                        if done:
+                            result.plans.setdefault("mongo", []).append(f"user {database}: {', '.join(done)}")
+                    await backend.upsert_org(doc, orgs.get(tenant.key))
             except Exception as exc:
                 result.outcomes.append(Outcome("MongoReady", False, "ApplyFailed", describe_error(exc)))
-                continue
+                return
             if roles_supported:
                 result.outcomes.append(Outcome("MongoReady", True, "Reconciled", f"user {database}: readWrite"))
             else:
@@ -526,6 +530,8 @@ class Engine:
                     f"user {database} exists without roles: this server (FerretDB) has no authorization, "
                     "so any authenticated user can read other databases", advisory=True,
                 ))
+
+        await asyncio.gather(*(one(r) for r in active))
         for result in deleted:
             if dry_run:
                 continue
