@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=1000)
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--steady-seconds", type=int, default=60)
+    parser.add_argument("--drift-interval", type=float, default=60)
+    parser.add_argument("--max-workers", type=int, default=100)
     parser.add_argument("--settle-seconds", type=int, default=0, help="wait this long after all Ready first")
     args = parser.parse_args()
     with devstack(["postgres", "redis", "pgbouncer", "etcd", "kube-apiserver"]) as env:
@@ -70,7 +72,8 @@ def main() -> None:
         log = open(Path(tempfile.gettempdir()) / "dynabase-bench-operator.log", "wb")  # noqa: SIM115
         operator = subprocess.Popen(
             [sys.executable, "-m", "dynabase.cli", "operator", "--metrics-port", "0", "--liveness-port", "0",
-             "--drift-interval", "60", "--concurrency", "8"],
+             "--drift-interval", str(args.drift_interval), "--concurrency", "8",
+             "--max-workers", str(args.max_workers)],
             env={**os.environ, **env, "DYNABASE_LOG_LEVEL": "WARNING"}, stdout=log, stderr=subprocess.STDOUT,
         )
         try:

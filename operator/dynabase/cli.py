@@ -145,6 +145,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     settings = OperatorSettings.from_env(
         namespaces=args.namespace or None, drift_interval=args.drift_interval, concurrency=args.concurrency,
         peering=args.peering, metrics_port=args.metrics_port, liveness_port=args.liveness_port,
+        max_workers=args.max_workers,
     )
     run(settings)
     return EXIT_OK
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--peering", help="peering name: one active replica among several (default standalone)")
     op.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090, 0 = off)")
     op.add_argument("--liveness-port", type=int, help="/healthz port (default 8080, 0 = off)")
+    op.add_argument("--max-workers", type=int,
+                    help="objects handled in parallel (default 100; 0 = unbounded: faster, more memory)")
     op.set_defaults(func=_cmd_operator)
 
     px = sub.add_parser("proxy", help="the tenant proxy in front of PgBouncer")

@@ -168,6 +168,9 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
             prefix="dynabase.io", key="last-handled-configuration"
         )
+        # Bounded parallel workers keep memory flat when thousands of objects arrive at once
+        # (micro-batching still folds their events into few engine passes); more is faster.
+        settings.batching.worker_limit = operator_settings.max_workers or None
         if operator_settings.metrics_port:
             start_http_server(operator_settings.metrics_port)
         memo.runtime = await Runtime.start(operator_settings)
@@ -202,13 +205,15 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     async def tenant_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
         await reconcile_one(body, memo, kwargs["policy_index"])
 
-    @kopf.timer(GROUP, VERSION, TENANTS, registry=registry, interval=settings.drift_interval,
-                initial_delay=lambda **_: random.uniform(0, settings.drift_interval))
-    async def drift(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-        # Level-based: the same pass reverts manual changes and applies due downgrades.
-        if body.get("metadata", {}).get("deletionTimestamp"):
-            return
-        await memo.runtime.submit(body, kwargs["policy_index"])
+    if settings.drift_interval > 0:  # 0 turns drift correction off (e.g. to measure without it)
+
+        @kopf.timer(GROUP, VERSION, TENANTS, registry=registry, interval=settings.drift_interval,
+                    initial_delay=lambda **_: random.uniform(0, settings.drift_interval))
+        async def drift(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+            # Level-based: the same pass reverts manual changes and applies due downgrades.
+            if body.get("metadata", {}).get("deletionTimestamp"):
+                return
+            await memo.runtime.submit(body, kwargs["policy_index"])
 
     @kopf.on.create(GROUP, VERSION, POLICIES, registry=registry)
     @kopf.on.update(GROUP, VERSION, POLICIES, registry=registry)

@@ -15,6 +15,7 @@ class OperatorSettings:
     metrics_port: int = 9090
     liveness_port: int = 8080
     delete_retries: int = 5
+    max_workers: int = 100  # objects handled in parallel; 0 = unbounded (faster, more memory)
 
     @classmethod
     def from_env(cls, **overrides: object) -> OperatorSettings:
@@ -26,6 +27,7 @@ class OperatorSettings:
             "peering": env.get("DYNABASE_PEERING") or None,
             "metrics_port": int(env.get("DYNABASE_METRICS_PORT", "9090")),
             "liveness_port": int(env.get("DYNABASE_LIVENESS_PORT", "8080")),
+            "max_workers": int(env.get("DYNABASE_MAX_WORKERS", "100")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
