@@ -108,6 +108,17 @@ def _wait_ready(env: dict[str, str], expected: list[str], timeout: float = 120) 
     raise DevstackError(f"tenants not Ready after {timeout:.0f}s: ready={sorted(ready)}")
 
 
+def _summary(env: dict[str, str]) -> None:
+    import json
+
+    items = json.loads(_kubectl(env, "get", "tenantdatabases", "-A", "-o", "json"))["items"]
+    for item in sorted(items, key=lambda i: i["metadata"]["name"]):
+        conditions = {c["type"]: c for c in item.get("status", {}).get("conditions", [])}
+        parts = [f"{t}: {conditions[t]['message']}" for t in ("PostgresReady", "PgBouncerReady", "ProxyReady")
+                 if t in conditions]
+        print(f"  {item['metadata']['name']:<14} {item['status'].get('appliedTier', '?'):<11} " + " | ".join(parts))
+
+
 def _password(env: dict[str, str], tenant: str) -> str:
     import base64
 
@@ -174,6 +185,8 @@ def run_demo(root: Path | None, *, keep: bool) -> int:
             _wait_ready(env, [p.stem for p in (EXAMPLES / "tenants").glob("*.yaml")])
             _step("kubectl get tenantdatabases")
             print(_kubectl(env, "get", "tenantdatabases", "-A", "-o", "wide"), end="")
+            _step("What each tenant got (from its status conditions)")
+            _summary(env)
             _step("Limits enforced on the real servers")
             asyncio.run(_show_limits(env))
             _step("Traffic through the tenant proxy (client -> dynabase proxy -> PgBouncer -> Postgres)")
