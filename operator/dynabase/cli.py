@@ -169,6 +169,49 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_headless(args: argparse.Namespace) -> int:
+    import asyncio
+    import datetime as dt
+    import os
+    import signal
+
+    from dynabase.engine.runtime import EngineSettings, SettingsError, close_engine, start_engine
+    from dynabase.headless.http import serve
+    from dynabase.headless.reconciler import HeadlessReconciler
+    from dynabase.headless.source import DirectorySource, GitSource
+    from dynabase.spec.units import Duration
+
+    try:
+        settings = EngineSettings.from_env(postgres_dsn=args.postgres_dsn, secrets_dir=args.secrets_dir)
+    except SettingsError as exc:
+        print(f"dynabase headless: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if "://" in args.source or args.source.startswith("git@"):
+        cache = Path(os.environ.get("DYNABASE_CACHE_DIR", os.path.expanduser("~/.cache/dynabase"))) / "git"
+        source: DirectorySource | GitSource = GitSource(args.source, args.ref, cache, args.subdir)
+    else:
+        source = DirectorySource(Path(args.source))
+    window = dt.timedelta(milliseconds=Duration.parse(args.confirm_deletion).milliseconds)
+
+    async def run() -> None:
+        engine = await start_engine(settings)
+        reconciler = HeadlessReconciler(engine, source, interval=args.interval, confirm_deletion=window,
+                                        lock_dsn=settings.postgres_dsn)
+        runner = await serve(reconciler, args.host, args.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await reconciler.run(stop)
+        finally:
+            await runner.cleanup()
+            await close_engine(engine)
+
+    asyncio.run(run())
+    return EXIT_OK
+
+
 def _cmd_devstack(args: argparse.Namespace) -> int:
     from dynabase.devstack import binaries
     from dynabase.devstack.stack import Devstack, DevstackError, default_root, resolve_services
@@ -240,6 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--max-workers", type=int,
                     help="objects handled in parallel (default 100; 0 = unbounded: faster, more memory)")
     op.set_defaults(func=_cmd_operator)
+
+    hl = sub.add_parser("headless", help="reconcile manifests from a folder or git repository, without Kubernetes")
+    hl.add_argument("--source", required=True, help="a folder, or a git URL")
+    hl.add_argument("--ref", default="main", help="git branch or tag (default main)")
+    hl.add_argument("--subdir", default="", help="folder inside the repository")
+    hl.add_argument("--interval", type=float, default=30.0, help="seconds between passes (default 30)")
+    hl.add_argument("--confirm-deletion", default="10m",
+                    help="how long a tenant must be absent before its deletionPolicy applies (default 10m)")
+    hl.add_argument("--host", default="0.0.0.0")
+    hl.add_argument("--port", type=int, default=8080, help="/healthz /readyz /metrics /status")
+    hl.add_argument("--postgres-dsn", help="default: $DYNABASE_POSTGRES_DSN")
+    hl.add_argument("--secrets-dir", help="tenant passwords (default: $DYNABASE_SECRETS_DIR)")
+    hl.set_defaults(func=_cmd_headless)
 
     px = sub.add_parser("proxy", help="the tenant proxy in front of PgBouncer")
     px.add_argument("--listen", default="0.0.0.0:5432", help="HOST:PORT (default 0.0.0.0:5432)")
