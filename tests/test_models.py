@@ -95,3 +95,14 @@ def test_database_name_defaults_from_resource_name() -> None:
     assert resource.database_name == "acme_prod"
     assert resource.spec.deletion_policy == "Retain"
     assert resource.spec.tier_policy_ref == "default"
+
+
+def test_a_resource_declared_twice_is_an_error_on_the_second(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dynabase.spec.documents import load_paths
+
+    (tmp_path / "a.yaml").write_text(tenant("dup", "orgId: o\ntier: FREE\n"))
+    (tmp_path / "b.yaml").write_text(tenant("dup", "orgId: o\ntier: PRO\n"))
+    result = load_paths([tmp_path])
+    assert [d.file for d in result.documents] == [str(tmp_path / "a.yaml")]
+    error = str(result.errors[0])
+    assert "declared twice (first at" in error and error.startswith(str(tmp_path / "b.yaml"))

@@ -79,9 +79,48 @@ def _load_declared(paths: list[str]) -> tuple[dict[str, Any], list[Any]] | None:
     return policies, tenants
 
 
+def _load_at_ref(ref: str, paths: list[str]) -> tuple[dict[str, Any], list[Any]] | None:
+    """Manifests as they were at a git ref (files listed by git ls-tree, read by git show)."""
+    import subprocess
+
+    from dynabase.spec import TenantDatabase, TierPolicy
+    from dynabase.spec.documents import YAML_SUFFIXES, LoadResult, parse_documents
+
+    result = LoadResult()
+    listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", "--full-tree", ref, "--", *paths],
+                            capture_output=True, text=True, check=False)
+    if listed.returncode != 0:
+        print(f"plan: cannot read {ref}: {listed.stderr.strip()}", file=sys.stderr)
+        return None
+    prefix = subprocess.run(["git", "rev-parse", "--show-prefix"], capture_output=True, text=True,
+                            check=False).stdout.strip()
+    for name in listed.stdout.split():
+        if not name.endswith(YAML_SUFFIXES):
+            continue
+        text = subprocess.run(["git", "show", f"{ref}:{name}"], capture_output=True, text=True, check=False).stdout
+        result.extend(parse_documents(text, f"{ref}:{name.removeprefix(prefix)}"))
+    # Invalid manifests at the base do not fail the check: the PR may be what fixes them.
+    policies = {d.resource.name: d.resource for d in result.documents if isinstance(d.resource, TierPolicy)}
+    tenants = [d.resource for d in result.documents if isinstance(d.resource, TenantDatabase)]
+    return policies, tenants
+
+
 def _cmd_reconcile(args: argparse.Namespace) -> int:
     """`plan` (dry run; exit 0 no changes, 2 changes, 1 invalid) and `apply` (one pass)."""
     import asyncio
+
+    if getattr(args, "base", None):
+        from dynabase.desired.review import markdown, review
+
+        head = _load_declared(args.paths)
+        base = _load_at_ref(args.base, args.paths)
+        if head is None or base is None:
+            return EXIT_INVALID
+        reviews = review(base, head)
+        print(markdown(reviews, args.base))
+        if any(r.kind == "error" for r in reviews):
+            return EXIT_INVALID
+        return EXIT_CHANGES if any(r.kind != "none" for r in reviews) else EXIT_OK
 
     from dynabase.engine.runtime import EngineSettings, SettingsError, open_engine
 
@@ -271,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("paths", nargs="+", help="manifest files or folders")
         cmd.add_argument("--postgres-dsn", help="superuser DSN (default: $DYNABASE_POSTGRES_DSN)")
         cmd.add_argument("--secrets-dir", help="tenant passwords (default: $DYNABASE_SECRETS_DIR)")
+        if name == "plan":
+            cmd.add_argument("--base", help="compare with the manifests at this git ref (a PR review, Markdown; "
+                                            "needs no backends)")
         cmd.set_defaults(func=_cmd_reconcile)
 
     op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")

@@ -178,7 +178,8 @@ def run_demo(root: Path | None, *, keep: bool) -> int:
         for crd in ("tenantdatabases.dynabase.io", "tierpolicies.dynabase.io"):
             _kubectl(env, "wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
         _step("Applying the example TierPolicy and TenantDatabases")
-        print(_kubectl(env, "apply", "-R", "-f", str(EXAMPLES)), end="")
+        print(_kubectl(env, "apply", "-f", str(EXAMPLES / "tierpolicy-default.yaml"),
+                       "-f", str(EXAMPLES / "tenants")), end="")
         _step("Starting the operator (dynabase operator) against the local apiserver")
         operator = _start_operator(env, root)
         try:

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .resources import KINDS, Resource
+from .resources import KINDS, Resource, TierPolicy
 
 YAML_SUFFIXES = (".yaml", ".yml")
 Loc = tuple[str | int, ...]
@@ -194,4 +194,25 @@ def load_paths(paths: Iterable[str | Path]) -> LoadResult:
             result.errors.append(ManifestError(str(path), 1, "", "", "", f"cannot read: {exc.strerror}"))
             continue
         result.extend(parse_documents(text, str(path)))
+    return reject_duplicates(result)
+
+
+def reject_duplicates(result: LoadResult) -> LoadResult:
+    """A resource declared twice is an error on the second: which one wins must not be a guess."""
+    seen: dict[tuple[str, str], Document] = {}
+    kept: list[Document] = []
+    for doc in result.documents:
+        resource = doc.resource
+        key = (resource.kind, resource.name if isinstance(resource, TierPolicy) else resource.key)
+        first = seen.get(key)
+        if first is not None:
+            result.errors.append(ManifestError(
+                doc.file, doc.line, resource.kind, resource.metadata.name, "metadata.name",
+                f"declared twice (first at {first.file}:{first.line}); remove one of them",
+            ))
+            result.invalid_keys.add(key)
+            continue
+        seen[key] = doc
+        kept.append(doc)
+    result.documents = kept
     return result
