@@ -140,10 +140,6 @@ class PostgresPlan:
         return not self.statements
 
 
-class Conflict(ValueError):
-    pass
-
-
 def connect_grantees(acl: list[str] | None, owner: str) -> frozenset[str]:
     """Who may CONNECT, from datacl text items such as ``=Tc/owner`` or ``app=c/owner``."""
     if acl is None:

@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 30  # Postgres' own limit for a single message
 _HEADER = struct.Struct("!BI").unpack_from  # type byte + length, without slicing the buffer
-Q, E, S, X, F, Z, ERR, K, R = (ord(c) for c in "QESXFZEKR")
-ERR = ord("E")
+# Message types: Query, Execute, Sync, Terminate, FunctionCall (client); ReadyForQuery,
+# ErrorResponse, BackendKeyData (server). 'E' is Execute one way and ErrorResponse the other.
+Q, E, S, X, F, Z, K = (ord(c) for c in "QESXFZK")
+ERR = E
 STARTUP, CONNECTING, AUTH, READY, CLOSED = range(5)
 
 
@@ -44,7 +46,6 @@ class ProxyConfig:
     pending_startups_per_tenant: int = 10
     sweep_interval: float = 0.1
     ssl_context: ssl.SSLContext | None = None
-    metering: bool = True
 
 
 @dataclass
