@@ -54,7 +54,11 @@ class Runtime:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
             config.load_kube_config()  # type: ignore[no-untyped-call]
-        api = client.ApiClient()
+        configuration = client.Configuration.get_default_copy()
+        # Enough pooled connections for the worker threads: a full pool discards connections,
+        # and every new TLS connection costs native memory the process does not give back.
+        configuration.connection_pool_maxsize = 32
+        api = client.ApiClient(configuration)
         statuses = KubeStatusStore(api)
         engine = await start_engine(
             EngineSettings.from_env(concurrency=settings.concurrency),
