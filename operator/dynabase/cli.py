@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -271,17 +272,11 @@ def _cmd_devstack(args: argparse.Namespace) -> int:
             stack.down()
         elif args.action == "env":
             for key, value in stack.env().items():
-                print(f"export {key}={_shell_quote(value)}")
+                print(f"export {key}={shlex.quote(value)}")
     except (DevstackError, binaries.BinaryUnavailable) as exc:
         print(f"devstack: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _shell_quote(value: str) -> str:
-    import shlex
-
-    return shlex.quote(value)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

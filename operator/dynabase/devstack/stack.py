@@ -226,33 +226,36 @@ class Devstack:
         tmp.chmod(0o600)
         tmp.replace(self.state_file)
 
+    def _run_as(self, name: str) -> dict[str, Any]:
+        """subprocess kwargs that drop to the service user when we are root (else nothing)."""
+        if not self._as_root:
+            return {}
+        try:
+            entry = pwd.getpwnam(SERVICE_USER)
+        except KeyError as exc:
+            raise DevstackError(
+                f"running as root, {name} needs the '{SERVICE_USER}' user: apt-get install postgresql"
+            ) from exc
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
     def _dir(self, name: str, *, service_user: bool = False) -> Path:
         path = self.root / name
         path.mkdir(parents=True, exist_ok=True)
-        if service_user and self._as_root:
-            entry = pwd.getpwnam(SERVICE_USER)
+        if service_user:
             for p in [path, *path.rglob("*")]:
-                os.chown(p, entry.pw_uid, entry.pw_gid)
+                self._chown(p)
         return path
 
     def _chown(self, path: Path) -> None:
-        if self._as_root:
-            entry = pwd.getpwnam(SERVICE_USER)
-            os.chown(path, entry.pw_uid, entry.pw_gid)
+        owner = self._run_as(str(path))
+        if owner:
+            os.chown(path, owner["user"], owner["group"])
 
     def _spawn(self, name: str, args: list[str], *, service_user: bool = False,
                env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[int, str]:
         log_path = self.root / "logs" / f"{name}.log"
         log_path.parent.mkdir(exist_ok=True)
-        kwargs: dict[str, Any] = {}
-        if service_user and self._as_root:
-            try:
-                entry = pwd.getpwnam(SERVICE_USER)
-            except KeyError as exc:
-                raise DevstackError(
-                    f"running as root, {name} needs the '{SERVICE_USER}' user: apt-get install postgresql"
-                ) from exc
-            kwargs.update(user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
+        kwargs = self._run_as(name) if service_user else {}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 args,
@@ -328,11 +331,8 @@ class Devstack:
             cmd = [str(bindir / "initdb"), "-D", str(data), "-U", PG_SUPERUSER, f"--pwfile={pwfile}",
                    "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
                    "--locale=C", "--no-sync"]
-            kwargs: dict[str, Any] = {}
-            if self._as_root:
-                entry = pwd.getpwnam(SERVICE_USER)
-                kwargs.update(user=entry.pw_uid, group=entry.pw_gid, extra_groups=[])
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=base, **kwargs)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=base,
+                                  **self._run_as("initdb"))
             pwfile.unlink()
             if proc.returncode != 0:
                 raise DevstackError(f"initdb failed: {proc.stderr.strip()}")

@@ -506,13 +506,14 @@ class Engine:
             policy = policies.get(tenant.spec.tier_policy_ref)
             doc = org_document(tenant.key, tenant.spec.org_id, database, limits, tenant.spec.tier_policy_ref,
                                policy.metadata.generation if policy else None)
-            if org_changed(orgs.get(tenant.key), doc):
+            org_differs = org_changed(orgs.get(tenant.key), doc)
+            if org_differs:
                 result.plans.setdefault("mongo", []).append(f"upsert organizations/{tenant.key} (tier {limits.tier})")
             if dry_run:
                 return
             try:
                 async with semaphore:
-                    if result.key in checked or org_changed(orgs.get(tenant.key), doc):
+                    if result.key in checked or org_differs:
                         current = await backend.user(database, database)
                         done = await backend.ensure_user(database, database, result.password.reveal(), roles,
                                                          current)

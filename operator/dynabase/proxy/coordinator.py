@@ -179,13 +179,7 @@ class Coordinator:
                 waiter.release(reject=True)
             else:
                 delay = int(wait_us) / 1_000_000
-                asyncio.get_running_loop().call_later(delay, self._retry, state, waiter)
-
-    def _retry(self, state: TenantState, waiter: object) -> None:
-        from .server import ClientConnection
-
-        if isinstance(waiter, ClientConnection):
-            waiter.release()
+                asyncio.get_running_loop().call_later(delay, waiter.release)
 
     # -- usage ------------------------------------------------------------------------------
 
