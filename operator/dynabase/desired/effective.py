@@ -41,7 +41,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "redis": {"max_memory": None, "max_keys": None},
     "mongo": {"max_connections": None},
     "lifecycle": {"idle_timeout": None, "downgrade_grace_period": Duration.of_ms(15 * 60_000)},
-    "railway": {"replicas": 1, "sleep_application": False, "v_cpus": None, "memory_gb": None},
+    "railway": {
+        "replicas": 1, "sleep_application": False, "v_cpus": None, "memory_gb": None,
+        "restart_policy": None, "restart_policy_max_retries": None,
+    },
     "billing": {"base_fee_usd": 0.0, "included_vcpu_hours": 0.0, "overage_per_vcpu_hour_usd": None},
 }
 
@@ -107,6 +110,8 @@ class RailwayEffective:
     sleep_application: bool
     v_cpus: float | None
     memory_gb: float | None
+    restart_policy: str | None
+    restart_policy_max_retries: int | None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     ("railway", "sleep when idle", "railway.sleep_application"),
     ("railway", "vCPUs", "railway.v_cpus"),
     ("railway", "memory GB", "railway.memory_gb"),
+    ("railway", "restart policy", "railway.restart_policy"),
 )
 
 

@@ -25,6 +25,7 @@ from dynabase.backends.mongo import MongoBackend
 from dynabase.backends.pgbouncer import PgBouncerBackend, PgBouncerObserved
 from dynabase.backends.postgres import PGBOUNCER_AUTH_ROLE, PostgresBackend
 from dynabase.backends.proxy import ProxyBackend
+from dynabase.backends.railway import EnvironmentObserved, RailwayBackend
 from dynabase.backends.redis_acl import RedisBackend
 from dynabase.desired.effective import EffectiveLimits, ResolveError, find_policy, merge
 from dynabase.desired.mongo import org_changed, org_document
@@ -41,6 +42,7 @@ from dynabase.desired.postgres import (
 )
 from dynabase.desired.proxy import ProxyTenantLimits, proxy_limits
 from dynabase.desired.proxy import plan_lines as proxy_plan_lines
+from dynabase.desired.railway import ServicePlan, ServiceRef, ServiceTarget, plan_service, tenant_service_target
 from dynabase.desired.redis import RedisTarget, acl_drift, acl_username, key_prefix, password_hash, quota_verdict
 from dynabase.desired.transition import TierDecision, decide_tier
 from dynabase.spec import TenantDatabase, TenantDatabaseStatus, TierPolicy
@@ -184,6 +186,10 @@ class Engine:
         proxy: ProxyBackend | None = None,
         redis: RedisBackend | None = None,
         mongo: MongoBackend | None = None,
+        railway: RailwayBackend | None = None,
+        railway_platform: Sequence[ServiceTarget] = (),
+        railway_pg_host: str | None = None,
+        railway_pg_port: int | None = None,
     ) -> None:
         self.postgres = postgres
         self.secrets = secrets
@@ -194,6 +200,12 @@ class Engine:
         self.proxy = proxy
         self.redis = redis
         self.mongo = mongo
+        self.railway = railway
+        # The platform's own services (the proxy), managed like a tenant's but owned by no tenant.
+        self.railway_platform = list(railway_platform)
+        self.railway_pg_host, self.railway_pg_port = railway_pg_host, railway_pg_port
+        self.platform_plans: list[str] = []
+        self._platform_checked = -1e9
         self._last_rollup = 0.0
         self._mongo_cursor = 0
         self.mongo_checks_per_pass = 100
@@ -273,6 +285,8 @@ class Engine:
             await self._redis_pass(results, deleted_results, dry_run)
         if self.mongo is not None:
             await self._mongo_pass(results, deleted_results, policies, dry_run)
+        if self.railway is not None:
+            await self._railway_pass(results, dry_run, complete)
         if proxy_state is not None and not dry_run:
             # ... and rise there last, once the backends behind it can take the load.
             await self._proxy_apply(proxy_state, lowering=False)
@@ -559,6 +573,88 @@ class Engine:
                 if fields:
                     written += await self.mongo.write_usage(hour, fields)
         return written
+
+    # -- Railway ----------------------------------------------------------------
+
+    PLATFORM_INTERVAL = 300.0  # partial passes (the operator's batches) look at platform services this often
+
+    async def _railway_pass(self, results: list[TenantResult], dry_run: bool, complete: bool) -> None:
+        backend = self.railway
+        assert backend is not None
+        targets: list[tuple[TenantResult | None, ServiceTarget]] = []
+        for result in results:
+            spec = result.tenant.spec.railway
+            if result.decision is None or spec is None:
+                continue
+            ref = ServiceRef(spec.project_id, spec.environment_id, spec.service_name)
+            password = result.password.reveal() if result.password is not None else None
+            targets.append((result, tenant_service_target(
+                result.key, ref, result.tenant.database_name, result.decision.limits, password=password,
+                pg_host=self.railway_pg_host, pg_port=self.railway_pg_port,
+            )))
+        if complete or time.monotonic() - self._platform_checked > self.PLATFORM_INTERVAL:
+            targets += [(None, t) for t in self.railway_platform]
+            self._platform_checked = time.monotonic()
+            self.platform_plans = []
+        if not targets:
+            return
+        environments = await backend.observe(t.ref.environment_id for _, t in targets)
+        semaphore = asyncio.Semaphore(backend.concurrency)
+
+        async def one(result: TenantResult | None, target: ServiceTarget) -> None:
+            outcome = await self._railway_service(backend, environments[target.ref.environment_id], target,
+                                                  result, dry_run, semaphore)
+            if result is not None:
+                result.outcomes.append(outcome)
+            elif not outcome.ok:
+                log.warning("railway platform service not reconciled",
+                            extra={"service": str(target.ref), "reason": outcome.reason, "error": outcome.message})
+                metrics.BACKEND_ERRORS.labels("railway", outcome.reason).inc()
+
+        await asyncio.gather(*(one(r, t) for r, t in targets))
+
+    async def _railway_service(
+        self, backend: RailwayBackend, environment: EnvironmentObserved | Exception, target: ServiceTarget,
+        result: TenantResult | None, dry_run: bool, semaphore: asyncio.Semaphore,
+    ) -> Outcome:
+        ref = target.ref
+        if isinstance(environment, Exception):
+            return Outcome("RailwayReady", False, "ObserveFailed", describe_error(environment))
+        if environment.project_id != ref.project_id:
+            return Outcome("RailwayReady", False, "WrongProject",
+                           f"environment {ref.environment_id} belongs to project {environment.project_id}, "
+                           f"not {ref.project_id}; fix spec.railway.projectId")
+        observed = environment.services.get(ref.service_name)
+        if observed is None:
+            return Outcome("RailwayReady", False, "ServiceNotFound",
+                           f"no service named {ref.service_name!r} in environment {ref.environment_id}; "
+                           "create it in Railway or fix spec.railway.serviceName")
+        if backend.own.is_self(ref.environment_id, observed.service_id):
+            return Outcome("RailwayReady", False, "OwnService",
+                           f"service {ref.service_name!r} runs this reconciler, which never manages itself; "
+                           "point spec.railway at the tenant's own service")
+        try:
+            async with semaphore:
+                if (target.v_cpus is not None or target.memory_gb is not None) and \
+                        observed.v_cpus is None and observed.memory_gb is None:
+                    observed = await backend.with_limits(ref.environment_id, observed)
+                plan: ServicePlan = plan_service(target, observed)
+                lines = plan.lines()
+                if backend.deploy_owed(plan) and not plan.deploy:
+                    lines.append(f"service {ref}: deploy once (owed by an earlier pass)")
+                if result is not None and lines:
+                    result.plans["railway"] = lines
+                elif lines:
+                    self.platform_plans += lines
+                if not dry_run and (plan.mutations or backend.deploy_owed(plan)):
+                    await backend.apply(plan, environment.project_id)
+        except Exception as exc:
+            if result is not None:
+                result.events.append(("Warning", "RailwayApplyFailed", describe_error(exc)))
+            return Outcome("RailwayReady", False, "ApplyFailed", describe_error(exc))
+        sleep = ", sleeps when idle" if target.sleep_application else ""
+        return Outcome("RailwayReady", True, "Reconciled", f"service {ref.service_name}: {target.replicas} "
+                       f"replica(s){sleep}")
 
     # -- Proxy ------------------------------------------------------------------
 

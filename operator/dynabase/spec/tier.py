@@ -22,6 +22,7 @@ MAX_TIERS = 32
 
 PoolMode = Literal["session", "transaction", "statement"]
 OverLimit = Literal["throttle", "reject"]
+RestartPolicy = Literal["ALWAYS", "ON_FAILURE", "NEVER"]
 
 
 class PostgresLimits(Model):
@@ -140,6 +141,12 @@ class RailwayLimits(Model):
     )
     memory_gb: float | None = Field(
         None, alias="memoryGB", gt=0, le=256, description="Memory limit in GB per replica. Absent = plan default."
+    )
+    restart_policy: RestartPolicy | None = Field(
+        None, description="ALWAYS, ON_FAILURE or NEVER. Absent = leave the service's setting alone."
+    )
+    restart_policy_max_retries: int | None = Field(
+        None, ge=0, le=100, description="Restarts before giving up (ON_FAILURE). Absent = leave alone."
     )
 
 
