@@ -160,10 +160,11 @@ class PostgresBackend:
                 observed.sessions[row["usename"]] = row["n"]
         return observed
 
-    async def apply(self, plan: PostgresPlan) -> None:
-        """Consecutive transactional statements share one transaction."""
+    async def apply(self, plan: PostgresPlan) -> int:
+        """Consecutive transactional statements share one transaction; returns the sessions ended."""
         if plan.conflict or plan.empty:
-            return
+            return 0
+        ended = 0
         groups: list[tuple[bool, list[Statement]]] = []
         for statement in plan.statements:
             if groups and groups[-1][0] and statement.transactional:
@@ -175,14 +176,18 @@ class PostgresBackend:
                 if transactional:
                     async with conn.transaction():
                         for statement in statements:
-                            await self._execute(conn, statement)
+                            ended += await self._execute(conn, statement)
                 else:
-                    await self._execute(conn, statements[0])
+                    ended += await self._execute(conn, statements[0])
+        return ended
 
-    async def _execute(self, conn: asyncpg.Connection, statement: Statement) -> None:
+    async def _execute(self, conn: asyncpg.Connection, statement: Statement) -> int:
         self.counter.writes += 1
         log.debug("postgres statement", extra={"sql": statement.display})
+        if statement.ends_sessions:
+            return int(await conn.fetchval(statement.sql, *statement.args) or 0)
         if statement.args:
             await conn.fetch(statement.sql, *statement.args)
         else:
             await conn.execute(statement.sql)
+        return 0

@@ -6,9 +6,14 @@ differ and announces them, so a pass without drift makes no Redis writes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
 import redis.asyncio as aioredis
 
-from dynabase.desired.proxy import LIMITS_CHANNEL, LIMITS_KEY, ProxyTenantLimits
+from dynabase.desired.proxy import ACTIVITY_KEY, LIMITS_CHANNEL, LIMITS_KEY, WAKE_CHANNEL, ProxyTenantLimits
 
 
 class ProxyBackend:
@@ -30,6 +35,27 @@ class ProxyBackend:
             except (TypeError, ValueError):
                 continue  # unreadable entry: rewritten by this pass
         return out
+
+    async def activity(self) -> dict[str, float]:
+        """Epoch of each tenant database's last query through any proxy replica."""
+        pairs: list[Any] = await self._redis.zrange(ACTIVITY_KEY, 0, -1, withscores=True)
+        return {str(database): float(score) for database, score in pairs}
+
+    async def wakes(self, on_wake: Callable[[str], None], stop: asyncio.Event) -> None:
+        """Call ``on_wake(database)`` for each wake-up a proxy announces, until ``stop``; reconnects."""
+        while not stop.is_set():
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(WAKE_CHANNEL)
+                while not stop.is_set():
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+                    if message is not None:
+                        on_wake(str(message["data"]))
+            except (aioredis.RedisError, OSError):
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def usage_fields(self, hour: int) -> dict[str, str]:
         """The proxies' cumulative counters for one hour: "<tenant>|<replica>" -> JSON."""

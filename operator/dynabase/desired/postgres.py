@@ -85,6 +85,8 @@ class PostgresTarget:
     password: Password | None = field(default=None, repr=False)
     # Roles besides the tenant that need CONNECT (PgBouncer's auth_query user).
     service_roles: tuple[str, ...] = ()
+    # Scaled to zero: sessions idle longer than this many seconds are ended (None = not cold).
+    cold_after_seconds: int | None = None
 
     @property
     def marker(self) -> str:
@@ -127,6 +129,7 @@ class Statement:
     display: str  # what plans and logs show: the SQL with secrets replaced
     args: tuple[object, ...] = ()
     transactional: bool = True  # CREATE/DROP DATABASE cannot run in a transaction block
+    ends_sessions: bool = False  # answers with the number of sessions it ended
 
 
 @dataclass(frozen=True)
@@ -194,8 +197,9 @@ def _new_verifier(password: str) -> str:
     return verifier
 
 
-def _stmt(sql: str, *, display: str | None = None, args: tuple[object, ...] = (), tx: bool = True) -> Statement:
-    return Statement(sql, display if display is not None else sql, args, tx)
+def _stmt(sql: str, *, display: str | None = None, args: tuple[object, ...] = (), tx: bool = True,
+          ends_sessions: bool = False) -> Statement:
+    return Statement(sql, display if display is not None else sql, args, tx, ends_sessions)
 
 
 def plan_postgres(target: PostgresTarget, observed: PostgresObserved) -> PostgresPlan:
@@ -213,8 +217,13 @@ def plan_postgres(target: PostgresTarget, observed: PostgresObserved) -> Postgre
         return PostgresPlan(target.key, tuple(_drop(target, observed, role)))
     statements: list[Statement] = []
     statements += _role_statements(target, role)
-    if target.state != "active" and observed.sessions.get(target.role, 0) > 0:
+    sessions = observed.sessions.get(target.role, 0)
+    if target.state != "active" and sessions > 0:
         statements.append(_terminate(target.role))
+    elif target.state == "active" and 0 <= target.connection_limit < sessions:
+        statements.append(_drain(target.role, target.connection_limit))
+    elif target.state == "active" and target.cold_after_seconds is not None and sessions > 0:
+        statements.append(_end_idle(target.role, target.cold_after_seconds))
     if target.state in ("active", "suspended"):
         statements += _database_statements(target, observed.databases.get(target.database))
     return PostgresPlan(target.key, tuple(statements))
@@ -226,6 +235,36 @@ def _terminate(role: str) -> Statement:
         display=f"terminate sessions of {quote_ident(role)}",
         args=(role,),
     )
+
+
+# Both count and choose when they run, not from the observation, so they never end
+# more than the excess at that moment; each runs on its own after the role change.
+_DRAIN_SQL = """
+SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM (
+  SELECT pid FROM pg_catalog.pg_stat_activity
+  WHERE usename = $1 AND backend_type = 'client backend'
+  ORDER BY state = 'idle' DESC, backend_start DESC
+  LIMIT greatest(0, (SELECT count(*) FROM pg_catalog.pg_stat_activity
+                     WHERE usename = $1 AND backend_type = 'client backend') - $2)
+) AS excess
+"""
+# A session that woke the tenant a moment ago is never idle for that long, so it is safe.
+_END_IDLE_SQL = """
+SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity
+WHERE usename = $1 AND backend_type = 'client backend' AND state = 'idle'
+  AND state_change < now() - make_interval(secs => $2)
+"""
+
+
+def _drain(role: str, limit: int) -> Statement:
+    return _stmt(_DRAIN_SQL, args=(role, limit), tx=False, ends_sessions=True,
+                 display=f"end sessions of {quote_ident(role)} over its connection limit of {limit} "
+                         "(idle first, then newest)")
+
+
+def _end_idle(role: str, idle_seconds: int) -> Statement:
+    return _stmt(_END_IDLE_SQL, args=(role, float(idle_seconds)), tx=False, ends_sessions=True,
+                 display=f"end sessions of {quote_ident(role)} idle for {idle_seconds}s or more (cold)")
 
 
 def _role_statements(target: PostgresTarget, role: ObservedRole | None) -> list[Statement]:

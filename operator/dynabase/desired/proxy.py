@@ -7,13 +7,15 @@ announces changes on a channel; every proxy replica keeps a local copy.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 from .effective import EffectiveLimits
 
 LIMITS_KEY = "dynabase:proxy:limits"
 LIMITS_CHANNEL = "dynabase:proxy:limits:changed"
 ROUTES_KEY = "dynabase:proxy:routes"  # database -> PgBouncer pool name
+ACTIVITY_KEY = "dynabase:proxy:activity"  # sorted set: database scored by the epoch of its last query
+WAKE_CHANNEL = "dynabase:proxy:wake"  # a proxy announces a connection to a Cold tenant here
 
 
 @dataclass(frozen=True)
@@ -31,17 +33,21 @@ class ProxyTenantLimits:
     statement_timeout_ms: int | None
     idle_in_transaction_ms: int | None
     enabled: bool = True
+    cold: bool = False  # scaled to zero: the next connection announces a wake-up
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> ProxyTenantLimits:
-        return cls(**json.loads(text))
+        # Fields unknown to this version are ignored, so an older proxy keeps working
+        # while a newer engine publishes (rolling upgrades).
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 def proxy_limits(tenant_key: str, database: str, pool: str, limits: EffectiveLimits,
-                 *, enabled: bool = True) -> ProxyTenantLimits:
+                 *, enabled: bool = True, cold: bool = False) -> ProxyTenantLimits:
     pg, proxy = limits.postgres, limits.proxy
     return ProxyTenantLimits(
         tenant=tenant_key, database=database, role=database, tier=limits.tier, pool=pool,
@@ -52,6 +58,7 @@ def proxy_limits(tenant_key: str, database: str, pool: str, limits: EffectiveLim
             pg.idle_in_transaction_session_timeout.milliseconds if pg.idle_in_transaction_session_timeout else None
         ),
         enabled=enabled,
+        cold=cold,
     )
 
 
@@ -60,6 +67,8 @@ def plan_lines(old: ProxyTenantLimits | None, new: ProxyTenantLimits | None) -> 
         return []
     if new is None:
         return ["remove proxy limits"]
+    if old is not None and old.cold != new.cold and replace(old, cold=new.cold) == new:
+        return ["proxy: mark Cold (wake on next connection)" if new.cold else "proxy: mark awake"]
     qps = "unlimited" if new.qps is None else f"{new.qps}/s burst {new.burst}"
     return [f"proxy limits: {new.max_connections} connections, {qps} ({new.over_limit}), "
             f"statement timeout {new.statement_timeout_ms or 'none'} ms"]

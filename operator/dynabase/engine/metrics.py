@@ -20,6 +20,13 @@ REDIS_DEMOTIONS = Counter(
     "dynabase_redis_quota_demotions_total", "Tenants made read-only in Redis for going over their quota."
 )
 STATEMENTS = Counter("dynabase_postgres_statements_total", "Statements the engine wrote to Postgres.")
+SESSIONS_ENDED = Counter(
+    "dynabase_sessions_ended_total", "Postgres sessions the engine ended, by why: over_limit (a lowered "
+    "connection limit drained) or cold (idle sessions of a tenant scaled to zero).", ["reason"]
+)
+COLD_TRANSITIONS = Counter(
+    "dynabase_cold_transitions_total", "Tenants that went Cold (scaled to zero) or woke up again.", ["direction"]
+)
 TENANTS = Gauge("dynabase_tenants", "Tenants by applied tier and phase.", ["tier", "phase"])
 PENDING_DOWNGRADES = Gauge("dynabase_pending_downgrades", "Tenants waiting out a downgrade grace period.")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -28,6 +29,7 @@ from dynabase.backends.proxy import ProxyBackend
 from dynabase.backends.railway import EnvironmentObserved, RailwayBackend
 from dynabase.backends.redis_acl import RedisBackend
 from dynabase.desired.effective import EffectiveLimits, ResolveError, find_policy, merge
+from dynabase.desired.lifecycle import idle_message, is_cold
 from dynabase.desired.mongo import org_changed, org_document
 from dynabase.desired.pgbouncer import PgBouncerDesired, PoolSettings, TenantRoute, plan_lines, pool_name
 from dynabase.desired.postgres import (
@@ -73,6 +75,8 @@ class TenantResult:
     status_changed: bool = False
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     password: Password | None = field(default=None, repr=False)
+    cold: bool = False  # scaled to zero: idle past the tier's idleTimeout
+    sessions_ended: int = 0
 
     @property
     def key(self) -> str:
@@ -243,6 +247,7 @@ class Engine:
             await self.bootstrap()
         statuses = await self.status_store.load([t.key for t in [*tenants, *deleted]])
         results = [self._resolve(t, policies, statuses.get(t.key), now) for t in tenants]
+        await self._mark_cold(results, statuses, now)
         deleted_results = [TenantResult(t) for t in deleted]
 
         targets: dict[str, PostgresTarget] = {}
@@ -321,6 +326,8 @@ class Engine:
         ready = previous.condition("Ready")
         if ready is None or ready.status != "True" or previous.applied_tier != result.limits_tier:
             return
+        if (previous.phase == "Cold") != result.cold:
+            return  # going Cold or waking changes backends on purpose
         for backend, lines in result.plans.items():
             if lines:
                 metrics.DRIFT_CORRECTIONS.labels(backend).inc()
@@ -355,6 +362,26 @@ class Engine:
             result.error = exc
         return result
 
+    async def _mark_cold(self, results: list[TenantResult], statuses: dict[str, TenantDatabaseStatus],
+                         now: dt.datetime) -> None:
+        """Which tenants are idle past their tier's idleTimeout (scale to zero)."""
+        candidates = [r for r in results if r.limits is not None and r.limits.lifecycle.idle_timeout is not None
+                      and not r.tenant.spec.suspended]
+        if not candidates or self.proxy is None:
+            return  # activity comes from the proxy; without it nobody is judged idle
+        try:
+            activity = await self.proxy.activity()
+        except Exception as exc:  # unknown activity: nobody goes Cold this pass
+            log.warning("proxy activity unavailable", extra={"error": describe_error(exc)})
+            return
+        for result in candidates:
+            assert result.limits is not None
+            previous = statuses.get(result.key)
+            epoch = activity.get(result.tenant.database_name)
+            last_query = dt.datetime.fromtimestamp(epoch, dt.UTC) if epoch is not None else None
+            since = previous.history[-1].at if previous and previous.history else None
+            result.cold = is_cold(result.limits.lifecycle.idle_timeout, last_query, since, now)
+
     async def _postgres_target(self, result: TenantResult, dry_run: bool) -> PostgresTarget:
         tenant, limits = result.tenant, result.limits
         assert limits is not None
@@ -371,6 +398,8 @@ class Engine:
             settings=role_settings(limits.postgres),
             password=Password(password) if password is not None else None,
             service_roles=(PGBOUNCER_AUTH_ROLE,),
+            cold_after_seconds=(limits.lifecycle.idle_timeout.milliseconds // 1000
+                                if result.cold and limits.lifecycle.idle_timeout else None),
         )
 
     @staticmethod
@@ -406,7 +435,7 @@ class Engine:
                 return
             async with semaphore:
                 try:
-                    await with_retries(lambda: self.postgres.apply(plan))
+                    ended = await with_retries(lambda: self.postgres.apply(plan))
                 except Exception as exc:  # recorded as this tenant's condition
                     log.warning("postgres apply failed", extra={"tenant": result.key, "error": describe_error(exc)})
                     result.outcomes.append(Outcome("PostgresReady", False, "ApplyFailed", describe_error(exc)))
@@ -418,6 +447,13 @@ class Engine:
                 if limits else "removed"
             )
             result.outcomes.append(Outcome("PostgresReady", True, "Reconciled", message))
+            if ended and limits is not None:
+                result.sessions_ended = ended
+                metrics.SESSIONS_ENDED.labels("cold" if result.cold else "over_limit").inc(ended)
+                if not result.cold:
+                    result.events.append(("Normal", "ConnectionsDrained", (
+                        f"{ended} session(s) over the connection limit of {limits.postgres.connection_limit} "
+                        f"(tier {limits.tier}) ended, idle ones first, then the newest")))
 
         await asyncio.gather(*(apply_one(r) for r in results if r.error is None))
 
@@ -560,6 +596,11 @@ class Engine:
         if not dry_run and self.proxy is not None and time.monotonic() - self._last_rollup > 60:
             await self.rollup_usage()
 
+    async def watch_wakes(self, on_wake: Callable[[str], None], stop: asyncio.Event) -> None:
+        """Cold tenants woken by a connection at a proxy, as they happen (nothing without a proxy)."""
+        if self.proxy is not None:
+            await self.proxy.wakes(on_wake, stop)
+
     async def rollup_usage(self, hours: int = 2) -> int:
         """Copy the proxies' hourly usage into dynabase.tenantUsage (idempotent upserts)."""
         if self.mongo is None or self.proxy is None:
@@ -588,10 +629,13 @@ class Engine:
                 continue
             ref = ServiceRef(spec.project_id, spec.environment_id, spec.service_name)
             password = result.password.reveal() if result.password is not None else None
-            targets.append((result, tenant_service_target(
+            target = tenant_service_target(
                 result.key, ref, result.tenant.database_name, result.decision.limits, password=password,
                 pg_host=self.railway_pg_host, pg_port=self.railway_pg_port,
-            )))
+            )
+            if result.cold:  # Railway sleeps it and wakes it on its next request
+                target = dataclasses.replace(target, sleep_application=True)
+            targets.append((result, target))
         if complete or time.monotonic() - self._platform_checked > self.PLATFORM_INTERVAL:
             targets += [(None, t) for t in self.railway_platform]
             self._platform_checked = time.monotonic()
@@ -677,7 +721,7 @@ class Engine:
             target = proxy_limits(
                 tenant.key, tenant.database_name,
                 pool_name(tenant.spec.tier_policy_ref, result.decision.applied_tier),
-                result.decision.limits, enabled=not tenant.spec.suspended,
+                result.decision.limits, enabled=not tenant.spec.suspended, cold=result.cold,
             )
             state.targets[tenant.database_name] = (result, target)
             lines = proxy_plan_lines(observed.get(tenant.database_name), target)
@@ -841,7 +885,8 @@ class Engine:
             history = list(previous.history) if previous else []
             previous_tier = previous.applied_tier if previous else None
             if previous_tier != decision.applied_tier:
-                history = [*history, TierChange(from_tier=previous_tier, to_tier=decision.applied_tier, at=now)]
+                history = [*history, TierChange(from_tier=previous_tier, to_tier=decision.applied_tier, at=now,
+                                                drained_connections=result.sessions_ended or None)]
                 history = history[-HISTORY_LIMIT:]
                 result.events.append(
                     ("Normal", "TierApplied", f"tier {decision.applied_tier} applied (was {previous_tier or 'none'})")
@@ -853,10 +898,26 @@ class Engine:
                 )
             if decision.change == "cancelled":
                 result.events.append(("Normal", "DowngradeCancelled", f"tier stays {decision.applied_tier}"))
+            idle_timeout = decision.limits.lifecycle.idle_timeout
+            was_cold = previous is not None and previous.phase == "Cold"
+            if idle_timeout is not None and not tenant.spec.suspended and self.proxy is not None:
+                if result.cold:
+                    result.outcomes.append(Outcome("Awake", False, "IdleTimeout", idle_message(idle_timeout),
+                                                   advisory=True))
+                    if not was_cold:
+                        result.events.append(("Normal", "TenantCold", idle_message(idle_timeout)))
+                        metrics.COLD_TRANSITIONS.labels("cold").inc()
+                else:
+                    result.outcomes.append(Outcome("Awake", True, "Active", f"queried within {idle_timeout}"))
+            if was_cold and not result.cold:
+                result.events.append(("Normal", "TenantWoke", "a connection arrived; tenant is active again"))
+                metrics.COLD_TRANSITIONS.labels("woke").inc()
             if tenant.spec.suspended:
                 phase = "Suspended"
             elif not result.ready:
                 phase = "Degraded"
+            elif result.cold:
+                phase = "Cold"
             else:
                 phase = "Active"
             status = TenantDatabaseStatus(

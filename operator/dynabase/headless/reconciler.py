@@ -131,16 +131,27 @@ class HeadlessReconciler:
         return result
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                await self.run_once()
-            except Exception as exc:  # a bad pass must not end the loop; the next one retries
-                log.warning("headless pass failed", extra={"error": f"{type(exc).__name__}: {exc}"})
-            delay = max(0.0, self.interval - (time.monotonic() - started))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-        await self.release()
+        # A Cold tenant woken at a proxy is marked awake by an early pass, not an interval later.
+        nudge = asyncio.Event()
+        watcher = asyncio.create_task(self.engine.watch_wakes(lambda _database: nudge.set(), stop))
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                nudge.clear()
+                try:
+                    await self.run_once()
+                except Exception as exc:  # a bad pass must not end the loop; the next one retries
+                    log.warning("headless pass failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+                delay = max(0.0, self.interval - (time.monotonic() - started))
+                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(nudge.wait())]
+                await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                for wait in waits:
+                    wait.cancel()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await self.release()
 
     def status(self) -> dict[str, Any]:
         last = self.state.last_pass

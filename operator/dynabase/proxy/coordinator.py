@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from prometheus_client import Gauge
 
 from dynabase.desired.pgbouncer import AGENTS_KEY
-from dynabase.desired.proxy import LIMITS_CHANNEL, LIMITS_KEY, ProxyTenantLimits
+from dynabase.desired.proxy import ACTIVITY_KEY, LIMITS_CHANNEL, LIMITS_KEY, WAKE_CHANNEL, ProxyTenantLimits
 
 from .limiter import LEASE_SCRIPT
 from .metering import USAGE_KEY, HourlyMeter, encode, usage_field
@@ -45,7 +45,9 @@ class Coordinator:
         self.lease_calls = 0
         self.flushes = 0
         self._lease = self.redis.register_script(LEASE_SCRIPT)
+        self._queries_seen: dict[str, int] = {}
         proxy.lease = self.lease
+        proxy.wake = self.wake
 
     # -- limits ---------------------------------------------------------------------------
 
@@ -96,6 +98,7 @@ class Coordinator:
             try:
                 await pubsub.subscribe(LIMITS_CHANNEL)
                 await self.load_all()
+                self.proxy.limits_updated(list(self.proxy.tenants))
                 await self.refresh_topology()
                 self._set_redis(True)
                 last_topology = time.monotonic()
@@ -104,6 +107,7 @@ class Coordinator:
                     if message is not None:
                         names = [n for n in str(message["data"]).split(",") if n]
                         await self.load_some(names)
+                        self.proxy.limits_updated(names)
                     if time.monotonic() - last_topology >= 1.0:
                         await self.refresh_topology()
                         last_topology = time.monotonic()
@@ -183,23 +187,43 @@ class Coordinator:
 
     # -- usage ------------------------------------------------------------------------------
 
+    def wake(self, database: str) -> None:
+        self.proxy.spawn(self._wake(database))
+
+    async def _wake(self, database: str) -> None:
+        with contextlib.suppress(aioredis.RedisError, OSError):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(ACTIVITY_KEY, {database: time.time()}, gt=True)
+                pipe.publish(WAKE_CHANNEL, database)
+                await pipe.execute()
+            log.info("woke a cold tenant", extra={"database": database})
+
     async def flush(self) -> None:
         """Absolute per-hour values per replica: idempotent, so a retry never double-counts."""
         now = time.time()
         by_hour: dict[int, dict[Any, Any]] = {}
-        for state in self.proxy.tenants.values():
+        active: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for database, state in self.proxy.tenants.items():
             hour, values = self.meter.per_hour(state.usage, now)
             by_hour.setdefault(hour, {})[usage_field(state.usage.tenant, self.replica_id)] = encode(
                 values, state.usage.tier
             )
+            counts[database] = state.usage.queries
+            if self._queries_seen.get(database) != state.usage.queries:
+                active[database] = now
         if not by_hour:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
+            if active:
+                # GT keeps the latest time across replicas: the last query anywhere counts.
+                pipe.zadd(ACTIVITY_KEY, active, gt=True)
             for hour, fields in by_hour.items():
                 key = USAGE_KEY.format(hour=hour)
                 pipe.hset(key, mapping=fields)
                 pipe.expire(key, 8 * 24 * 3600)
             await pipe.execute()
+        self._queries_seen.update(counts)
         self.flushes += 1
 
     async def flush_loop(self, stop: asyncio.Event) -> None:

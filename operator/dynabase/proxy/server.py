@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Counter, Histogram
+
 from dynabase.desired.proxy import ProxyTenantLimits
 
 from . import wire
@@ -27,6 +29,12 @@ from .limiter import TenantLimiter
 from .metering import Usage
 
 log = logging.getLogger(__name__)
+DRAINED = Counter("dynabase_proxy_drained_connections_total",
+                  "Client connections ended because a lowered cap left them over it.", ["tier"])
+COLD_STARTS = Histogram(
+    "dynabase_proxy_cold_start_seconds", "Start-up to ReadyForQuery for connections that woke a Cold tenant.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 
 MAX_MESSAGE = 1 << 30  # Postgres' own limit for a single message
 _HEADER = struct.Struct("!BI").unpack_from  # type byte + length, without slicing the buffer
@@ -56,8 +64,11 @@ class TenantState:
     active: int = 0
     pending: int = 0
     waiters: list[ClientConnection] = field(default_factory=list)
+    wake_sent: bool = False  # this replica already announced that the Cold tenant is waking
 
     def reconfigure(self, limits: ProxyTenantLimits, replicas: int) -> None:
+        if not limits.cold:
+            self.wake_sent = False
         self.limits = limits
         if limits.qps is None:
             self.limiter = None
@@ -92,6 +103,7 @@ class Proxy:
         self.connections: set[ClientConnection] = set()
         self.cancel_targets: dict[tuple[int, int], tuple[str, int]] = {}
         self.lease: Callable[[TenantState], None] | None = None  # set by the Redis coordinator
+        self.wake: Callable[[str], None] | None = None  # announces a Cold tenant's wake-up (coordinator)
         self.redis_ok = False
         self.server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -137,6 +149,32 @@ class Proxy:
         elif state.limiter is None and limits.qps is not None:
             state.reconfigure(limits, self.router.replicas)
         return state
+
+    def limits_updated(self, databases: list[str]) -> None:
+        """New limits arrived: connections over a lowered cap are ended (suspended tenants: all)."""
+        for database in databases:
+            if database not in self.tenants:
+                continue
+            state = self.tenant(database)
+            if state is None:
+                continue
+            limits = state.limits
+            cap = limits.max_connections if limits.enabled else 0
+            if state.active <= cap:
+                continue
+            mine = [c for c in self.connections if c.tenant is state and c.counted_active]
+            # Idle ones first (nothing in flight, not in a transaction), then the newest.
+            mine.sort(key=lambda c: (not c.idle, -c.opened))
+            excess = state.active - cap
+            why = (f"tenant database {database} is suspended" if not limits.enabled else
+                   f"tenant database {database} is now on tier {limits.tier}, which allows "
+                   f"{limits.max_connections} connections; this one was over the new cap")
+            for conn in mine[:excess]:
+                conn.fail("FATAL", "57P01", f"terminating connection: {why}",
+                          hint=None if not limits.enabled else "reconnect, or upgrade the tier for more connections")
+            DRAINED.labels(limits.tier).inc(min(excess, len(mine)))
+            log.info("drained connections over the cap",
+                     extra={"database": database, "ended": min(excess, len(mine)), "cap": cap})
 
     async def _sweep(self) -> None:
         """One periodic pass instead of a timer per query: statement and idle-in-transaction limits."""
@@ -198,6 +236,8 @@ class ClientConnection(asyncio.Protocol):
         self.s_remaining = 0
         self.s_partial = b""
         self.syncs: collections.deque[SyncPoint] = collections.deque()
+        self.opened = 0.0
+        self.cold_start = 0.0  # when this connection's start-up found its tenant Cold
         self.tx_status = b"I"
         self.idle_in_tx_since = 0.0
         self.cancel_sent_for: SyncPoint | None = None
@@ -251,6 +291,10 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_lost(self) -> None:
         self.close()
+
+    @property
+    def idle(self) -> bool:
+        return self.tx_status == b"I" and not self.syncs and self.held is None
 
     def pause_client(self) -> None:
         if self.transport:
@@ -343,6 +387,13 @@ class ClientConnection(asyncio.Protocol):
             tenant.usage.rejected_connections += 1
             self.fail("FATAL", "53300", f"too many connection attempts in progress for {database}")
             return
+        if limits.cold:
+            # Nothing blocks a Cold tenant here: its sessions were ended, so the connection
+            # opens fresh ones. The engine is told at once so the tenant is marked awake.
+            self.cold_start = time.monotonic()
+            if not tenant.wake_sent and self.proxy.wake is not None:
+                tenant.wake_sent = True
+                self.proxy.wake(database)
         port = self.proxy.router.pool_ports.get(limits.pool)
         if port is None:
             self.fail("FATAL", "57P03", f"no PgBouncer pool {limits.pool} is running for {database} yet",
@@ -573,6 +624,9 @@ class ClientConnection(asyncio.Protocol):
         tenant.active += 1
         tenant.usage.connections += 1
         self.counted_active = True
+        self.opened = time.monotonic()
+        if self.cold_start:
+            COLD_STARTS.observe(self.opened - self.cold_start)
         self.state = READY
         if self.startup_timer:
             self.startup_timer.cancel()

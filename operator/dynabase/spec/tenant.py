@@ -28,6 +28,7 @@ CONDITION_TYPES = (
     "MongoReady",
     "RailwayReady",
     "ProxyReady",
+    "Awake",
     "Ready",
 )
 
@@ -106,6 +107,9 @@ class TierChange(Model):
     from_tier: str | None = Field(None, alias="from")
     to_tier: str = Field(..., alias="to")
     at: datetime
+    drained_connections: int | None = Field(
+        None, description="Postgres sessions over the new connection limit ended when this change applied."
+    )
 
 
 class TenantDatabaseStatus(Model):

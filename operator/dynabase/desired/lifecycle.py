@@ -1,0 +1,27 @@
+"""Scale to zero: when a tenant counts as idle. Pure.
+
+Activity is the proxy's: the time of the last query any replica forwarded. A
+tenant with no recorded activity is measured from when its tier was last
+applied, so a new tenant is not Cold the moment it is created.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from dynabase.spec.units import Duration
+
+
+def is_cold(idle_timeout: Duration | None, last_query: dt.datetime | None, active_since: dt.datetime | None,
+            now: dt.datetime) -> bool:
+    if idle_timeout is None:
+        return False  # tiers without idleTimeout never go Cold
+    reference = max((t for t in (last_query, active_since) if t is not None), default=None)
+    if reference is None:
+        return False
+    return now - reference >= dt.timedelta(milliseconds=idle_timeout.milliseconds)
+
+
+def idle_message(idle_timeout: Duration) -> str:
+    return (f"no queries for {idle_timeout}: scaled to zero (sessions ended, dedicated service asleep); "
+            "the next connection wakes it")
