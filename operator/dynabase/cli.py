@@ -252,6 +252,22 @@ def _cmd_headless(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_webhooks(args: argparse.Namespace) -> int:
+    from dynabase.billing.config import ConfigError
+    from dynabase.billing.main import WebhookSettings, run
+
+    try:
+        settings = WebhookSettings.from_args(
+            config_path=args.config, listen=args.listen, mode=args.mode, namespaces=args.namespace, repo=args.repo,
+            ref=args.ref, path=args.path, postgres_dsn=args.postgres_dsn, ledger_file=args.ledger_file,
+        )
+    except ConfigError as exc:
+        print(f"dynabase webhooks: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    run(settings)
+    return EXIT_OK
+
+
 def _cmd_devstack(args: argparse.Namespace) -> int:
     from dynabase.devstack import binaries
     from dynabase.devstack.stack import Devstack, DevstackError, default_root, resolve_services
@@ -353,6 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--listen-host", default="127.0.0.1")
     agent.add_argument("--base-port", type=int, default=6432, help="the _default pool; tier pools above it")
     agent.set_defaults(func=_cmd_pgbouncer_agent)
+
+    wh = sub.add_parser("webhooks", help="Stripe subscription events change tenants' declared tiers")
+    wh.add_argument("--config", required=True, help="price/product -> tier mapping (YAML)")
+    wh.add_argument("--listen", default="0.0.0.0:8080", help="HOST:PORT for /stripe/webhook /healthz /metrics")
+    wh.add_argument("--mode", choices=["kube", "git"], default="kube",
+                    help="patch TenantDatabases (kube) or commit to the GitOps repository (git)")
+    wh.add_argument("--namespace", action="append", help="kube: only these namespaces (repeat); default all")
+    wh.add_argument("--repo", help="git: repository URL")
+    wh.add_argument("--ref", default="main", help="git: branch to commit to (default main)")
+    wh.add_argument("--path", default="", help="git: folder of the manifests inside the repository")
+    wh.add_argument("--postgres-dsn", help="ledger in dynabase.stripe_events (default $DYNABASE_POSTGRES_DSN)")
+    wh.add_argument("--ledger-file", help="without a DSN: a JSON file (default $DYNABASE_CACHE_DIR/stripe-events.json)")
+    wh.set_defaults(func=_cmd_webhooks)
 
     devstack = sub.add_parser("devstack", help="the real local stack on loopback")
     devstack.add_argument("action", choices=["up", "down", "env", "build"])

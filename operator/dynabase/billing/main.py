@@ -1,0 +1,108 @@
+"""`dynabase webhooks`: settings, wiring and the serve loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from aiohttp import web
+from kubernetes import client, config
+
+from .config import BillingConfig, ConfigError, WebhookSecret, load_config, load_webhook_secret
+from .ledger import EventLedger, FileLedger, PostgresLedger
+from .processor import WebhookProcessor
+from .server import webhook_app
+from .sinks import GitTierSink, KubeTierSink, TierSink
+
+log = logging.getLogger(__name__)
+Mode = Literal["kube", "git"]
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    config: BillingConfig
+    secret: WebhookSecret
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 8080
+    mode: Mode = "kube"
+    namespaces: list[str] = field(default_factory=list)  # kube mode; empty = all
+    repo: str = ""  # git mode
+    branch: str = "main"
+    subdir: str = ""
+    ledger_dsn: str | None = None  # remember events in Postgres, else in ledger_file
+    ledger_file: Path = Path("stripe-events.json")
+    cache_dir: Path = Path(".")
+
+    @classmethod
+    def from_args(cls, *, config_path: str, listen: str, mode: Mode, namespaces: list[str] | None, repo: str | None,
+                  ref: str, path: str, postgres_dsn: str | None, ledger_file: str | None) -> WebhookSettings:
+        """Raises ConfigError with a message for a person."""
+        env = os.environ
+        host, _, port = listen.rpartition(":")
+        if not port.isdigit():
+            raise ConfigError(f"--listen {listen!r}: expected HOST:PORT")
+        if mode == "git" and not repo:
+            raise ConfigError("--mode git needs --repo (the GitOps repository URL)")
+        cache = Path(env.get("DYNABASE_CACHE_DIR", os.path.expanduser("~/.cache/dynabase")))
+        return cls(
+            config=load_config(Path(config_path)), secret=load_webhook_secret(env),
+            listen_host=host or "0.0.0.0", listen_port=int(port), mode=mode,
+            namespaces=namespaces or [n for n in env.get("DYNABASE_NAMESPACES", "").split(",") if n],
+            repo=repo or "", branch=ref, subdir=path,
+            ledger_dsn=postgres_dsn or env.get("DYNABASE_POSTGRES_DSN") or None,
+            ledger_file=Path(ledger_file) if ledger_file else cache / "stripe-events.json",
+            cache_dir=cache / "billing-git",
+        )
+
+
+def kube_api_client() -> client.ApiClient:
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient(client.Configuration.get_default_copy())
+
+
+def make_sink(settings: WebhookSettings) -> TierSink:
+    if settings.mode == "git":
+        return GitTierSink(settings.repo, settings.branch, settings.subdir, settings.cache_dir)
+    return KubeTierSink(kube_api_client(), settings.namespaces)
+
+
+async def open_ledger(settings: WebhookSettings) -> EventLedger:
+    if settings.ledger_dsn:
+        return await PostgresLedger.open(settings.ledger_dsn)
+    return FileLedger(settings.ledger_file)
+
+
+async def serve(settings: WebhookSettings, stop: asyncio.Event) -> None:
+    ledger = await open_ledger(settings)
+    sink = make_sink(settings)
+    runner = web.AppRunner(webhook_app(WebhookProcessor(settings.config, ledger, sink), settings.secret),
+                           access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.listen_host, settings.listen_port).start()
+        log.info("webhooks listening", extra={"host": settings.listen_host, "port": settings.listen_port,
+                                              "sink": sink.describe(),
+                                              "ledger": "postgres" if settings.ledger_dsn else "file"})
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await ledger.close()
+
+
+def run(settings: WebhookSettings) -> None:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(main())
