@@ -305,3 +305,24 @@ def build_report(inputs: Sequence[TenantInput], model: CostModel, bill: BillMeas
         total=_sum_lines("all", "", tenants), warnings=warnings, calibration=calibration,
         memory_factor=memory_factor, bill=bill, included_ratio=included_ratio,
     )
+
+
+def usage_by_tenant(rollups: Sequence[Mapping[str, object]]) -> dict[str, tuple[UsageTotals, str | None]]:
+    """Hourly rollup documents (``dynabase.desired.mongo.rollup``, or tenantUsage) summed per
+    tenant over the period, with the tier of the tenant's latest hour."""
+    totals: dict[str, UsageTotals] = {}
+    latest: dict[str, tuple[int, str | None]] = {}
+
+    def number(doc: Mapping[str, object], key: str) -> float:
+        value = doc.get(key, 0)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+    for doc in rollups:
+        tenant = str(doc["tenant"])
+        totals[tenant] = totals.get(tenant, UsageTotals()) + UsageTotals(
+            number(doc, "queries"), number(doc, "query_seconds"), number(doc, "connections"))
+        hour = int(number(doc, "hour"))
+        tier = doc.get("tier")
+        if tenant not in latest or hour >= latest[tenant][0]:
+            latest[tenant] = (hour, str(tier) if tier is not None else None)
+    return {tenant: (usage, latest[tenant][1]) for tenant, usage in totals.items()}
