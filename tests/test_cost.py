@@ -52,9 +52,20 @@ def test_fit_keeps_coefficients_non_negative() -> None:
     samples = [(UsageTotals(queries=100, query_seconds=10), 10.0),
                (UsageTotals(queries=10_000, query_seconds=10), 8.0),
                (UsageTotals(queries=100, query_seconds=20), 20.0)]
-    model = fit_cpu(samples)
+    model = fit_cpu(samples, relative=False)
     assert model.cpu_per_query == 0.0
     assert model.cpu_per_query_second == pytest.approx((10 * 10 + 10 * 8 + 20 * 20) / (100 + 100 + 400))
+
+
+def test_relative_fit_weighs_small_tenants_like_large_ones() -> None:
+    # One big tenant at 1.0 CPU per query-second, two small ones at 2.0: plain least squares
+    # follows the big one, the relative fit lands between and keeps the small ones' error bounded.
+    samples = [(UsageTotals(query_seconds=1000), 1000.0), (UsageTotals(query_seconds=1), 2.0),
+               (UsageTotals(query_seconds=2), 4.0)]
+    plain, relative = fit_cpu(samples, relative=False), fit_cpu(samples)
+    assert plain.cpu_per_query_second == pytest.approx(1.0, rel=0.01)
+    # sum(w x y) / sum(w x x) with w = 1 / y²: (1 + 0.5 + 0.5) / (1 + 0.25 + 0.25)
+    assert relative.cpu_per_query_second == pytest.approx(2 / 1.5)
 
 
 def test_fit_of_collinear_samples_uses_one_coefficient() -> None:

@@ -66,25 +66,34 @@ def estimate(usage: UsageTotals, model: CostModel, tenant_factor: float = 1.0) -
     return Estimate(cpu * tenant_factor, memory * tenant_factor)
 
 
-def _squared_error(samples: Sequence[tuple[UsageTotals, float]], a: float, b: float) -> float:
-    return sum((a * u.query_seconds + b * u.queries - cpu) ** 2 for u, cpu in samples)
+def _weight(cpu: float, relative: bool) -> float:
+    return 1.0 / (cpu * cpu) if relative and cpu > 0 else 1.0
 
 
-def fit_cpu(samples: Sequence[tuple[UsageTotals, float]], base: CostModel | None = None) -> CostModel:
+def _squared_error(samples: Sequence[tuple[UsageTotals, float]], a: float, b: float, relative: bool) -> float:
+    return sum(_weight(cpu, relative) * (a * u.query_seconds + b * u.queries - cpu) ** 2 for u, cpu in samples)
+
+
+def fit_cpu(samples: Sequence[tuple[UsageTotals, float]], base: CostModel | None = None, *,
+            relative: bool = True) -> CostModel:
     """Least squares of measured CPU seconds on (query_seconds, queries), no intercept
     (no queries, no tenant CPU), both coefficients kept non-negative.
 
+    ``relative`` minimises the squared *relative* error (weights 1/cpu²), so that a
+    small tenant's estimate counts as much as a large one's; plain least squares
+    would fit the biggest tenant and leave the small ones far off.
     Memory coefficients are taken from ``base``: the host measures CPU per backend,
     not memory, so those stay for the monthly calibration to correct.
     """
     base = base or CostModel()
     if not samples:
         raise ValueError("fit_cpu needs at least one (usage, measured CPU) pair")
-    s11 = sum(u.query_seconds ** 2 for u, _ in samples)
-    s12 = sum(u.query_seconds * u.queries for u, _ in samples)
-    s22 = sum(u.queries ** 2 for u, _ in samples)
-    t1 = sum(u.query_seconds * cpu for u, cpu in samples)
-    t2 = sum(u.queries * cpu for u, cpu in samples)
+    weighted = [(u, cpu, _weight(cpu, relative)) for u, cpu in samples]
+    s11 = sum(w * u.query_seconds ** 2 for u, _, w in weighted)
+    s12 = sum(w * u.query_seconds * u.queries for u, _, w in weighted)
+    s22 = sum(w * u.queries ** 2 for u, _, w in weighted)
+    t1 = sum(w * u.query_seconds * cpu for u, cpu, w in weighted)
+    t2 = sum(w * u.queries * cpu for u, cpu, w in weighted)
     candidates: list[tuple[float, float]] = []
     det = s11 * s22 - s12 * s12
     # Relative test: the features differ in scale by orders of magnitude.
@@ -99,7 +108,7 @@ def fit_cpu(samples: Sequence[tuple[UsageTotals, float]], base: CostModel | None
         candidates.append((0.0, max(t2 / s22, 0.0)))
     if not candidates:
         raise ValueError("fit_cpu needs usage with queries or query time")
-    a, b = min(candidates, key=lambda ab: _squared_error(samples, *ab))
+    a, b = min(candidates, key=lambda ab: _squared_error(samples, ab[0], ab[1], relative))
     return CostModel(cpu_per_query_second=a, cpu_per_query=b,
                      memory_gb_per_query_second=base.memory_gb_per_query_second,
                      memory_gb_seconds_per_connection=base.memory_gb_seconds_per_connection)
