@@ -43,10 +43,11 @@ class UsageTotals:
 
 @dataclass(frozen=True)
 class CostModel:
-    # Defaults: fitted by `python -m bench.attribution` on the devstack (2 cores);
-    # refit on the database host, the monthly calibration absorbs what remains.
-    cpu_per_query_second: float = 0.62
-    cpu_per_query: float = 0.00011
+    # Defaults: fitted by `python -m bench.attribution` on the devstack (2 shared cores),
+    # where the per-query term came out at zero; refit on the database host
+    # (--write-model), the monthly calibration absorbs what remains.
+    cpu_per_query_second: float = 0.42
+    cpu_per_query: float = 0.0
     # Memory: private memory of a running query (work_mem, sorts) and of an open
     # session (about 10 MB held for about a minute); rough, calibrated monthly.
     memory_gb_per_query_second: float = 0.02

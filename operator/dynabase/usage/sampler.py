@@ -15,7 +15,8 @@ is a new backend.
 What is missed: the CPU a backend uses between its last sweep and its exit, so
 sweep often (every second by default) — with PgBouncer in front, server
 connections live long and this is small. Autovacuum and parallel workers carry
-the database's name and are counted for it.
+the database's name and are counted for it, but a parallel worker lives for one
+query and is often gone before a sweep sees it.
 """
 
 from __future__ import annotations
