@@ -295,6 +295,29 @@ def _cmd_devstack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_usage(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from dynabase.usage.bill import BillUnavailable
+    from dynabase.usage.report import run_report
+
+    try:
+        text, messages = asyncio.run(run_report(
+            args.month, args.manifests, output_format=args.format,
+            bill_path=Path(args.bill) if args.bill else None, model_path=Path(args.model) if args.model else None,
+            metrics_file=Path(args.metrics_file) if args.metrics_file else None,
+            mongo_url=os.environ.get("DYNABASE_MONGO_URL"), redis_url=os.environ.get("DYNABASE_REDIS_URL"),
+        ))
+    except (ValueError, OSError, BillUnavailable) as exc:
+        print(f"usage report: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(text)
+    for message in messages:
+        print(message, file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dynabase.demo import run_demo
 
@@ -390,6 +413,20 @@ def build_parser() -> argparse.ArgumentParser:
     devstack.add_argument("--without", help="services or groups to leave out")
     devstack.add_argument("--no-build", action="store_true", help="never build missing binaries")
     devstack.set_defaults(func=_cmd_devstack)
+
+    usage = sub.add_parser("usage", help="metered usage, revenue and cost per tenant")
+    usage_actions = usage.add_subparsers(dest="usage_action", required=True)
+    report = usage_actions.add_parser(
+        "report", help="a month per tenant and tier: vCPU-hours, included/overage, fees, cost, gross margin "
+                       "(usage from $DYNABASE_MONGO_URL's tenantUsage, else $DYNABASE_REDIS_URL)")
+    report.add_argument("--month", required=True, help="YYYY-MM (UTC)")
+    report.add_argument("--manifests", nargs="+", required=True, help="TierPolicy/TenantDatabase files or folders")
+    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.add_argument("--bill", help="the month's bill figures, YAML/JSON {YYYY-MM: {cpuVcpuSeconds, "
+                                       "memoryGbSeconds, costUSD[, cpuCostUSD]}}; without it no cost or margin")
+    report.add_argument("--model", help="cost-model coefficients and tenantFactors (YAML/JSON; default built-in)")
+    report.add_argument("--metrics-file", help="write the usage metrics here (Prometheus textfile format)")
+    report.set_defaults(func=_cmd_usage)
 
     demo = sub.add_parser("demo", help="the main job on the local stack: reconcile the examples")
     demo.add_argument("--dir", help="devstack directory (default: a new temp dir)")

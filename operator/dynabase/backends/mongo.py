@@ -137,6 +137,11 @@ class MongoBackend:
     async def delete_org(self, key: str) -> None:
         await self.client[ORG_DB][ORGS].delete_one({"_id": key})
 
+    async def read_usage(self, hours: range) -> list[dict[str, Any]]:
+        """The tenantUsage documents of these hours (one per tenant and hour)."""
+        cursor = self.client[ORG_DB][USAGE].find({"hour": {"$gte": hours.start, "$lt": hours.stop}})
+        return [doc async for doc in cursor]
+
     async def write_usage(self, hour: int, fields: dict[str, str]) -> int:
         """Idempotent: each document is replaced by the sum of absolute counters, so retries never add up."""
         docs = rollup(hour, fields)
