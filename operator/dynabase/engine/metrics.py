@@ -27,6 +27,14 @@ SESSIONS_ENDED = Counter(
 COLD_TRANSITIONS = Counter(
     "dynabase_cold_transitions_total", "Tenants that went Cold (scaled to zero) or woke up again.", ["direction"]
 )
+USAGE_RESTRICTED = Gauge(
+    "dynabase_usage_restricted", "1 while a tenant over its included usage is restricted (soft overage ended).",
+    ["tenant", "tier", "restriction"],
+)
+USAGE_LEVEL = Gauge(
+    "dynabase_usage_month_ratio", "Month-to-date estimated vCPU-hours over the tier's included vCPU-hours.",
+    ["tenant", "tier"],
+)
 TENANTS = Gauge("dynabase_tenants", "Tenants by applied tier and phase.", ["tier", "phase"])
 PENDING_DOWNGRADES = Gauge("dynabase_pending_downgrades", "Tenants waiting out a downgrade grace period.")
 
