@@ -207,3 +207,41 @@ async def test_sampler_measures_the_backend_that_burns_cpu(stack: Stack) -> None
     assert measured.get(burn_db, 0.0) > 0.3, measured
     assert measured.get(idle_db, 0.0) < 0.05, measured
     assert measured.get(before_db, 0.0) < 0.05, measured
+
+
+def test_calibration_against_railways_usage_query_raises_an_alert_and_an_event(
+        stack: Stack, files: dict[str, Path], redis_usage: None, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from .railway.fake import FakeRailway, fake_in_thread
+
+    stack.need("kube-apiserver")
+    fake = FakeRailway("usage-token")
+    # The database service billed 30 vCPU-hours (1,800 vCPU-minutes) against 20 estimated: factor 1.5.
+    fake.usage_rows = [
+        {"measurement": "CPU_USAGE", "value": 1200.0, "tags": {"serviceId": "svc-db", "projectId": "p1"}},
+        {"measurement": "CPU_USAGE", "value": 600.0, "tags": {"serviceId": "svc-db", "projectId": "p1"}},
+        {"measurement": "MEMORY_USAGE_GB", "value": 4320.0, "tags": {"serviceId": "svc-db", "projectId": "p1"}},
+        {"measurement": "CPU_USAGE", "value": 99999.0, "tags": {"serviceId": "svc-other", "projectId": "p1"}},
+    ]
+    monkeypatch.delenv("DYNABASE_MONGO_URL", raising=False)
+    monkeypatch.setenv("DYNABASE_REDIS_URL", stack.env["DYNABASE_REDIS_URL"])
+    monkeypatch.setenv("DYNABASE_RAILWAY_TOKEN", fake.token)
+    monkeypatch.setenv("KUBECONFIG", stack.env["KUBECONFIG"])
+    with fake_in_thread(fake):
+        monkeypatch.setenv("DYNABASE_RAILWAY_URL", fake.url)
+        code = main(["usage", "report", "--month", MONTH, "--manifests", str(files["manifests"]), "--format", "json",
+                     "--bill-railway", "p1/svc-db", "--model", str(files["model"]),
+                     "--kube-event"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    report = json.loads(out.out)
+    assert fake.requests["ProjectUsage"] == 1
+    assert report["calibration"]["factor"] == pytest.approx(1.5) and report["calibration"]["alert"] is True
+    # Railway's published prices: 1,800 vCPU-minutes at $20/vCPU-month, 4,320 GB-minutes at $10/GB-month.
+    assert report["bill"]["costUSD"] == pytest.approx(1800 * 20 / 43200 + 4320 * 10 / 43200)
+    assert "calibration alert" in out.err and "usage-token" not in out.err + out.out
+    events = json.loads(stack.kubectl("get", "events", "-n", "default", "-o", "json",
+                                      "--field-selector", "reason=CalibrationVariance").stdout)["items"]
+    assert [(e["involvedObject"]["kind"], e["involvedObject"]["name"], e["type"]) for e in events] == [
+        ("TierPolicy", "default", "Warning")]
+    assert "1.500" in events[0]["message"] and MONTH in events[0]["message"]

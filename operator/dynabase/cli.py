@@ -308,6 +308,7 @@ def _cmd_usage(args: argparse.Namespace) -> int:
             bill_path=Path(args.bill) if args.bill else None, model_path=Path(args.model) if args.model else None,
             metrics_file=Path(args.metrics_file) if args.metrics_file else None,
             mongo_url=os.environ.get("DYNABASE_MONGO_URL"), redis_url=os.environ.get("DYNABASE_REDIS_URL"),
+            railway_service=args.bill_railway, kube_event=args.kube_event,
         ))
     except (ValueError, OSError, BillUnavailable) as exc:
         print(f"usage report: {exc}", file=sys.stderr)
@@ -424,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
     report.add_argument("--bill", help="the month's bill figures, YAML/JSON {YYYY-MM: {cpuVcpuSeconds, "
                                        "memoryGbSeconds, costUSD[, cpuCostUSD]}}; without it no cost or margin")
+    report.add_argument("--bill-railway", metavar="PROJECT/SERVICE_ID",
+                        help="take the bill from Railway's usage query for the database service "
+                             "(token from DYNABASE_RAILWAY_TOKEN or DYNABASE_RAILWAY_PROJECT_TOKEN)")
+    report.add_argument("--kube-event", action="store_true",
+                        help="also post a calibration alert as a Kubernetes Event on the TierPolicy")
     report.add_argument("--model", help="cost-model coefficients and tenantFactors (YAML/JSON; default built-in)")
     report.add_argument("--metrics-file", help="write the usage metrics here (Prometheus textfile format)")
     report.set_defaults(func=_cmd_usage)

@@ -8,10 +8,14 @@ X-RateLimit-* headers, and can be told to answer 429 or 5xx next.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,3 +286,19 @@ class _Root:
         service = self._service(environmentId, serviceId)
         service.deployments += 1
         return f"deployment-{service.id}-{service.deployments}"
+
+
+@contextlib.contextmanager
+def fake_in_thread(fake: FakeRailway) -> Iterator[FakeRailway]:
+    """The fake on its own event loop in a thread, for code under test that runs asyncio.run itself."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(fake.start(), loop).result(10)
+    try:
+        yield fake
+    finally:
+        asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -40,9 +40,6 @@ USAGE_THRESHOLDS = Counter(
     "Tenants crossing 80 % or 100 % of their included vCPU-hours this month (one Event each).",
     ["tier", "level"],
 )
-CALIBRATION_VARIANCE = Gauge(
-    "dynabase_calibration_variance", "|billed CPU / estimated CPU - 1| of the last calibration against the bill.",
-)
 TENANTS = Gauge("dynabase_tenants", "Tenants by applied tier and phase.", ["tier", "phase"])
 PENDING_DOWNGRADES = Gauge("dynabase_pending_downgrades", "Tenants waiting out a downgrade grace period.")
 

@@ -3,6 +3,7 @@ the real bill (see ``dynabase.desired.cost`` for the arithmetic)."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime as dt
 import io
@@ -22,6 +23,7 @@ from dynabase.backends.mongo import MongoBackend
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.desired.cost import (
     MARGIN_TARGET,
+    BillMeasurement,
     CostModel,
     Line,
     Report,
@@ -36,6 +38,26 @@ from dynabase.spec import TenantDatabase, TierPolicy
 MONTH_PATTERN = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 DEFAULT_POLICY = "default"
 FORMATS = ("table", "csv", "json")
+
+
+async def railway_bill(service: str, month: str) -> BillMeasurement:
+    """The month's bill from Railway's usage query for ``projectId/serviceId`` (token from the environment)."""
+    from dynabase.backends.railway import RailwayBackend
+    from dynabase.engine.runtime import RailwaySettings
+
+    from .bill import RailwayBillSource
+
+    project_id, _, service_id = service.partition("/")
+    if not project_id or not service_id:
+        raise ValueError(f"--bill-railway {service!r}: expected projectId/serviceId of the database service")
+    settings = RailwaySettings.from_env()
+    if settings is None:
+        raise ValueError("--bill-railway needs DYNABASE_RAILWAY_TOKEN or DYNABASE_RAILWAY_PROJECT_TOKEN")
+    backend = RailwayBackend.from_settings(settings.token, settings.token_kind, settings.url, settings.hourly_budget)
+    try:
+        return await RailwayBillSource(backend, project_id, service_id).measured(month)
+    finally:
+        await backend.close()
 
 
 def month_hours(month: str) -> range:
@@ -266,7 +288,8 @@ def render_table(report: Report, month: str, source: str, notes: Sequence[str]) 
 
 async def run_report(month: str, manifests: Sequence[str], *, output_format: str, bill_path: Path | None,
                      model_path: Path | None, metrics_file: Path | None, mongo_url: str | None,
-                     redis_url: str | None) -> tuple[str, list[str]]:
+                     redis_url: str | None, railway_service: str | None = None,
+                     kube_event: bool = False) -> tuple[str, list[str]]:
     """The rendered report and the messages for stderr (notes, alerts). Raises ValueError
     for anything the caller must fix (month, manifests, files, URLs)."""
     from dynabase.desired.cost import build_report
@@ -285,6 +308,8 @@ async def run_report(month: str, manifests: Sequence[str], *, output_format: str
         raise ValueError("no TierPolicy in the manifests given: prices come from the tiers' billing sections")
     model = load_model(model_path)
     bill = await StaticBillSource(bill_path).measured(month) if bill_path else None
+    if railway_service is not None:
+        bill = await railway_bill(railway_service, month)
     source, usage = await load_usage(hours, mongo_url=mongo_url, redis_url=redis_url)
     inputs, notes = resolve_inputs(usage, policies, tenants, model.tenant_factors)
     report = build_report(inputs, model.model, bill)
@@ -293,8 +318,13 @@ async def run_report(month: str, manifests: Sequence[str], *, output_format: str
         metrics.write_textfile(metrics_file)
     messages = list(notes) if output_format != "table" else []
     if report.calibration is not None and report.calibration.alert:
-        messages.append(f"calibration alert: factor {report.calibration.factor:.3f} is more than 20% from 1; "
-                        "refit the model (bench.attribution) on the database host")
+        alert = (f"calibration for {month}: billed CPU / estimated CPU = {report.calibration.factor:.3f}, more "
+                 "than 20% from 1; refit the model (bench.attribution) on the database host")
+        messages.append(f"calibration alert: {alert}")
+        if kube_event:
+            from .alerts import post_event
+
+            await asyncio.to_thread(post_event, next(iter(sorted(policies))), "CalibrationVariance", alert)
     if output_format == "json":
         return render_json(report, month, source, notes), messages
     if output_format == "csv":
