@@ -45,7 +45,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "replicas": 1, "sleep_application": False, "v_cpus": None, "memory_gb": None,
         "restart_policy": None, "restart_policy_max_retries": None,
     },
-    "billing": {"base_fee_usd": 0.0, "included_vcpu_hours": 0.0, "overage_per_vcpu_hour_usd": None},
+    "billing": {
+        "base_fee_usd": 0.0, "included_vcpu_hours": 0.0, "overage_per_vcpu_hour_usd": None,
+        "soft_overage_period": Duration.of_ms(7 * 86_400_000), "overage_restriction": "qps", "restricted_qps": 1,
+    },
 }
 
 
@@ -119,6 +122,9 @@ class BillingEffective:
     base_fee_usd: float
     included_vcpu_hours: float
     overage_per_vcpu_hour_usd: float | None
+    soft_overage_period: Duration
+    overage_restriction: str
+    restricted_qps: int
 
 
 @dataclass(frozen=True)

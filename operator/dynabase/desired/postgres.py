@@ -24,6 +24,7 @@ MANAGED_SETTINGS = (
     "work_mem",
     "temp_buffers",
     "temp_file_limit",
+    "default_transaction_read_only",  # set while a tenant over its included usage is restricted
 )
 # A tenant role is a plain login role; any of these would let it escape its tier.
 FORBIDDEN_ATTRIBUTES = ("superuser", "createdb", "createrole", "replication", "bypassrls")

@@ -58,3 +58,18 @@ def set_tenant_gauges(counts: Tally[tuple[str, str]], pending: int) -> None:
     for (tier, phase), n in counts.items():
         TENANTS.labels(tier=tier, phase=phase).set(n)
     PENDING_DOWNGRADES.set(pending)
+
+
+_restricted_labels: dict[str, tuple[str, str, str]] = {}
+
+
+def set_restricted(tenant: str, tier: str, restriction: str | None) -> None:
+    """One series per restricted tenant; the old series goes when the restriction changes or lifts."""
+    labels = (tenant, tier, restriction) if restriction else None
+    old = _restricted_labels.get(tenant)
+    if old is not None and old != labels:
+        USAGE_RESTRICTED.remove(*old)
+        del _restricted_labels[tenant]
+    if labels is not None:
+        USAGE_RESTRICTED.labels(*labels).set(1)
+        _restricted_labels[tenant] = labels

@@ -28,9 +28,11 @@ from dynabase.backends.postgres import PGBOUNCER_AUTH_ROLE, PostgresBackend
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.backends.railway import EnvironmentObserved, RailwayBackend
 from dynabase.backends.redis_acl import RedisBackend
+from dynabase.desired.cost import CostModel, UsageTotals, estimate, usage_by_tenant
 from dynabase.desired.effective import EffectiveLimits, ResolveError, find_policy, merge
 from dynabase.desired.lifecycle import idle_message, is_cold
-from dynabase.desired.mongo import org_changed, org_document
+from dynabase.desired.mongo import org_changed, org_document, rollup
+from dynabase.desired.overage import OverageVerdict, decide_overage, month_start
 from dynabase.desired.pgbouncer import PgBouncerDesired, PoolSettings, TenantRoute, plan_lines, pool_name
 from dynabase.desired.postgres import (
     Password,
@@ -76,6 +78,7 @@ class TenantResult:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     password: Password | None = field(default=None, repr=False)
     cold: bool = False  # scaled to zero: idle past the tier's idleTimeout
+    overage: OverageVerdict | None = None  # this month's usage against the included usage
     sessions_ended: int = 0
 
     @property
@@ -209,6 +212,7 @@ class Engine:
         self.railway_platform = list(railway_platform)
         self.railway_pg_host, self.railway_pg_port = railway_pg_host, railway_pg_port
         self.platform_plans: list[str] = []
+        self.cost_model = CostModel()  # proxy usage -> vCPU-hours, for included usage and overage
         self._platform_checked = -1e9
         self._last_rollup = 0.0
         self._mongo_cursor = 0
@@ -248,6 +252,7 @@ class Engine:
         statuses = await self.status_store.load([t.key for t in [*tenants, *deleted]])
         results = [self._resolve(t, policies, statuses.get(t.key), now) for t in tenants]
         await self._mark_cold(results, statuses, now)
+        await self._judge_usage(results, statuses, now)
         deleted_results = [TenantResult(t) for t in deleted]
 
         targets: dict[str, PostgresTarget] = {}
@@ -382,10 +387,37 @@ class Engine:
             since = previous.history[-1].at if previous and previous.history else None
             result.cold = is_cold(result.limits.lifecycle.idle_timeout, last_query, since, now)
 
+    async def _judge_usage(self, results: list[TenantResult], statuses: dict[str, TenantDatabaseStatus],
+                           now: dt.datetime) -> None:
+        """Month-to-date usage (the proxies' metering, estimated as vCPU-hours) against each tier."""
+        candidates = [r for r in results if r.limits is not None and r.limits.billing.included_vcpu_hours > 0]
+        if not candidates or self.proxy is None:
+            return
+        first = int(month_start(now).timestamp()) // 3600
+        try:
+            hours = await self.proxy.hours_of_usage(first, int(now.timestamp()) // 3600)
+        except Exception as exc:  # unknown usage: verdicts stay as they were
+            log.warning("proxy usage unavailable", extra={"error": describe_error(exc)})
+            return
+        docs = [doc for hour, fields in hours.items() for doc in rollup(hour, fields).values()]
+        usage = usage_by_tenant(docs)
+        metrics.USAGE_LEVEL.clear()
+        for result in candidates:
+            assert result.limits is not None
+            totals = usage.get(result.key, (UsageTotals(), None))[0]
+            used = estimate(totals, self.cost_model).cpu_seconds / 3600
+            previous = statuses.get(result.key)
+            result.overage = decide_overage(result.limits.billing, used, previous.usage if previous else None, now)
+            if result.overage is not None:
+                metrics.USAGE_LEVEL.labels(result.key, result.limits.tier).set(round(result.overage.ratio, 4))
+
     async def _postgres_target(self, result: TenantResult, dry_run: bool) -> PostgresTarget:
         tenant, limits = result.tenant, result.limits
         assert limits is not None
         state: TenantState = "suspended" if tenant.spec.suspended else "active"
+        settings = role_settings(limits.postgres)
+        if result.overage is not None and result.overage.restriction == "readOnly":
+            settings["default_transaction_read_only"] = "on"
         password = await self.secrets.get_password(tenant)
         if password is None and not dry_run:
             password = await self.secrets.create_password(tenant, generate_password())
@@ -395,7 +427,7 @@ class Engine:
             database=tenant.database_name,
             state=state,
             connection_limit=limits.postgres.connection_limit,
-            settings=role_settings(limits.postgres),
+            settings=settings,
             password=Password(password) if password is not None else None,
             service_roles=(PGBOUNCER_AUTH_ROLE,),
             cold_after_seconds=(limits.lifecycle.idle_timeout.milliseconds // 1000
@@ -723,6 +755,10 @@ class Engine:
                 pool_name(tenant.spec.tier_policy_ref, result.decision.applied_tier),
                 result.decision.limits, enabled=not tenant.spec.suspended, cold=result.cold,
             )
+            if result.overage is not None and result.overage.restriction == "qps":
+                restricted = result.decision.limits.billing.restricted_qps
+                qps = restricted if target.qps is None else min(target.qps, restricted)
+                target = dataclasses.replace(target, qps=qps, burst=qps)
             state.targets[tenant.database_name] = (result, target)
             lines = proxy_plan_lines(observed.get(tenant.database_name), target)
             if lines:
@@ -862,6 +898,42 @@ class Engine:
         return Outcome("PgBouncerReady", True, "Reconciled",
                        f"pool {route.pool}: pool_size {settings.pool_size}, mode {settings.pool_mode}")
 
+    @staticmethod
+    def _usage_outcome(result: TenantResult, previous: TenantDatabaseStatus | None) -> None:
+        verdict, limits = result.overage, result.limits
+        if verdict is None or limits is None:
+            metrics.set_restricted(result.key, "", None)
+            return
+        before = previous.usage if previous is not None and previous.usage is not None else None
+        if before is not None and before.month != verdict.status.month:
+            before = None
+        status = verdict.status
+        tier = limits.tier
+        if status.restriction:
+            outcome = Outcome("UsageWithinPlan", False, "Restricted", verdict.message, advisory=True)
+        elif status.level == "100" and limits.billing.overage_per_vcpu_hour_usd is None:
+            outcome = Outcome("UsageWithinPlan", False, "OverIncludedUsage", verdict.message, advisory=True)
+        elif status.level == "100":
+            outcome = Outcome("UsageWithinPlan", True, "OverageBilled", verdict.message)
+        elif status.level == "80":
+            outcome = Outcome("UsageWithinPlan", True, "NearIncludedUsage", verdict.message)
+        else:
+            outcome = Outcome("UsageWithinPlan", True, "WithinIncludedUsage", verdict.message)
+        result.outcomes.append(outcome)
+        level_before = before.level if before is not None else None
+        if status.level is not None and status.level != level_before and \
+                (level_before is None or int(status.level) > int(level_before)):
+            metrics.USAGE_THRESHOLDS.labels(tier, status.level).inc()
+            reason = "IncludedUsageExceeded" if status.level == "100" else "UsageWarning"
+            result.events.append(("Warning", reason, f"{status.level}% of the month's included usage: "
+                                  f"{verdict.message}"))
+        restriction_before = before.restriction if before is not None else None
+        if status.restriction and status.restriction != restriction_before:
+            result.events.append(("Warning", "UsageRestricted", verdict.message))
+        elif restriction_before and not status.restriction:
+            result.events.append(("Normal", "UsageRestrictionLifted", verdict.message))
+        metrics.set_restricted(result.key, tier, status.restriction)
+
     async def _record_status(self, result: TenantResult, previous: TenantDatabaseStatus | None,
                              now: dt.datetime) -> None:
         tenant = result.tenant
@@ -912,6 +984,7 @@ class Engine:
             if was_cold and not result.cold:
                 result.events.append(("Normal", "TenantWoke", "a connection arrived; tenant is active again"))
                 metrics.COLD_TRANSITIONS.labels("woke").inc()
+            self._usage_outcome(result, previous)
             if tenant.spec.suspended:
                 phase = "Suspended"
             elif not result.ready:
@@ -928,6 +1001,7 @@ class Engine:
                 effective_at=decision.effective_at,
                 conditions=build_conditions(result.outcomes, previous, generation, now),
                 history=history,
+                usage=result.overage.status if result.overage is not None else None,
             )
         result.status = status
         if status != previous:

@@ -112,6 +112,17 @@ class TierChange(Model):
     )
 
 
+class UsageStatus(Model):
+    """This month's usage against the tier's included vCPU-hours; changes only at thresholds."""
+
+    month: str = Field(..., description="YYYY-MM (UTC).")
+    level: Literal["80", "100"] | None = Field(None, description="Highest share of included usage reached.")
+    over_since: datetime | None = Field(None, description="When the tenant first went over its included usage.")
+    restriction: Literal["qps", "readOnly"] | None = Field(
+        None, description="In force after the soft-overage period, until the next month or an upgrade."
+    )
+
+
 class TenantDatabaseStatus(Model):
     observed_generation: int | None = None
     phase: Phase = "Pending"
@@ -120,6 +131,7 @@ class TenantDatabaseStatus(Model):
     effective_at: datetime | None = None
     conditions: list[Condition] = Field(default_factory=list)
     history: list[TierChange] = Field(default_factory=list, max_length=20, description="Recent tier changes.")
+    usage: UsageStatus | None = Field(None, description="This month's usage against the included usage.")
 
     def condition(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)

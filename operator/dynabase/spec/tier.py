@@ -22,6 +22,7 @@ MAX_TIERS = 32
 
 PoolMode = Literal["session", "transaction", "statement"]
 OverLimit = Literal["throttle", "reject"]
+OverageRestriction = Literal["qps", "readOnly"]
 RestartPolicy = Literal["ALWAYS", "ON_FAILURE", "NEVER"]
 
 
@@ -158,6 +159,17 @@ class Billing(Model):
     overage_per_vcpu_hour_usd: float | None = Field(
         None, alias="overagePerVcpuHourUSD", ge=0,
         description="Price per vCPU-hour over the included amount. Absent = no overage sold.",
+    )
+    soft_overage_period: Duration | None = Field(
+        None, description="Without an overage price: how long a tenant may stay over its included usage "
+        "before it is restricted until the next month or an upgrade. Default 7d.",
+    )
+    overage_restriction: OverageRestriction | None = Field(
+        None, description="qps (lower the proxy's queries per second to restrictedQps) or readOnly "
+        "(default_transaction_read_only on the role). Default qps.",
+    )
+    restricted_qps: int | None = Field(
+        None, ge=1, le=1_000_000, description="Queries per second while restricted. Default 1.",
     )
 
 

@@ -1,0 +1,70 @@
+"""Included usage and what happens beyond it. Pure.
+
+Tiers that sell overage just bill it. A tier with included usage and no overage
+price (FREE) warns at 80 % and 100 %, lets the tenant run over for a soft period,
+then restricts it (lower QPS or read-only) until the month ends or the tenant
+moves to a tier that covers its usage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from dynabase.spec.tenant import UsageStatus
+
+from .cost import warning_level
+from .effective import BillingEffective
+
+
+def month_of(now: dt.datetime) -> str:
+    return now.astimezone(dt.UTC).strftime("%Y-%m")
+
+
+def month_start(now: dt.datetime) -> dt.datetime:
+    return now.astimezone(dt.UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+@dataclass(frozen=True)
+class OverageVerdict:
+    status: UsageStatus
+    ratio: float  # used / included
+    message: str
+
+    @property
+    def restriction(self) -> str | None:
+        return self.status.restriction
+
+
+def decide_overage(billing: BillingEffective, used_vcpu_hours: float, previous: UsageStatus | None,
+                   now: dt.datetime) -> OverageVerdict | None:
+    """None when the tier includes no usage (nothing to warn about)."""
+    included = billing.included_vcpu_hours
+    if included <= 0:
+        return None
+    month = month_of(now)
+    before = previous if previous is not None and previous.month == month else None  # a new month starts clean
+    level = warning_level(used_vcpu_hours, included)
+    over_since = None
+    if level == "100":
+        over_since = before.over_since if before is not None and before.over_since is not None else now
+    restriction = None
+    sells_overage = billing.overage_per_vcpu_hour_usd is not None
+    soft = dt.timedelta(milliseconds=billing.soft_overage_period.milliseconds)
+    if over_since is not None and not sells_overage and now - over_since >= soft:
+        restriction = billing.overage_restriction
+    used = f"{used_vcpu_hours:.2f} of {included:g} included vCPU-hours"
+    if restriction == "qps":
+        message = f"{used}; restricted to {billing.restricted_qps} queries/s until next month or an upgrade"
+    elif restriction == "readOnly":
+        message = f"{used}; read-only until next month or an upgrade"
+    elif over_since is not None and not sells_overage:
+        until = over_since + soft
+        message = f"{used}; over since {over_since:%Y-%m-%d %H:%M}Z, restricted from {until:%Y-%m-%d %H:%M}Z " \
+                  "unless it upgrades"
+    elif over_since is not None:
+        message = f"{used}; the excess is billed at {billing.overage_per_vcpu_hour_usd} USD per vCPU-hour"
+    else:
+        message = used
+    status = UsageStatus(month=month, level=level, over_since=over_since, restriction=restriction)
+    return OverageVerdict(status, used_vcpu_hours / included, message)
