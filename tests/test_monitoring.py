@@ -48,8 +48,9 @@ from .railway.fake import FakeRailway
 
 MONITORING = ROOT / "manifests" / "monitoring"
 
-# Declared by the engine for overage, but not set by any code path on this branch yet: their
-# families are in every scrape without samples, so their labels come from the declaration.
+# Set by the engine only for tenants with included usage (see tests/test_overage.py), which
+# this scenario has none of: their families may be in a scrape without samples, so their
+# labels come from the declaration.
 DECLARED_NOT_YET_SET = {"dynabase_usage_restricted", "dynabase_usage_month_ratio", "dynabase_usage_threshold_events",
                         # per-tenant series of the usage report's textfile, written only with a month's usage
                         "dynabase_usage_included_ratio", "dynabase_usage_warnings"}
