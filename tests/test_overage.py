@@ -15,7 +15,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from dynabase.backends.proxy import ProxyBackend
-from dynabase.desired.effective import BillingEffective
+from dynabase.desired.effective import DEFAULTS, BillingEffective
 from dynabase.desired.overage import decide_overage
 from dynabase.desired.proxy import LIMITS_KEY
 from dynabase.engine import metrics
@@ -23,17 +23,16 @@ from dynabase.engine.reconciler import Engine, TenantResult
 from dynabase.proxy.metering import USAGE_KEY, encode, usage_field
 from dynabase.spec import TenantDatabase, TierPolicy
 from dynabase.spec.tenant import UsageStatus
-from dynabase.spec.units import Duration
 
 from .conftest import Stack
 from .engine_helpers import FakeClock, make_engine
 
 NOW = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
-WEEK = Duration.of_ms(7 * 86_400_000)
 
 
 def billing(included: float = 5.0, overage: float | None = None, restriction: str = "qps") -> BillingEffective:
-    return BillingEffective(0.0, included, overage, WEEK, restriction, 1)
+    return BillingEffective(**{**DEFAULTS["billing"], "included_vcpu_hours": included,
+                               "overage_per_vcpu_hour_usd": overage, "overage_restriction": restriction})
 
 
 def test_thresholds_soft_period_and_restriction() -> None:
