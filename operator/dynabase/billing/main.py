@@ -64,7 +64,8 @@ def kube_api_client() -> client.ApiClient:
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
+        # KUBECONFIG as it is now: the client library reads it once, at import.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
     return client.ApiClient(client.Configuration.get_default_copy())
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
 
 from kubernetes import client, config
@@ -15,7 +16,8 @@ def _load_config() -> None:
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
+        # KUBECONFIG as it is now: the client library reads it once, at import.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
 
 
 # TierPolicy is cluster-scoped; the apiserver keeps events about such objects in "default".
