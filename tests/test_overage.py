@@ -176,3 +176,39 @@ async def test_read_only_restriction_refuses_writes_in_postgres(env: dict[str, A
     finally:
         await conn.close()
 
+
+
+async def test_month_to_date_usage_sums_the_months_hours_and_only_them(env: dict[str, Any]) -> None:
+    engine, clock, redis = env["engine"], env["clock"], env["redis"]
+    clock.now = dt.datetime(2001, 3, 15, 12, 30, tzinfo=dt.UTC)  # far from now: no proxy writes there
+    db = f"ovm_{uuid.uuid4().hex[:6]}"
+    t = tenant("TINY", db)
+    field = usage_field(t.key, "r1")
+
+    def hour(moment: dt.datetime) -> str:
+        return USAGE_KEY.format(hour=int(moment.timestamp()) // 3600)
+
+    # 30 + 30 query-seconds this month (0.42 vCPU-s each: 25.2 of 36 included, under 80 %),
+    # 1000 in February that must not count.
+    writes = {hour(dt.datetime(2001, 2, 28, 23, tzinfo=dt.UTC)): 1000.0,
+              hour(dt.datetime(2001, 3, 1, 0, tzinfo=dt.UTC)): 30.0,
+              hour(clock.now): 30.0}
+    for key, seconds in writes.items():
+        await redis.hset(key, field, encode({"queries": 10, "query_seconds": seconds}, "TINY"))
+    try:
+        first = await one(engine, t)
+        assert first.overage is not None and first.overage.ratio == pytest.approx(25.2 / 36)
+        assert first.status is not None and first.status.usage is not None and first.status.usage.level is None
+        # A later hour adds to the hours already summed (read once, kept).
+        clock.advance(hours=3)
+        later = hour(clock.now)
+        writes[later] = 20.0
+        await redis.hset(later, field, encode({"queries": 10, "query_seconds": 20.0}, "TINY"))
+        second = await one(engine, t)
+        assert second.overage is not None and second.overage.ratio == pytest.approx(33.6 / 36)
+        assert second.status is not None and second.status.usage is not None
+        assert second.status.usage.level == "80"
+        assert ("Warning", "UsageWarning") in [(k, r) for k, r, _ in second.events]
+    finally:
+        for key in writes:
+            await redis.hdel(key, field)

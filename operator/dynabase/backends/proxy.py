@@ -22,8 +22,6 @@ class ProxyBackend:
     def __init__(self, redis_url: str) -> None:
         self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
         self.writes = 0
-        self._final_hours: dict[int, dict[str, str]] = {}
-        self._recent_hours: dict[int, dict[str, str]] = {}
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -59,26 +57,15 @@ class ProxyBackend:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def hours_of_usage(self, first_hour: int, current_hour: int) -> dict[int, dict[str, str]]:
-        """The proxies' usage hashes for [first_hour, current_hour]. Hours before the previous one
-        no longer change, so they are read once and kept; a pass reads two hashes."""
-        wanted = [h for h in range(first_hour, current_hour + 1)
-                  if h not in self._final_hours or h >= current_hour - 1]
-        if wanted:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for hour in wanted:
-                    pipe.hgetall(f"dynabase:usage:{hour}")
-                answers = await pipe.execute()
-            for hour, raw in zip(wanted, answers, strict=True):
-                fields = {str(k): str(v) for k, v in raw.items()}
-                if hour < current_hour - 1:
-                    self._final_hours[hour] = fields
-                else:
-                    self._recent_hours[hour] = fields
-        for hour in [h for h in self._final_hours if h < first_hour]:
-            del self._final_hours[hour]  # last month's
-        return {h: self._final_hours.get(h) or self._recent_hours.get(h) or {}
-                for h in range(first_hour, current_hour + 1)}
+    async def usage_hours(self, hours: list[int]) -> dict[int, dict[str, str]]:
+        """The proxies' usage hashes of these hours, in one round trip."""
+        if not hours:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for hour in hours:
+                pipe.hgetall(f"dynabase:usage:{hour}")
+            answers = await pipe.execute()
+        return {hour: {str(k): str(v) for k, v in raw.items()} for hour, raw in zip(hours, answers, strict=True)}
 
     async def usage_fields(self, hour: int) -> dict[str, str]:
         """The proxies' cumulative counters for one hour: "<tenant>|<replica>" -> JSON."""

@@ -213,6 +213,9 @@ class Engine:
         self.railway_pg_host, self.railway_pg_port = railway_pg_host, railway_pg_port
         self.platform_plans: list[str] = []
         self.cost_model = CostModel()  # proxy usage -> vCPU-hours, for included usage and overage
+        self._usage_month = -1
+        self._usage_final_through = -1
+        self._usage_final: dict[str, UsageTotals] = {}
         self._platform_checked = -1e9
         self._last_rollup = 0.0
         self._mongo_cursor = 0
@@ -393,23 +396,42 @@ class Engine:
         candidates = [r for r in results if r.limits is not None and r.limits.billing.included_vcpu_hours > 0]
         if not candidates or self.proxy is None:
             return
-        first = int(month_start(now).timestamp()) // 3600
         try:
-            hours = await self.proxy.hours_of_usage(first, int(now.timestamp()) // 3600)
+            usage = await self._month_usage(now)
         except Exception as exc:  # unknown usage: verdicts stay as they were
             log.warning("proxy usage unavailable", extra={"error": describe_error(exc)})
             return
-        docs = [doc for hour, fields in hours.items() for doc in rollup(hour, fields).values()]
-        usage = usage_by_tenant(docs)
         metrics.USAGE_LEVEL.clear()
         for result in candidates:
             assert result.limits is not None
-            totals = usage.get(result.key, (UsageTotals(), None))[0]
-            used = estimate(totals, self.cost_model).cpu_seconds / 3600
+            used = estimate(usage.get(result.key, UsageTotals()), self.cost_model).cpu_seconds / 3600
             previous = statuses.get(result.key)
             result.overage = decide_overage(result.limits.billing, used, previous.usage if previous else None, now)
             if result.overage is not None:
                 metrics.USAGE_LEVEL.labels(result.key, result.limits.tier).set(round(result.overage.ratio, 4))
+
+    async def _month_usage(self, now: dt.datetime) -> dict[str, UsageTotals]:
+        """Month-to-date usage per tenant. Hours before the previous one no longer change: they are
+        read and summed once, so a pass reads and parses only the last two hours."""
+        assert self.proxy is not None
+        first, current = int(month_start(now).timestamp()) // 3600, int(now.timestamp()) // 3600
+        if self._usage_month != first:
+            self._usage_month, self._usage_final_through, self._usage_final = first, first - 1, {}
+        final_hours = list(range(self._usage_final_through + 1, current - 1))
+        recent_hours = list(range(max(first, current - 1), current + 1))
+        fetched = await self.proxy.usage_hours(final_hours + recent_hours)
+
+        def totals(hours: list[int]) -> dict[str, UsageTotals]:
+            docs = [doc for hour in hours for doc in rollup(hour, fetched[hour]).values()]
+            return {tenant: value for tenant, (value, _tier) in usage_by_tenant(docs).items()}
+        for tenant, value in totals(final_hours).items():
+            self._usage_final[tenant] = self._usage_final.get(tenant, UsageTotals()) + value
+        if final_hours:
+            self._usage_final_through = final_hours[-1]
+        month = dict(self._usage_final)
+        for tenant, value in totals(recent_hours).items():
+            month[tenant] = month.get(tenant, UsageTotals()) + value
+        return month
 
     async def _postgres_target(self, result: TenantResult, dry_run: bool) -> PostgresTarget:
         tenant, limits = result.tenant, result.limits
