@@ -29,17 +29,12 @@ from pathlib import Path
 import asyncpg
 import redis
 
-from bench.common import devstack
+from bench.common import close_proxy_engine, devstack, proxy_engine
 from bench.proxy import start_proxy
-from dynabase.backends.pgbouncer import PgBouncerBackend
-from dynabase.backends.postgres import PostgresBackend
-from dynabase.backends.proxy import ProxyBackend
 from dynabase.desired.cost import CostModel, UsageTotals, estimate, fit_cpu, tenant_factors, usage_by_tenant
 from dynabase.desired.mongo import rollup
 from dynabase.desired.sql import quote_ident
 from dynabase.devstack.stack import free_port
-from dynabase.engine.reconciler import Engine
-from dynabase.engine.stores import MemorySecretStore, MemoryStatusStore
 from dynabase.spec import TenantDatabase, TierPolicy
 from dynabase.usage.report import model_document
 from dynabase.usage.sampler import BackendCpuSampler
@@ -84,16 +79,11 @@ def tenant(db: str) -> TenantDatabase:
 
 
 async def setup(env: dict[str, str]) -> dict[str, str]:
-    postgres = PostgresBackend(env["DYNABASE_POSTGRES_DSN"])
-    await postgres.start()
-    secrets = MemorySecretStore()
-    engine = Engine(postgres=postgres, pgbouncer=PgBouncerBackend(env["DYNABASE_REDIS_URL"]),
-                    proxy=ProxyBackend(env["DYNABASE_REDIS_URL"]), secrets=secrets,
-                    status_store=MemoryStatusStore())
+    engine, secrets = await proxy_engine(env)
     tenants = [tenant(db) for db in WORKLOADS]
     result = await engine.reconcile_all({"attribution": POLICY}, tenants, complete=True)
     assert all(t.ready for t in result.tenants), [t.outcomes for t in result.tenants]
-    await postgres.close()
+    await close_proxy_engine(engine)
     passwords = {t.database_name: secrets.passwords[t.key] for t in tenants}
     admin = await asyncpg.connect(env["DYNABASE_POSTGRES_DSN"])
     for db, password in passwords.items():

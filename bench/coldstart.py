@@ -18,14 +18,9 @@ import time
 
 import asyncpg
 
-from bench.common import devstack
+from bench.common import close_proxy_engine, devstack, proxy_engine
 from bench.proxy import start_proxy
-from dynabase.backends.pgbouncer import PgBouncerBackend
-from dynabase.backends.postgres import PostgresBackend
-from dynabase.backends.proxy import ProxyBackend
 from dynabase.devstack.stack import free_port
-from dynabase.engine.reconciler import Engine
-from dynabase.engine.stores import MemorySecretStore, MemoryStatusStore
 from dynabase.spec import TenantDatabase, TierPolicy
 
 POLICY = TierPolicy.model_validate({
@@ -67,11 +62,7 @@ async def sessions(dsn: str) -> int:
 
 
 async def run(env: dict[str, str], rounds: int) -> None:
-    postgres = PostgresBackend(env["DYNABASE_POSTGRES_DSN"])
-    await postgres.start()
-    secrets = MemorySecretStore()
-    engine = Engine(postgres=postgres, pgbouncer=PgBouncerBackend(env["DYNABASE_REDIS_URL"]),
-                    proxy=ProxyBackend(env["DYNABASE_REDIS_URL"]), secrets=secrets, status_store=MemoryStatusStore())
+    engine, secrets = await proxy_engine(env)
     policies = {"cold": POLICY}
     first = await engine.reconcile_all(policies, [TENANT])
     assert first.tenants[0].ready, first.tenants[0].outcomes
@@ -97,9 +88,7 @@ async def run(env: dict[str, str], rounds: int) -> None:
     finally:
         proxy.terminate()
         proxy.wait(10)
-        await engine.pgbouncer.close()  # type: ignore[union-attr]
-        await engine.proxy.close()  # type: ignore[union-attr]
-        await postgres.close()
+        await close_proxy_engine(engine)
     print(f"cold start (connect + SELECT 1 through the proxy after the tenant went Cold), {rounds} rounds:")
     print(f"  cold  p50 {pct(cold_ms, 0.5):6.1f} ms  p99 {pct(cold_ms, 0.99):6.1f} ms  "
           f"mean {statistics.mean(cold_ms):6.1f} ms")

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import yaml
 
+from dynabase.backends.pgbouncer import PgBouncerBackend
+from dynabase.backends.postgres import PostgresBackend
+from dynabase.backends.proxy import ProxyBackend
 from dynabase.devstack.stack import Devstack
+from dynabase.engine.reconciler import Engine
+from dynabase.engine.stores import MemorySecretStore, MemoryStatusStore
 from dynabase.spec import TenantDatabase, TierPolicy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,3 +47,21 @@ def tenants(count: int, *, prefix: str = "b") -> list[TenantDatabase]:
         })
         for i in range(count)
     ]
+
+
+async def proxy_engine(env: dict[str, str]) -> tuple[Engine, MemorySecretStore]:
+    """An engine over the stack's Postgres, PgBouncer agent and proxy limits; close with close_proxy_engine."""
+    postgres = PostgresBackend(env["DYNABASE_POSTGRES_DSN"])
+    await postgres.start()
+    secrets = MemorySecretStore()
+    engine = Engine(postgres=postgres, pgbouncer=PgBouncerBackend(env["DYNABASE_REDIS_URL"]),
+                    proxy=ProxyBackend(env["DYNABASE_REDIS_URL"]), secrets=secrets, status_store=MemoryStatusStore())
+    return engine, secrets
+
+
+async def close_proxy_engine(engine: Engine) -> None:
+    await engine.postgres.close()
+    if engine.pgbouncer is not None:
+        await engine.pgbouncer.close()
+    if engine.proxy is not None:
+        await engine.proxy.close()
