@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 REPLICAS_KEY = "dynabase:proxy:replicas"
 LEASE_KEY = "dynabase:qps:{database}"
 REDIS_UP = Gauge("dynabase_proxy_redis_up", "1 while the proxy reaches Redis; 0 = enforcing locally.")
+RESERVATION_SLICES = 8  # a reserved batch is handed over in this many parts as its tokens fall due
 LEASES = Gauge("dynabase_proxy_redis_leases", "Token leases requested from Redis so far.")
 
 
@@ -144,46 +145,64 @@ class Coordinator:
         assert limiter is not None
         interval_us = 1_000_000 / limiter.qps
         tolerance_us = max(limiter.burst - 1, 0) * interval_us
+        sent = time.monotonic()
+        want = limiter.lease_size(sent)
         try:
             self.lease_calls += 1
             LEASES.set(self.lease_calls)
             limits = state.limits
             max_wait_us = limits.queue_timeout_ms * 1000 if limits.over_limit == "throttle" else 0
-            granted, wait_us = await self._lease(
+            granted, wait_us, spent_us = await self._lease(
                 keys=[LEASE_KEY.format(database=state.limits.database)],
-                args=[int(time.time() * 1000), interval_us, tolerance_us, limiter.batch, max_wait_us],
+                args=[int(time.time() * 1000), interval_us, tolerance_us, want, max_wait_us],
             )
         except (aioredis.RedisError, OSError):
             limiter.leasing = False
             self._set_redis(False)
             return
-        granted = int(granted)
-        if granted and int(wait_us) > 0:
-            # A reservation: the tokens become usable later; nobody asks Redis meanwhile.
-            asyncio.get_running_loop().call_later(int(wait_us) / 1_000_000, self._grant, state, granted)
+        granted, wait_us = int(granted), int(wait_us)
+        valid_until = sent + int(spent_us) / 1_000_000
+        if granted and wait_us > 0:
+            self._deliver_reservation(state, granted, wait_us, interval_us, valid_until)
             return
-        self._grant(state, granted, int(wait_us))
+        self._grant(state, granted, valid_until, wait_us)
 
-    def _grant(self, state: TenantState, granted: int, wait_us: int = 0) -> None:
+    def _deliver_reservation(self, state: TenantState, granted: int, wait_us: int, interval_us: float,
+                             valid_until: float) -> None:
+        """A reservation's tokens fall due one interval apart, the last after `wait_us`; hand
+        them over in a few slices as they fall due, so a large batch does not hold back the
+        first of its queries until the last token is due. Nobody asks Redis meanwhile."""
+        loop = asyncio.get_running_loop()
+        slices = min(granted, RESERVATION_SLICES)
+        delivered = 0
+        for n in range(1, slices + 1):
+            due = granted * n // slices  # tokens due by the end of this slice
+            delay_us = max(0.0, wait_us - (granted - due) * interval_us)
+            final = n == slices
+            loop.call_later(delay_us / 1_000_000, self._grant, state, due - delivered, valid_until, 0, final)
+            delivered = due
+
+    def _grant(self, state: TenantState, granted: int, valid_until: float, wait_us: int = 0,
+               final: bool = True) -> None:
         limiter = state.limiter
         if limiter is None:
             return
-        limiter.leasing = False
+        if final:
+            limiter.leasing = False
         now = time.monotonic()
         if granted:
-            limiter.tokens += granted
+            limiter.credit(granted, valid_until)
             limiter.next_free = 0.0
         else:
-            limiter.next_free = now + int(wait_us) / 1_000_000
+            limiter.next_free = now + wait_us / 1_000_000
         waiters, state.waiters = state.waiters, []
         for waiter in waiters:
             if granted:
                 waiter.release()
-            elif now + int(wait_us) / 1_000_000 > waiter.hold_deadline:
+            elif now + wait_us / 1_000_000 > waiter.hold_deadline:
                 waiter.release(reject=True)
             else:
-                delay = int(wait_us) / 1_000_000
-                asyncio.get_running_loop().call_later(delay, waiter.release)
+                asyncio.get_running_loop().call_later(wait_us / 1_000_000, waiter.release)
 
     # -- usage ------------------------------------------------------------------------------
 

@@ -659,7 +659,7 @@ class ClientConnection(asyncio.Protocol):
             elif wait is None:
                 self.first_hold = 0.0
             return wait
-        if limiter.take():
+        if limiter.take(now):
             self.first_hold = 0.0
             if limiter.low() and not limiter.leasing:
                 self.proxy.lease(tenant)
