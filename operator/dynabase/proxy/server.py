@@ -16,7 +16,7 @@ import logging
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,9 @@ class ProxyConfig:
     pending_startups_per_tenant: int = 10
     sweep_interval: float = 0.1
     ssl_context: ssl.SSLContext | None = None
+    # How other replicas reach this replica's PgBouncer to forward a CancelRequest
+    # (default: pgbouncer_host, which is only right when they share it).
+    pgbouncer_advertise_host: str | None = None
 
 
 @dataclass
@@ -102,6 +105,11 @@ class Proxy:
         self.tenants: dict[str, TenantState] = {}
         self.connections: set[ClientConnection] = set()
         self.cancel_targets: dict[tuple[int, int], tuple[str, int]] = {}
+        # Backend keys shared with the other replicas (set by the coordinator): publish at
+        # authentication, forget at close, and find a key another replica handed out.
+        self.publish_cancel: Callable[[tuple[int, int], tuple[str, int]], None] | None = None
+        self.forget_cancel: Callable[[tuple[int, int]], None] | None = None
+        self.find_cancel: Callable[[int, int], Awaitable[tuple[str, int] | None]] | None = None
         self.lease: Callable[[TenantState], None] | None = None  # set by the Redis coordinator
         self.wake: Callable[[str], None] | None = None  # announces a Cold tenant's wake-up (coordinator)
         self.redis_ok = False
@@ -279,6 +287,8 @@ class ClientConnection(asyncio.Protocol):
                 tenant.waiters.remove(self)
         if self.backend_key:
             self.proxy.cancel_targets.pop(self.backend_key, None)
+            if self.proxy.forget_cancel is not None:
+                self.proxy.forget_cancel(self.backend_key)
         if self.upstream and self.upstream.transport:
             self.upstream.transport.close()
         if self.transport:
@@ -365,9 +375,13 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     async def _forward_cancel(self, pid: int, key: int) -> None:
-        """Route a CancelRequest to the PgBouncer that issued that key, wherever it came in."""
+        """Route a CancelRequest to the PgBouncer that issued that key, wherever it came in:
+        this replica's own keys first, then those the other replicas published. The client
+        is answered the same way (closed at once, nothing sent) whether the key exists or not."""
         target = self.proxy.cancel_targets.get((pid, key))
         self.close()
+        if target is None and self.proxy.find_cancel is not None:
+            target = await self.proxy.find_cancel(pid, key)
         if target is None:
             return
         await send_cancel(target, pid, key)
@@ -593,6 +607,10 @@ class ClientConnection(asyncio.Protocol):
                 pid, key = struct.unpack_from("!ii", buf, i + 5)
                 self.backend_key = (pid, key)
                 self.proxy.cancel_targets[(pid, key)] = self.cancel_target
+                if self.proxy.publish_cancel is not None:
+                    config = self.proxy.config
+                    host = config.pgbouncer_advertise_host or config.pgbouncer_host
+                    self.proxy.publish_cancel(self.backend_key, (host, self.cancel_target[1]))
             elif kind == Z:
                 self.transport.write(bytes(buf[:i]))
                 ready = bytes(buf[i : i + 1 + length])
