@@ -200,7 +200,7 @@ class Coordinator:
             limiter.leasing = False
         now = time.monotonic()
         if granted:
-            limiter.credit(granted, valid_until)
+            limiter.credit(granted, valid_until, now)
             limiter.next_free = 0.0
         else:
             limiter.next_free = now + wait_us / 1_000_000

@@ -6,14 +6,16 @@ to ``batch`` tokens at once, so the Redis cost per admitted query is 1/batch.
 The batch follows this replica's own admitted rate (about a second of its
 traffic), capped at its fair share of the burst, so the tokens all replicas hold
 never add up to more than the burst. A leased token is good only while Redis
-still counts it as spent (until the GCRA's arrival time after that lease): once
-the shared bucket has refilled, tokens a replica did not use are dropped, so
-unused tokens cannot be spent on top of a fresh burst.
+still counts it as spent: Redis lets go of a lease one interval per token until
+the GCRA's arrival time after it, and a replica keeps no more tokens than that
+leaves (qps x time left). So unused tokens are never spent on top of what the
+refilled bucket grants again, and no second admits more than qps + burst.
 When Redis is unreachable each replica enforces qps / replicas locally.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 # KEYS[1] tenant key; ARGV: now_ms, interval_us, tolerance_us, want, max_wait_us.
@@ -67,19 +69,22 @@ class Gcra:
 
 
 LEASE_HORIZON = 1.0  # a lease asks for about this many seconds of the replica's own traffic
-RATE_MIN_INTERVAL = 0.05  # shorter gaps between leases say little about the rate
 
 
 class TenantLimiter:
     """Per tenant, per proxy process. ``take`` is the hot path: no I/O, no allocation."""
 
-    __slots__ = ("batch", "burst", "leasing", "local", "next_free", "qps", "rate", "rate_at", "rate_taken",
-                 "replicas", "taken", "tokens", "valid_until")
+    __slots__ = ("batch", "burst", "leasing", "local", "next_free", "older", "older_until", "qps", "rate",
+                 "rate_at", "rate_taken", "replicas", "taken", "tokens", "valid_until")
 
     def __init__(self, qps: int, burst: int, replicas: int = 1) -> None:
         self.qps, self.burst = qps, burst
         self.tokens = 0
-        self.valid_until = 0.0  # held tokens are dropped from then on (Redis no longer counts them)
+        self.valid_until = 0.0  # Redis's arrival time after the last lease, on this clock
+        # Of `tokens`, those left from earlier leases: used first, and only while Redis
+        # still counts *their* lease (a later lease must not stretch their life).
+        self.older = 0
+        self.older_until = 0.0
         self.taken = 0  # tokens used so far: the admitted rate comes from it
         self.rate = 0.0  # admitted queries per second on this replica (smoothed)
         self.rate_at = float("-inf")  # no sample yet
@@ -95,13 +100,30 @@ class TenantLimiter:
 
     def take(self, now: float) -> bool:
         if self.tokens > 0:
-            if now >= self.valid_until:
-                self.tokens = 0  # the shared bucket has refilled past this lease
-                return False
+            if self.older:
+                self._trim_older(now)
+            left = (self.valid_until - now) * self.qps
+            if self.tokens - 1 >= left:  # more than the ceil(left) tokens Redis still counts
+                self._drop(self.tokens - _whole(left))
+                if not self.tokens:
+                    return False
             self.tokens -= 1
+            if self.older:
+                self.older -= 1
             self.taken += 1
             return True
         return False
+
+    def _trim_older(self, now: float) -> None:
+        keep = _whole((self.older_until - now) * self.qps)
+        if self.older > keep:
+            self.tokens -= self.older - keep
+            self.older = keep
+
+    def _drop(self, count: int) -> None:
+        """Drop tokens, the oldest first."""
+        self.tokens -= count
+        self.older = max(0, self.older - count)
 
     def low(self) -> bool:
         return self.tokens <= self.batch // 2
@@ -115,16 +137,26 @@ class TenantLimiter:
 
     def lease_size(self, now: float) -> int:
         """Tokens to ask for now: about LEASE_HORIZON of this replica's admitted rate, within limits."""
-        elapsed = now - self.rate_at
-        if elapsed >= RATE_MIN_INTERVAL:
+        elapsed = now - self.rate_at  # since the last lease
+        wanted = self.rate
+        if elapsed > 0:
             sample = (self.taken - self.rate_taken) / elapsed
             # Smoothed over about LEASE_HORIZON: after a longer gap only the gap counts.
             self.rate += min(1.0, elapsed / LEASE_HORIZON) * (sample - self.rate)
             self.rate_at, self.rate_taken = now, self.taken
-        self.batch = max(self.min_batch(), min(self.fair_share(), round(self.rate * LEASE_HORIZON)))
+            # In a surge the smoothed rate lags: follow the latest sample, at most doubling.
+            wanted = max(self.rate, min(sample, 2 * self.batch / LEASE_HORIZON))
+        self.batch = max(self.min_batch(), min(self.fair_share(), round(wanted * LEASE_HORIZON)))
         return self.batch
 
-    def credit(self, granted: int, valid_until: float) -> None:
+    def credit(self, granted: int, valid_until: float, now: float) -> None:
+        if self.older:
+            self._trim_older(now)
+        if self.tokens > self.older:
+            # The rest of the last lease becomes `older`; anything older still is dropped
+            # (rare: it takes a lease arriving before the one before last is used up).
+            self.tokens -= self.older
+            self.older, self.older_until = self.tokens, self.valid_until
         self.tokens += granted
         self.valid_until = max(self.valid_until, valid_until)
 
@@ -135,6 +167,11 @@ class TenantLimiter:
             self.local = Gcra(self.qps / replicas, max(1, self.burst // replicas))
             self.tokens = min(self.tokens, self.fair_share())  # more replicas: a smaller share each
             self.batch = min(self.batch, self.fair_share())
+
+
+def _whole(tokens: float) -> int:
+    """Tokens Redis still counts, a partly released one included."""
+    return math.ceil(tokens) if tokens > 0 else 0
 
 
 def now() -> float:
