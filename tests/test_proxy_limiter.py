@@ -75,6 +75,15 @@ def test_a_new_lease_does_not_stretch_the_life_of_the_last_ones_rest() -> None:
     assert limiter.tokens == 99
 
 
+def test_more_replicas_shrink_the_share_keeping_the_newest_tokens() -> None:
+    limiter = TenantLimiter(qps=100, burst=300)
+    limiter.credit(100, valid_until=1.0, now=0.0)
+    limiter.credit(100, valid_until=2.0, now=0.1)
+    limiter.set_replicas(3)  # a third of the burst: the 100 of the second lease stay
+    assert limiter.take(1.5)
+    assert limiter.tokens == 49  # and Redis still counts 50 of them at 1.5 s
+
+
 Lease = Callable[..., list[int]]
 
 

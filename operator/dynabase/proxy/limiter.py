@@ -105,13 +105,12 @@ class TenantLimiter:
             left = (self.valid_until - now) * self.qps
             if self.tokens - 1 >= left:  # more than the ceil(left) tokens Redis still counts
                 self._drop(self.tokens - _whole(left))
-                if not self.tokens:
-                    return False
-            self.tokens -= 1
-            if self.older:
-                self.older -= 1
-            self.taken += 1
-            return True
+            if self.tokens > 0:
+                self.tokens -= 1
+                if self.older:
+                    self.older -= 1
+                self.taken += 1
+                return True
         return False
 
     def _trim_older(self, now: float) -> None:
@@ -165,7 +164,8 @@ class TenantLimiter:
         if replicas != self.replicas:
             self.replicas = replicas
             self.local = Gcra(self.qps / replicas, max(1, self.burst // replicas))
-            self.tokens = min(self.tokens, self.fair_share())  # more replicas: a smaller share each
+            if self.tokens > self.fair_share():  # more replicas: a smaller share each
+                self._drop(self.tokens - self.fair_share())
             self.batch = min(self.batch, self.fair_share())
 
 
