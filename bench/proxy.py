@@ -5,9 +5,12 @@
 1. pgbench -S (select-only) at 1, 8 and 50 clients in simple, extended and prepared
    modes, through PgBouncer alone and through the proxy in front of it: TPS, ratio,
    and at 1 client the p99 latency and what the proxy adds to it.
-2. Limiter: 3 proxy processes, one tenant limited to 200 q/s (throttle), offered
-   far more for 10 s: admitted rate against the limit, Redis leases per query.
-3. Metering: queries counted by the proxies (flushed to Redis) vs pgbench's count.
+2. Limiter: one tenant limited to 200 q/s (throttle), offered far more for 10 s,
+   through 1 proxy process and then through 3: admitted rate against the limit,
+   Redis leases per admitted query.
+3. Metering: queries counted by the proxies (flushed to Redis) vs pgbench's count,
+   and what the counting costs on the hot path (bench.proxy_path: the proxy's
+   per-query Python work without sockets, and the metering share of it).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import redis
 
+from bench import proxy_path
 from bench.common import devstack
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.postgres import PostgresBackend
@@ -126,6 +130,30 @@ async def setup(env: dict[str, str]) -> tuple[dict[str, str], dict[str, int]]:
     return passwords, ports
 
 
+def offer_limited(ports: list[tuple[int, int]], db: str, password: str, script: Path, *, clients: int) -> int:
+    """pgbench through each proxy at once for 10 s; prints admitted rate and leases per query."""
+    leases_before = sum(scrape(m, "dynabase_proxy_redis_leases") for _, m in ports)
+    results: list[tuple[float, int, list[float]]] = []
+
+    async def offer() -> None:
+        loop = asyncio.get_running_loop()
+        runs = [loop.run_in_executor(None, lambda p=p: pgbench(p, db, password, clients=clients, mode="simple",
+                                                               seconds=10, script=script))
+                for p, _ in ports]
+        results.extend(await asyncio.gather(*runs))
+
+    started = time.monotonic()
+    asyncio.run(offer())
+    elapsed = time.monotonic() - started
+    admitted = sum(count for _, count, _ in results)
+    leases = sum(scrape(m, "dynabase_proxy_redis_leases") for _, m in ports) - leases_before
+    limit_total = 200 * 10 + 200
+    print(f"{len(ports)} proxies: admitted {admitted} in {elapsed:.1f}s -> {admitted / 10:.1f} q/s: "
+          f"{admitted / limit_total:.3f} of limit*10s+burst; per proxy {[c for _, c, _ in results]}; "
+          f"Redis leases per admitted query {leases / max(admitted, 1):.4f} ({leases:.0f} leases)", flush=True)
+    return admitted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=5)
@@ -157,33 +185,15 @@ def main() -> None:
                                  f" (added: p50 {added:.0f} us, p99 {added99:.0f} us)")
                     print(line, flush=True)
 
-            print("\n== limiter: 3 proxies, tenant limited to 200 q/s, offered ~10x for 10 s", flush=True)
-            more = [(free_port(), free_port()) for _ in range(2)]
-            proxies += [start_proxy(env, p, m, f"bench-{i + 1}") for i, (p, m) in enumerate(more)]
             ldb, lpw = "bench_limited", passwords["bench_limited"]
             script = logs / "select1.sql"
             script.write_text("SELECT 1;\n")
-            all_ports = [(proxy_port, metrics), *more]
-            leases_before = sum(scrape(m, "dynabase_proxy_redis_leases") for _, m in all_ports)
-            results: list[tuple[float, int, list[float]]] = []
-
-            async def offer() -> None:
-                loop = asyncio.get_running_loop()
-                runs = [loop.run_in_executor(None, lambda p=p: pgbench(p, ldb, lpw, clients=4, mode="simple",
-                                                                       seconds=10, script=script))
-                        for p, _ in all_ports]
-                results.extend(await asyncio.gather(*runs))
-
-            started = time.monotonic()
-            asyncio.run(offer())
-            elapsed = time.monotonic() - started
-            admitted = sum(count for _, count, _ in results)
-            leases = sum(scrape(m, "dynabase_proxy_redis_leases") for _, m in all_ports) - leases_before
-            limit_total = 200 * 10 + 200
-            print(f"admitted {admitted} in {elapsed:.1f}s -> {admitted / 10:.1f} q/s against a limit of 200 "
-                  f"(+burst 200): {admitted / limit_total:.3f} of limit*10s+burst; per proxy "
-                  f"{[c for _, c, _ in results]}; Redis leases per admitted query {leases / max(admitted, 1):.4f}",
-                  flush=True)
+            print("\n== limiter: tenant limited to 200 q/s (+burst 200), offered ~10x for 10 s", flush=True)
+            admitted = offer_limited([(proxy_port, metrics)], ldb, lpw, script, clients=12)
+            more = [(free_port(), free_port()) for _ in range(2)]
+            proxies += [start_proxy(env, p, m, f"bench-{i + 1}") for i, (p, m) in enumerate(more)]
+            time.sleep(2.5)  # the replica count (3) is published and the shared bucket is full again
+            admitted += offer_limited([(proxy_port, metrics), *more], ldb, lpw, script, clients=4)
 
             time.sleep(2.5)  # a flush or two
             client = redis.Redis.from_url(env["DYNABASE_REDIS_URL"], decode_responses=True)
@@ -194,6 +204,7 @@ def main() -> None:
                         counted += int(json.loads(value)["queries"])
             print(f"\n== metering: proxies counted {counted} queries for the limited tenant; "
                   f"pgbench completed {admitted} transactions (+ its own connection checks)", flush=True)
+            proxy_path.report(proxy_path.measure())
         finally:
             for proc in proxies:
                 proc.terminate()

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import struct
 import subprocess
 import time
 import uuid
@@ -260,6 +261,67 @@ async def test_client_cancel_request_is_routed(env: Env) -> None:
         assert time.monotonic() - started < 5
     finally:
         await conn.close()
+
+
+async def _raw_cancel(port: int, pid: int, key: int) -> bytes:
+    """A CancelRequest as clients send it (length 16, code 80877102); returns the reply."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(struct.pack("!iiii", 16, 80877102, pid, key))
+    await writer.drain()
+    reply = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return reply
+
+
+async def _until_running(env: Env, query: str) -> None:
+    admin = await asyncpg.connect(env.stack.env["DYNABASE_POSTGRES_DSN"])
+    try:
+        for _ in range(200):
+            if await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = $1",
+                                    query):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{query!r} never started")
+    finally:
+        await admin.close()
+
+
+async def test_cancel_request_sent_to_another_replica_is_routed(env: Env) -> None:
+    stop, ready = asyncio.Event(), asyncio.Event()
+    port = _free_port()
+    started: list[Any] = []
+    task = asyncio.create_task(serve(
+        ProxySettings("127.0.0.1", port, "127.0.0.1", env.stack.env["DYNABASE_REDIS_URL"], None, f"b-{port}", 0),
+        stop, ready, on_start=started.append))
+    await asyncio.wait_for(ready.wait(), 10)
+    replica_b = started[0]
+    client = redis.Redis.from_url(env.stack.env["DYNABASE_REDIS_URL"], decode_responses=True)
+    conn = await connect(env, "BIG")  # through replica A (env.port)
+    try:
+        pid, key = conn._protocol.backend_pid, conn._protocol.backend_secret
+        assert (pid, key) in env.proxy.cancel_targets
+        assert (pid, key) not in replica_b.cancel_targets  # B can only learn it from Redis
+        # Known key or not, the sender is told nothing: the connection just closes.
+        assert await _raw_cancel(port, pid, key ^ 0x5A5A) == b""
+        sql = f"SELECT pg_sleep(10) -- {uuid.uuid4().hex[:6]}"
+        query = asyncio.create_task(conn.execute(sql))
+        await _until_running(env, sql)
+        assert await _raw_cancel(port, pid, key) == b""
+        with pytest.raises(asyncpg.QueryCanceledError) as info:
+            await query  # without the cancel it would succeed after 10 s
+        assert info.value.sqlstate == "57014"
+        assert await conn.fetchval("SELECT 7") == 7
+        assert client.get(f"dynabase:proxy:cancel:{pid}:{key}") is not None
+    finally:
+        await conn.close()
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    for _ in range(60):  # removed with A's next usage flush
+        if client.get(f"dynabase:proxy:cancel:{pid}:{key}") is None:
+            break
+        await asyncio.sleep(0.1)
+    assert client.get(f"dynabase:proxy:cancel:{pid}:{key}") is None
+    client.close()
 
 
 async def test_ssl_request_is_refused_cleanly(env: Env) -> None:

@@ -205,6 +205,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         listen_host=host or "0.0.0.0", listen_port=int(port), pgbouncer_host=args.pgbouncer_host,
         redis_url=redis_url, agent_id=args.agent_id, replica_id=args.replica_id or default_replica_id(int(port)),
         metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        pgbouncer_advertise_host=args.pgbouncer_advertise_host or os.environ.get("DYNABASE_PGBOUNCER_ADVERTISE_HOST"),
     ))
     return EXIT_OK
 
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     px = sub.add_parser("proxy", help="the tenant proxy in front of PgBouncer")
     px.add_argument("--listen", default="0.0.0.0:5432", help="HOST:PORT (default 0.0.0.0:5432)")
     px.add_argument("--pgbouncer-host", default="127.0.0.1")
+    px.add_argument("--pgbouncer-advertise-host",
+                    help="address other proxy replicas use to forward CancelRequests to this PgBouncer "
+                         "(default: $DYNABASE_PGBOUNCER_ADVERTISE_HOST, else --pgbouncer-host)")
     px.add_argument("--redis-url", help="default: $DYNABASE_REDIS_URL")
     px.add_argument("--agent-id", help="the pgbouncer-agent beside this proxy (default: any)")
     px.add_argument("--replica-id", help="default: HOSTNAME:PORT")

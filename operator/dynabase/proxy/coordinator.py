@@ -28,7 +28,12 @@ from .server import Proxy, TenantState
 log = logging.getLogger(__name__)
 REPLICAS_KEY = "dynabase:proxy:replicas"
 LEASE_KEY = "dynabase:qps:{database}"
+# A client's backend key -> "host:port" of the PgBouncer that issued it, so a CancelRequest
+# reaching any replica finds it. Rewritten while the connection lives, deleted at its close.
+CANCEL_KEY = "dynabase:proxy:cancel:{pid}:{key}"
+CANCEL_TTL = 600  # seconds; a replica that dies without cleaning up leaves nothing for longer
 REDIS_UP = Gauge("dynabase_proxy_redis_up", "1 while the proxy reaches Redis; 0 = enforcing locally.")
+RESERVATION_SLICES = 8  # a reserved batch is handed over in this many parts as its tokens fall due
 LEASES = Gauge("dynabase_proxy_redis_leases", "Token leases requested from Redis so far.")
 
 
@@ -46,8 +51,13 @@ class Coordinator:
         self.flushes = 0
         self._lease = self.redis.register_script(LEASE_SCRIPT)
         self._queries_seen: dict[str, int] = {}
+        self._cancel_keys: dict[tuple[int, int], tuple[str, float]] = {}  # -> (target, written at)
+        self._cancel_gone: list[tuple[int, int]] = []  # closed: deleted with the next flush
         proxy.lease = self.lease
         proxy.wake = self.wake
+        proxy.publish_cancel = self.publish_cancel
+        proxy.forget_cancel = self.forget_cancel
+        proxy.find_cancel = self.find_cancel
 
     # -- limits ---------------------------------------------------------------------------
 
@@ -144,46 +154,113 @@ class Coordinator:
         assert limiter is not None
         interval_us = 1_000_000 / limiter.qps
         tolerance_us = max(limiter.burst - 1, 0) * interval_us
+        sent = time.monotonic()
+        want = limiter.lease_size(sent)
         try:
             self.lease_calls += 1
             LEASES.set(self.lease_calls)
             limits = state.limits
             max_wait_us = limits.queue_timeout_ms * 1000 if limits.over_limit == "throttle" else 0
-            granted, wait_us = await self._lease(
+            granted, wait_us, spent_us = await self._lease(
                 keys=[LEASE_KEY.format(database=state.limits.database)],
-                args=[int(time.time() * 1000), interval_us, tolerance_us, limiter.batch, max_wait_us],
+                args=[int(time.time() * 1000), interval_us, tolerance_us, want, max_wait_us],
             )
         except (aioredis.RedisError, OSError):
             limiter.leasing = False
             self._set_redis(False)
             return
-        granted = int(granted)
-        if granted and int(wait_us) > 0:
-            # A reservation: the tokens become usable later; nobody asks Redis meanwhile.
-            asyncio.get_running_loop().call_later(int(wait_us) / 1_000_000, self._grant, state, granted)
+        granted, wait_us = int(granted), int(wait_us)
+        valid_until = sent + int(spent_us) / 1_000_000
+        if granted and wait_us > 0:
+            self._deliver_reservation(state, granted, wait_us, interval_us, valid_until)
             return
-        self._grant(state, granted, int(wait_us))
+        self._grant(state, granted, valid_until, wait_us)
 
-    def _grant(self, state: TenantState, granted: int, wait_us: int = 0) -> None:
+    def _deliver_reservation(self, state: TenantState, granted: int, wait_us: int, interval_us: float,
+                             valid_until: float) -> None:
+        """A reservation's tokens fall due one interval apart, the last after `wait_us`; hand
+        them over in a few slices as they fall due, so a large batch does not hold back the
+        first of its queries until the last token is due. Nobody asks Redis meanwhile."""
+        loop = asyncio.get_running_loop()
+        slices = min(granted, RESERVATION_SLICES)
+        delivered = 0
+        for n in range(1, slices + 1):
+            due = granted * n // slices  # tokens due by the end of this slice
+            delay_us = max(0.0, wait_us - (granted - due) * interval_us)
+            final = n == slices
+            loop.call_later(delay_us / 1_000_000, self._grant, state, due - delivered, valid_until, 0, final)
+            delivered = due
+
+    def _grant(self, state: TenantState, granted: int, valid_until: float, wait_us: int = 0,
+               final: bool = True) -> None:
         limiter = state.limiter
         if limiter is None:
             return
-        limiter.leasing = False
+        if final:
+            limiter.leasing = False
         now = time.monotonic()
         if granted:
-            limiter.tokens += granted
+            limiter.credit(granted, valid_until, now)
             limiter.next_free = 0.0
         else:
-            limiter.next_free = now + int(wait_us) / 1_000_000
+            limiter.next_free = now + wait_us / 1_000_000
         waiters, state.waiters = state.waiters, []
         for waiter in waiters:
             if granted:
                 waiter.release()
-            elif now + int(wait_us) / 1_000_000 > waiter.hold_deadline:
+            elif now + wait_us / 1_000_000 > waiter.hold_deadline:
                 waiter.release(reject=True)
             else:
-                delay = int(wait_us) / 1_000_000
-                asyncio.get_running_loop().call_later(delay, waiter.release)
+                asyncio.get_running_loop().call_later(wait_us / 1_000_000, waiter.release)
+
+    # -- CancelRequests across replicas ------------------------------------------------------
+
+    def publish_cancel(self, backend_key: tuple[int, int], target: tuple[str, int]) -> None:
+        """Written at once (one SET in its own task) so a cancel in the first second works too."""
+        value = f"{target[0]}:{target[1]}"
+        self._cancel_keys[backend_key] = (value, time.monotonic())
+        self.proxy.spawn(self._write_cancel(backend_key, value))
+
+    async def _write_cancel(self, backend_key: tuple[int, int], value: str) -> None:
+        try:
+            await self.redis.set(_cancel_key(backend_key), value, ex=CANCEL_TTL)
+        except (aioredis.RedisError, OSError):
+            if backend_key in self._cancel_keys:
+                self._cancel_keys[backend_key] = (value, 0.0)  # the next flush writes it
+
+    def forget_cancel(self, backend_key: tuple[int, int]) -> None:
+        if self._cancel_keys.pop(backend_key, None) is not None:
+            self._cancel_gone.append(backend_key)
+
+    async def find_cancel(self, pid: int, key: int) -> tuple[str, int] | None:
+        try:
+            value = await self.redis.get(_cancel_key((pid, key)))
+        except (aioredis.RedisError, OSError):
+            return None
+        if not value:
+            return None
+        host, _, port = str(value).rpartition(":")
+        return (host, int(port)) if host and port.isdigit() else None
+
+    def _queue_cancel_updates(self, pipe: Any) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Queue rewrites of keys half-way to expiry and deletes of closed connections' keys;
+        returns both lists, to undo the bookkeeping if the flush fails."""
+        now = time.monotonic()
+        renewed = [k for k, (_, written) in self._cancel_keys.items() if written <= now - CANCEL_TTL / 2]
+        for backend_key in renewed:
+            value = self._cancel_keys[backend_key][0]
+            pipe.set(_cancel_key(backend_key), value, ex=CANCEL_TTL)
+            self._cancel_keys[backend_key] = (value, now)
+        gone, self._cancel_gone = self._cancel_gone, []
+        if gone:
+            pipe.delete(*(_cancel_key(k) for k in gone))
+        return renewed, gone
+
+    def _cancel_updates_failed(self, renewed: list[tuple[int, int]], gone: list[tuple[int, int]]) -> None:
+        for backend_key in renewed:
+            if backend_key in self._cancel_keys:
+                self._cancel_keys[backend_key] = (self._cancel_keys[backend_key][0], 0.0)
+        self._cancel_gone.extend(gone)
 
     # -- usage ------------------------------------------------------------------------------
 
@@ -212,9 +289,8 @@ class Coordinator:
             counts[database] = state.usage.queries
             if self._queries_seen.get(database) != state.usage.queries:
                 active[database] = now
-        if not by_hour:
-            return
         async with self.redis.pipeline(transaction=False) as pipe:
+            renewed, gone = self._queue_cancel_updates(pipe)
             if active:
                 # GT keeps the latest time across replicas: the last query anywhere counts.
                 pipe.zadd(ACTIVITY_KEY, active, gt=True)
@@ -222,7 +298,13 @@ class Coordinator:
                 key = USAGE_KEY.format(hour=hour)
                 pipe.hset(key, mapping=fields)
                 pipe.expire(key, 8 * 24 * 3600)
-            await pipe.execute()
+            if len(pipe) == 0:
+                return
+            try:
+                await pipe.execute()
+            except (aioredis.RedisError, OSError):
+                self._cancel_updates_failed(renewed, gone)
+                raise
         self._queries_seen.update(counts)
         self.flushes += 1
 
@@ -237,3 +319,7 @@ class Coordinator:
         with contextlib.suppress(Exception):
             await self.flush()
         await self.redis.aclose()
+
+
+def _cancel_key(backend_key: tuple[int, int]) -> str:
+    return CANCEL_KEY.format(pid=backend_key[0], key=backend_key[1])

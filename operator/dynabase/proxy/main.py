@@ -29,6 +29,7 @@ class ProxySettings:
     metrics_port: int
     tls_cert: str | None = None
     tls_key: str | None = None
+    pgbouncer_advertise_host: str | None = None  # how other replicas reach our PgBouncer (cancels)
 
 
 class TenantCollector(Collector):
@@ -77,7 +78,8 @@ async def serve(settings: ProxySettings, stop: asyncio.Event, ready: asyncio.Eve
     proxy = Proxy(
         ProxyConfig(listen_host=settings.listen_host, listen_port=settings.listen_port,
                     pgbouncer_host=settings.pgbouncer_host,
-                    ssl_context=ssl_context(settings.tls_cert, settings.tls_key)),
+                    ssl_context=ssl_context(settings.tls_cert, settings.tls_key),
+                    pgbouncer_advertise_host=settings.pgbouncer_advertise_host),
         router,
     )
     coordinator = Coordinator(proxy, settings.redis_url, replica_id=settings.replica_id, agent_id=settings.agent_id)

@@ -16,7 +16,7 @@ import logging
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ COLD_STARTS = Histogram(
 
 MAX_MESSAGE = 1 << 30  # Postgres' own limit for a single message
 _HEADER = struct.Struct("!BI").unpack_from  # type byte + length, without slicing the buffer
+_monotonic = time.monotonic  # one global lookup on the hot path instead of two
 # Message types: Query, Execute, Sync, Terminate, FunctionCall (client); ReadyForQuery,
 # ErrorResponse, BackendKeyData (server). 'E' is Execute one way and ErrorResponse the other.
 Q, E, S, X, F, Z, K = (ord(c) for c in "QESXFZK")
@@ -54,6 +55,9 @@ class ProxyConfig:
     pending_startups_per_tenant: int = 10
     sweep_interval: float = 0.1
     ssl_context: ssl.SSLContext | None = None
+    # How other replicas reach this replica's PgBouncer to forward a CancelRequest
+    # (default: pgbouncer_host, which is only right when they share it).
+    pgbouncer_advertise_host: str | None = None
 
 
 @dataclass
@@ -76,7 +80,7 @@ class TenantState:
             self.limiter = TenantLimiter(limits.qps, limits.burst or limits.qps, replicas)
 
 
-@dataclass
+@dataclass(slots=True)
 class SyncPoint:
     """One expected ReadyForQuery: from a Query, a Sync, or a rejected Query (synthetic)."""
 
@@ -102,6 +106,11 @@ class Proxy:
         self.tenants: dict[str, TenantState] = {}
         self.connections: set[ClientConnection] = set()
         self.cancel_targets: dict[tuple[int, int], tuple[str, int]] = {}
+        # Backend keys shared with the other replicas (set by the coordinator): publish at
+        # authentication, forget at close, and find a key another replica handed out.
+        self.publish_cancel: Callable[[tuple[int, int], tuple[str, int]], None] | None = None
+        self.forget_cancel: Callable[[tuple[int, int]], None] | None = None
+        self.find_cancel: Callable[[int, int], Awaitable[tuple[str, int] | None]] | None = None
         self.lease: Callable[[TenantState], None] | None = None  # set by the Redis coordinator
         self.wake: Callable[[str], None] | None = None  # announces a Cold tenant's wake-up (coordinator)
         self.redis_ok = False
@@ -279,6 +288,8 @@ class ClientConnection(asyncio.Protocol):
                 tenant.waiters.remove(self)
         if self.backend_key:
             self.proxy.cancel_targets.pop(self.backend_key, None)
+            if self.proxy.forget_cancel is not None:
+                self.proxy.forget_cancel(self.backend_key)
         if self.upstream and self.upstream.transport:
             self.upstream.transport.close()
         if self.transport:
@@ -316,6 +327,9 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.state == READY:
+            tenant = self.tenant
+            assert tenant is not None
+            tenant.usage.bytes_in += len(data)  # here: client_data also replays held bytes
             self.client_data(data)
         elif self.state == STARTUP:
             self.buffer += data
@@ -365,9 +379,13 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     async def _forward_cancel(self, pid: int, key: int) -> None:
-        """Route a CancelRequest to the PgBouncer that issued that key, wherever it came in."""
+        """Route a CancelRequest to the PgBouncer that issued that key, wherever it came in:
+        this replica's own keys first, then those the other replicas published. The client
+        is answered the same way (closed at once, nothing sent) whether the key exists or not."""
         target = self.proxy.cancel_targets.get((pid, key))
         self.close()
+        if target is None and self.proxy.find_cancel is not None:
+            target = await self.proxy.find_cancel(pid, key)
         if target is None:
             return
         await send_cancel(target, pid, key)
@@ -427,32 +445,26 @@ class ClientConnection(asyncio.Protocol):
     # -- the forwarding hot paths -----------------------------------------------------
 
     def client_data(self, data: bytes) -> None:
+        """Forward client bytes, reading only message headers: a message is forwarded,
+        held (throttled: this and all later bytes wait) or skipped (rejected up to Sync)."""
         tenant = self.tenant
         assert tenant is not None
         if self.c_partial:
             data = self.c_partial + data
             self.c_partial = b""
-        usage = tenant.usage
-        usage.bytes_in += len(data)
         self.idle_in_tx_since = 0.0
         n = len(data)
-        i = 0
-        start = 0  # first byte not yet forwarded or skipped
+        i = start = 0  # i: next header; start: first byte not yet forwarded or skipped
+        if self.c_remaining:  # the rest of a message forwarded in an earlier read
+            i = self.c_remaining
+            self.c_remaining = i - n if i > n else 0
+        elif self.c_skip:  # the rest of a skipped message
+            i = self.c_skip
+            start = i if i < n else n
+            self.c_skip = i - n if i > n else 0
         out: list[bytes] = []
+        syncs = self.syncs
         while i < n:
-            if self.c_remaining:
-                take = min(self.c_remaining, n - i)
-                self.c_remaining -= take
-                i += take
-                continue
-            if self.c_skip:
-                if start < i:
-                    out.append(data[start:i])
-                take = min(self.c_skip, n - i)
-                self.c_skip -= take
-                i += take
-                start = i
-                continue
             if n - i < 5:
                 if start < i:
                     out.append(data[start:i])
@@ -463,50 +475,52 @@ class ClientConnection(asyncio.Protocol):
             if length < 4 or length > MAX_MESSAGE:
                 self.fail("FATAL", "08P01", "invalid message length from client")
                 return
-            total = 1 + length
+            end = i + 1 + length
+            forward = True
             if self.skip_to_sync is not None:
                 if kind == S:
-                    self.syncs.append(SyncPoint(self.batch_started or time.monotonic(), inject=self.skip_to_sync))
+                    syncs.append(SyncPoint(self.batch_started or _monotonic(), self.skip_to_sync))
                     self.skip_to_sync = None
                     self.batch_started = 0.0
-                    self.c_remaining = total
-                    continue
-                if start < i:
-                    out.append(data[start:i])
-                start = i
-                self.c_skip = total
-                continue
-            if kind in (Q, E):
+                else:
+                    forward = False
+            elif kind in (Q, E):
                 verdict = self._admit(tenant) if tenant.limiter is not None or self.force_reject else 0.0
                 if verdict is None:
-                    if start < i:
-                        out.append(data[start:i])
-                    start = i
-                    self.c_skip = total
                     self._reject(tenant, kind)
-                    continue
-                if verdict != 0.0:
+                    forward = False
+                elif verdict != 0.0:
                     if start < i:
                         out.append(data[start:i])
                     self._hold(data[i:], verdict)
                     start = n
                     break
-                usage.queries += 1
-                if kind == Q:
-                    self.syncs.append(SyncPoint(time.monotonic(), counted=1))
                 else:
-                    if not self.batch_started:
-                        self.batch_started = time.monotonic()
-                    self.batch_queries += 1
+                    tenant.usage.queries += 1
+                    if kind == Q:
+                        syncs.append(SyncPoint(_monotonic(), None, None, 1))
+                    else:
+                        if not self.batch_started:
+                            self.batch_started = _monotonic()
+                        self.batch_queries += 1
             elif kind == S:
-                self.syncs.append(SyncPoint(self.batch_started or time.monotonic(), counted=self.batch_queries))
+                syncs.append(SyncPoint(self.batch_started or _monotonic(), None, None, self.batch_queries))
                 self.batch_started = 0.0
                 self.batch_queries = 0
             elif kind == F:
-                self.syncs.append(SyncPoint(time.monotonic()))
-            elif kind == X:
-                pass
-            self.c_remaining = total
+                syncs.append(SyncPoint(_monotonic()))
+            if forward:
+                if end > n:
+                    self.c_remaining = end - n
+                    break
+            else:
+                if start < i:
+                    out.append(data[start:i])
+                start = end if end < n else n
+                if end > n:
+                    self.c_skip = end - n
+                    break
+            i = end
         if start < n and not self.c_partial:
             out.append(data[start:] if start else data)
         if out and self.upstream and self.upstream.transport:
@@ -516,6 +530,9 @@ class ClientConnection(asyncio.Protocol):
                 self.upstream.transport.writelines(out)
 
     def server_data(self, data: bytes) -> None:
+        """Forward server bytes, reading only headers: ReadyForQuery completes a SyncPoint
+        (query time, transaction status, a queued error first), an ErrorResponse for our own
+        statement-timeout cancel is reworded; everything else passes untouched."""
         if self.state == AUTH:
             self._auth_data(data)
             return
@@ -526,51 +543,49 @@ class ClientConnection(asyncio.Protocol):
             data = self.s_partial + data
             self.s_partial = b""
         n = len(data)
-        i = 0
-        start = 0
+        i = start = 0
+        if self.s_remaining:  # the rest of a message begun in an earlier read
+            i = self.s_remaining
+            self.s_remaining = i - n if i > n else 0
         out: list[bytes] = []
+        syncs = self.syncs
         while i < n:
-            if self.s_remaining:
-                take = min(self.s_remaining, n - i)
-                self.s_remaining -= take
-                i += take
-                continue
             if n - i < 6 and (n - i < 5 or data[i] == Z):
                 self.s_partial = data[i:]
                 n = i
                 break
             kind, length = _HEADER(data, i)
-            total = 1 + length
+            end = i + 1 + length
             if kind == Z:
                 status = data[i + 5 : i + 6]
-                point = self.syncs.popleft() if self.syncs else None
+                point = syncs.popleft() if syncs else None
                 if point is not None and point.inject is not None:
                     out.append(data[start:i])
                     out.append(point.inject)
                     start = i
-                end = i + total
                 out.append(data[start:end])
                 start = end
                 self.tx_status = status
-                now = time.monotonic()
+                now = _monotonic()
                 if point is not None:
                     tenant.usage.query_seconds += now - point.started
                     if self.cancel_sent_for is point:
                         self.cancel_sent_for = None
-                while self.syncs and self.syncs[0].synthetic is not None:
-                    synthetic = self.syncs.popleft()
+                while syncs and syncs[0].synthetic is not None:
+                    synthetic = syncs.popleft()
                     assert synthetic.synthetic is not None
                     out.append(synthetic.synthetic + wire.ready_for_query(status))
                 self.idle_in_tx_since = now if status != b"I" else 0.0
-                i = end
-                continue
-            if kind == ERR and self.cancel_sent_for is not None and n - i >= total:
-                reworded = self._reword_cancel(data[i:i + total])
+            elif kind == ERR and self.cancel_sent_for is not None and end <= n:
+                reworded = self._reword_cancel(data[i:end])
                 if reworded is not None:
                     out.append(data[start:i])
                     out.append(reworded)
-                    start = i + total
-            self.s_remaining = total
+                    start = end
+            if end > n:
+                self.s_remaining = end - n
+                break
+            i = end
         if start < n:
             out.append(data[start:n] if start or n != len(data) else data)
         if len(out) == 1:
@@ -593,6 +608,10 @@ class ClientConnection(asyncio.Protocol):
                 pid, key = struct.unpack_from("!ii", buf, i + 5)
                 self.backend_key = (pid, key)
                 self.proxy.cancel_targets[(pid, key)] = self.cancel_target
+                if self.proxy.publish_cancel is not None:
+                    config = self.proxy.config
+                    host = config.pgbouncer_advertise_host or config.pgbouncer_host
+                    self.proxy.publish_cancel(self.backend_key, (host, self.cancel_target[1]))
             elif kind == Z:
                 self.transport.write(bytes(buf[:i]))
                 ready = bytes(buf[i : i + 1 + length])
@@ -659,7 +678,7 @@ class ClientConnection(asyncio.Protocol):
             elif wait is None:
                 self.first_hold = 0.0
             return wait
-        if limiter.take():
+        if limiter.take(now):
             self.first_hold = 0.0
             if limiter.low() and not limiter.leasing:
                 self.proxy.lease(tenant)
