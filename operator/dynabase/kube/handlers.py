@@ -26,6 +26,7 @@ from dynabase.engine.reconciler import Engine, TenantResult
 from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
 from dynabase.spec import GROUP, VERSION, TenantDatabase, TierPolicy
 
+from . import memory
 from .settings import OperatorSettings
 from .stores import KubeSecretStore, KubeStatusStore
 
@@ -178,11 +179,16 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         if operator_settings.metrics_port:
             start_http_server(operator_settings.metrics_port)
         memo.runtime = await Runtime.start(operator_settings)
+        if memory.enabled():
+            memo.memory_log = asyncio.create_task(memory.log_periodically())
 
     operator_settings = settings
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        task = getattr(memo, "memory_log", None)
+        if task is not None:
+            task.cancel()
         runtime = getattr(memo, "runtime", None)
         if runtime is not None:
             await runtime.close()
