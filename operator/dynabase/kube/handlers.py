@@ -18,7 +18,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import kopf
-from kubernetes import client, config
 from prometheus_client import start_http_server
 from pydantic import ValidationError
 
@@ -27,6 +26,7 @@ from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
 from dynabase.spec import GROUP, VERSION, TenantDatabase, TierPolicy
 
 from . import memory
+from .api import KubeApi, connection_info
 from .settings import OperatorSettings
 from .stores import KubeSecretStore, KubeStatusStore
 
@@ -37,8 +37,9 @@ TENANTS, POLICIES = "tenantdatabases", "tierpolicies"
 class Runtime:
     """What the handlers share: the engine and the Kubernetes-backed stores."""
 
-    def __init__(self, engine: Engine, statuses: KubeStatusStore, settings: OperatorSettings) -> None:
+    def __init__(self, engine: Engine, api: KubeApi, statuses: KubeStatusStore, settings: OperatorSettings) -> None:
         self.engine = engine
+        self.api = api
         self.statuses = statuses
         self.settings = settings
         self._policy_cache: dict[tuple[str, str], TierPolicy] = {}
@@ -50,25 +51,18 @@ class Runtime:
         self.batch_window = 0.05
 
     @classmethod
-    async def start(cls, settings: OperatorSettings) -> Runtime:
-        try:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
-        configuration = client.Configuration.get_default_copy()
-        # Enough pooled connections for the worker threads: a full pool discards connections,
-        # and every new TLS connection costs native memory the process does not give back.
-        configuration.connection_pool_maxsize = 32
-        api = client.ApiClient(configuration)
+    async def start(cls, settings: OperatorSettings, kopf_settings: kopf.OperatorSettings) -> Runtime:
+        api = KubeApi(kopf_settings)
         statuses = KubeStatusStore(api)
         engine = await start_engine(
             EngineSettings.from_env(concurrency=settings.concurrency),
             secrets=KubeSecretStore(api), status_store=statuses,
         )
-        return cls(engine, statuses, settings)
+        return cls(engine, api, statuses, settings)
 
     async def close(self) -> None:
         await close_engine(self.engine)
+        await self.api.close()
 
     async def submit(self, body: Mapping[str, Any], policy_index: Mapping[str, Any]) -> TenantResult | None:
         """Reconcile one tenant as part of a micro-batch.
@@ -161,8 +155,8 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_via_client(**kwargs)
+    async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+        return connection_info(settings)
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -178,7 +172,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         settings.batching.worker_limit = operator_settings.max_workers or None
         if operator_settings.metrics_port:
             start_http_server(operator_settings.metrics_port)
-        memo.runtime = await Runtime.start(operator_settings)
+        memo.runtime = await Runtime.start(operator_settings, settings)
         if memory.enabled():
             memo.memory_log = asyncio.create_task(memory.log_periodically())
 
@@ -194,11 +188,11 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
             await runtime.close()
 
     @kopf.index(GROUP, VERSION, POLICIES, registry=registry, id="policy_index")
-    def policy_index(name: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+    async def policy_index(name: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
         return {name: _plain(body)}
 
     @kopf.index(GROUP, VERSION, TENANTS, registry=registry, id="tenants_by_policy")
-    def tenants_by_policy(spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+    async def tenants_by_policy(spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
         return {spec.get("tierPolicyRef", "default"): _plain(body)}
 
     async def reconcile_one(body: kopf.Body, memo: kopf.Memo, policy_index: kopf.Index[str, Any]) -> None:

@@ -54,9 +54,9 @@ def breakdown(top: int = 12) -> dict[str, object]:
     }
     if tracemalloc.is_tracing():
         current, peak = tracemalloc.get_traced_memory()
-        stats = tracemalloc.take_snapshot().statistics("filename")[:top]
+        stats = tracemalloc.take_snapshot().statistics("lineno")[:top]
         info["traced_mb"], info["traced_peak_mb"] = round(current / 2**20, 1), round(peak / 2**20, 1)
-        info["sites"] = ", ".join(f"{s.traceback[0].filename.rsplit('site-packages/', 1)[-1]}="
+        info["sites"] = ", ".join(f"{s.traceback[0].filename.rsplit('site-packages/', 1)[-1]}:{s.traceback[0].lineno}="
                                   f"{s.size / 2**20:.1f}MB" for s in stats)
     return info
 
