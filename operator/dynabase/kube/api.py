@@ -33,8 +33,27 @@ def connection_info(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
     return info
 
 
+def session(info: kopf.ConnectionInfo, connections: int) -> aiohttp.ClientSession:
+    """An apiserver session holding at most ``connections`` connections.
+
+    asyncio gives every TLS connection a 256 KB read buffer (plus OpenSSL's own);
+    kopf's built-in session is unbounded and opens one connection per concurrent
+    patch, which with 1,000 tenants arriving at once kept ~50 MB of buffers alive.
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(), proxy=info.proxy_url, trust_env=info.trust_env,
+    )
+
+
+def kopf_login(settings: kopf.OperatorSettings, connections: int) -> kopf.AiohttpSession:
+    info = connection_info(settings)
+    return kopf.AiohttpSession(aiohttp_session=session(info, connections), server=info.server,
+                               default_namespace=info.default_namespace, priority=info.priority)
+
+
 class KubeApi:
-    def __init__(self, settings: kopf.OperatorSettings, connections: int = 16) -> None:
+    def __init__(self, settings: kopf.OperatorSettings, connections: int = 8) -> None:
         self._settings = settings
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
@@ -43,11 +62,7 @@ class KubeApi:
     def _connect(self) -> aiohttp.ClientSession:
         info = connection_info(self._settings)
         self._server = info.server.rstrip("/")
-        # Few pooled connections: each TLS connection holds native buffers for its lifetime.
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._connections, ssl=info.as_ssl_context()),
-            headers=info.as_http_headers(), proxy=info.proxy_url, trust_env=info.trust_env,
-        )
+        return session(info, self._connections)
 
     async def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                       content_type: str = "application/json") -> dict[str, Any]:

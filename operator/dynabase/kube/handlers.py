@@ -26,7 +26,7 @@ from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
 from dynabase.spec import GROUP, VERSION, TenantDatabase, TierPolicy
 
 from . import memory
-from .api import KubeApi, connection_info
+from .api import KubeApi, kopf_login
 from .settings import OperatorSettings
 from .stores import KubeSecretStore, KubeStatusStore
 
@@ -155,8 +155,10 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
-    async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
-        return connection_info(settings)
+    async def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.AiohttpSession:
+        # Each watch stream holds a connection for good; the rest serve kopf's patches and events.
+        watches = 2 * max(1, len(operator_settings.namespaces))
+        return kopf_login(settings, connections=watches + operator_settings.api_connections)
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import gc
 import logging
@@ -39,17 +40,31 @@ def _kib_fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
+def _sockets() -> int:
+    # Each TLS connection holds asyncio's 256 KB read buffer and OpenSSL's buffers.
+    count = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
 def breakdown(top: int = 12) -> dict[str, object]:
     """One snapshot: RSS split anon/file (MB), threads, tasks, object counts, allocation sites."""
     rollup = _kib_fields("/proc/self/smaps_rollup", ("Rss", "Anonymous"))
     status = _kib_fields("/proc/self/status", ("Threads",))
     rss, anon = rollup.get("Rss", 0), rollup.get("Anonymous", 0)
-    types = collections.Counter(type(o).__name__ for o in gc.get_objects())
+    objects = gc.get_objects()
+    types = collections.Counter(type(o).__name__ for o in objects)
+    sizes: collections.Counter[str] = collections.Counter()
+    for o in objects:
+        sizes[type(o).__name__] += sys.getsizeof(o)
     info: dict[str, object] = {
         "rss_mb": round(rss / 1024, 1), "anon_mb": round(anon / 1024, 1), "file_mb": round((rss - anon) / 1024, 1),
-        "os_threads": status.get("Threads", 0), "py_threads": threading.active_count(),
+        "sockets": _sockets(), "os_threads": status.get("Threads", 0), "py_threads": threading.active_count(),
         "tasks": len(asyncio.all_tasks()), "gc_objects": sum(types.values()),
         "types": ", ".join(f"{name}={count}" for name, count in types.most_common(top)),
+        "type_mb": ", ".join(f"{name}={size / 2**20:.1f}" for name, size in sizes.most_common(top)),
         **_native_heap(), **_pymalloc(),
     }
     if tracemalloc.is_tracing():

@@ -16,6 +16,7 @@ class OperatorSettings:
     liveness_port: int = 8080
     delete_retries: int = 5
     max_workers: int = 100  # objects handled in parallel; 0 = unbounded (faster, more memory)
+    api_connections: int = 16  # kopf's apiserver connections besides its watches (each ~300 KB of buffers)
 
     @classmethod
     def from_env(cls, **overrides: object) -> OperatorSettings:
@@ -28,6 +29,7 @@ class OperatorSettings:
             "metrics_port": int(env.get("DYNABASE_METRICS_PORT", "9090")),
             "liveness_port": int(env.get("DYNABASE_LIVENESS_PORT", "8080")),
             "max_workers": int(env.get("DYNABASE_MAX_WORKERS", "100")),
+            "api_connections": int(env.get("DYNABASE_API_CONNECTIONS", "16")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
