@@ -1,7 +1,7 @@
 """Thin kopf handlers: every decision is the engine's; this file only wires events to it.
 
-- TenantDatabase create/update/resume and a per-tenant timer (drift correction and
-  due downgrades) reconcile that tenant.
+- TenantDatabase create/update/resume reconcile that tenant; one drift loop (drift
+  correction and due downgrades) reconciles all tenants every drift interval.
 - A TierPolicy change reconciles the tenants that use it, found through a kopf index.
 - Deletion holds a finalizer, honours deletionPolicy, and gives up after bounded
   retries with a Warning event instead of hanging forever.
@@ -13,7 +13,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
@@ -21,7 +20,7 @@ import kopf
 from prometheus_client import start_http_server
 from pydantic import ValidationError
 
-from dynabase.engine.reconciler import Engine, TenantResult
+from dynabase.engine.reconciler import Engine, TenantResult, describe_error
 from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
 from dynabase.spec import GROUP, VERSION, TenantDatabase, TierPolicy
 
@@ -49,6 +48,7 @@ class Runtime:
         self._waiters: dict[str, list[asyncio.Future[TenantResult | None]]] = collections.defaultdict(list)
         self._batch_task: asyncio.Task[None] | None = None
         self.batch_window = 0.05
+        self.drift_batch = 200
 
     @classmethod
     async def start(cls, settings: OperatorSettings, kopf_settings: kopf.OperatorSettings) -> Runtime:
@@ -98,6 +98,25 @@ class Runtime:
                 for future in futures:
                     if not future.done():
                         future.set_result(by_key.get(key))
+
+    async def drift(self, tenants: Mapping[str, Iterable[Mapping[str, Any]]],
+                    policy_index: Mapping[str, Any]) -> None:
+        """Every drift interval, one level-based pass over all tenants, a batch at a time.
+
+        It reverts manual changes and applies due downgrades. One task for all tenants,
+        instead of a kopf timer per tenant, whose task, conditions and handler
+        context cost memory for every tenant all the time. The kopf index is live:
+        it holds each tenant's newest body.
+        """
+        while True:
+            await asyncio.sleep(self.settings.drift_interval)
+            bodies = [body for group in list(tenants.values()) for body in group
+                      if not body.get("metadata", {}).get("deletionTimestamp")]
+            for start in range(0, len(bodies), self.drift_batch):
+                try:
+                    await self.reconcile(bodies[start:start + self.drift_batch], policy_index)
+                except Exception as exc:  # the next interval tries again, as kopf's timers did
+                    log.warning("drift pass failed", extra={"error": describe_error(exc)})
 
     def policies(self, index: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[str, TierPolicy]:
         out: dict[str, TierPolicy] = {}
@@ -161,7 +180,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         return kopf_login(settings, connections=watches + operator_settings.api_connections)
 
     @kopf.on.startup(registry=registry)
-    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
         # Only our own meaningful events, not one per handler run; our annotation prefix.
         settings.posting.level = logging.WARNING
         settings.persistence.finalizer = "dynabase.io/finalizer"
@@ -175,6 +194,8 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         if operator_settings.metrics_port:
             start_http_server(operator_settings.metrics_port)
         memo.runtime = await Runtime.start(operator_settings, settings)
+        if operator_settings.drift_interval > 0:  # 0 turns drift correction off (e.g. to measure without it)
+            memo.drift = asyncio.create_task(memo.runtime.drift(kwargs["tenants_by_policy"], kwargs["policy_index"]))
         if memory.enabled():
             memo.memory_log = asyncio.create_task(memory.log_periodically())
 
@@ -182,9 +203,10 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-        task = getattr(memo, "memory_log", None)
-        if task is not None:
-            task.cancel()
+        for name in ("memory_log", "drift"):
+            task = getattr(memo, name, None)
+            if task is not None:
+                task.cancel()
         runtime = getattr(memo, "runtime", None)
         if runtime is not None:
             await runtime.close()
@@ -210,16 +232,6 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     @kopf.on.resume(GROUP, VERSION, TENANTS, registry=registry, retries=6, backoff=5)
     async def tenant_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
         await reconcile_one(body, memo, kwargs["policy_index"])
-
-    if settings.drift_interval > 0:  # 0 turns drift correction off (e.g. to measure without it)
-
-        @kopf.timer(GROUP, VERSION, TENANTS, registry=registry, interval=settings.drift_interval,
-                    initial_delay=lambda **_: random.uniform(0, settings.drift_interval))
-        async def drift(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
-            # Level-based: the same pass reverts manual changes and applies due downgrades.
-            if body.get("metadata", {}).get("deletionTimestamp"):
-                return
-            await memo.runtime.submit(body, kwargs["policy_index"])
 
     @kopf.on.create(GROUP, VERSION, POLICIES, registry=registry)
     @kopf.on.update(GROUP, VERSION, POLICIES, registry=registry)
