@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090, 0 = off)")
     op.add_argument("--liveness-port", type=int, help="/healthz port (default 8080, 0 = off)")
     op.add_argument("--max-workers", type=int,
-                    help="objects handled in parallel (default 100; 0 = unbounded: faster, more memory)")
+                    help="objects handled in parallel (default 1000; 0 = unbounded)")
     op.set_defaults(func=_cmd_operator)
 
     hl = sub.add_parser("headless", help="reconcile manifests from a folder or git repository, without Kubernetes")
