@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--steady-seconds", type=int, default=60)
     parser.add_argument("--drift-interval", type=float, default=60)
-    parser.add_argument("--max-workers", type=int, default=100)
+    parser.add_argument("--max-workers", type=int, default=1000)
     parser.add_argument("--settle-seconds", type=int, default=0, help="wait this long after all Ready first")
     args = parser.parse_args()
     with devstack(["postgres", "redis", "pgbouncer", "etcd", "kube-apiserver"]) as env:

@@ -15,7 +15,8 @@ class OperatorSettings:
     metrics_port: int = 9090
     liveness_port: int = 8080
     delete_retries: int = 5
-    max_workers: int = 100  # objects handled in parallel; 0 = unbounded (faster, more memory)
+    max_workers: int = 1000  # objects handled in parallel; 0 = unbounded (engine passes are capped anyway)
+    api_connections: int = 16  # kopf's apiserver connections besides its watches (each ~300 KB of buffers)
 
     @classmethod
     def from_env(cls, **overrides: object) -> OperatorSettings:
@@ -27,7 +28,8 @@ class OperatorSettings:
             "peering": env.get("DYNABASE_PEERING") or None,
             "metrics_port": int(env.get("DYNABASE_METRICS_PORT", "9090")),
             "liveness_port": int(env.get("DYNABASE_LIVENESS_PORT", "8080")),
-            "max_workers": int(env.get("DYNABASE_MAX_WORKERS", "100")),
+            "max_workers": int(env.get("DYNABASE_MAX_WORKERS", "1000")),
+            "api_connections": int(env.get("DYNABASE_API_CONNECTIONS", "16")),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -1,19 +1,16 @@
 """Kubernetes-backed stores: tenant passwords in Secrets, status in the status subresource.
 
-The kubernetes client is synchronous; calls run in a thread so the operator's
-event loop keeps serving other tenants.
+Calls go through `KubeApi` (aiohttp, on the operator's event loop): no threads.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Any
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-
 from dynabase.spec import GROUP, VERSION, TenantDatabase, TenantDatabaseStatus
+
+from .api import MERGE_PATCH, KubeApi, KubeApiError
 
 PLURAL = "tenantdatabases"
 GENERATED_SUFFIX = "-dynabase-password"
@@ -26,41 +23,43 @@ def secret_name(tenant: TenantDatabase) -> tuple[str, str]:
     return f"{tenant.name}{GENERATED_SUFFIX}", "password"
 
 
+def _secrets(namespace: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/secrets"
+
+
 class KubeSecretStore:
-    def __init__(self, api: client.ApiClient) -> None:
-        self.core = client.CoreV1Api(api)
+    def __init__(self, api: KubeApi) -> None:
+        self.api = api
 
     async def get_password(self, tenant: TenantDatabase) -> str | None:
         name, key = secret_name(tenant)
         try:
-            secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, tenant.namespace)
-        except ApiException as exc:
+            secret = await self.api.request("GET", f"{_secrets(tenant.namespace)}/{name}")
+        except KubeApiError as exc:
             if exc.status == 404:
                 return None
             raise
-        data = (secret.data or {}).get(key)
+        data = (secret.get("data") or {}).get(key)
         return base64.b64decode(data).decode() if data else None
 
     async def create_password(self, tenant: TenantDatabase, password: str) -> str:
         """A generated Secret is owned by the TenantDatabase, so it goes with it."""
         name, key = secret_name(tenant)
-        owner = client.V1OwnerReference(
-            api_version=f"{GROUP}/{VERSION}", kind="TenantDatabase", name=tenant.name,
-            uid=str(tenant.metadata.uid or ""), controller=True, block_owner_deletion=False,
-        )
-        body = client.V1Secret(
-            metadata=client.V1ObjectMeta(
-                name=name, namespace=tenant.namespace,
-                labels={"app.kubernetes.io/managed-by": "dynabase", "dynabase.io/tenant": tenant.name},
-                owner_references=[owner] if tenant.metadata.uid else None,
-            ),
-            type="Opaque",
-            string_data={key: password},
-        )
+        metadata: dict[str, Any] = {
+            "name": name, "namespace": tenant.namespace,
+            "labels": {"app.kubernetes.io/managed-by": "dynabase", "dynabase.io/tenant": tenant.name},
+        }
+        if tenant.metadata.uid:
+            metadata["ownerReferences"] = [{
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "TenantDatabase", "name": tenant.name,
+                "uid": str(tenant.metadata.uid), "controller": True, "blockOwnerDeletion": False,
+            }]
+        body = {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque",
+                "stringData": {key: password}}
         try:
-            await asyncio.to_thread(self.core.create_namespaced_secret, tenant.namespace, body)
+            await self.api.request("POST", _secrets(tenant.namespace), body)
             return password
-        except ApiException as exc:
+        except KubeApiError as exc:
             if exc.status != 409:
                 raise
         # Created meanwhile (a concurrent pass, or the user): theirs wins, never overwrite it.
@@ -68,7 +67,7 @@ class KubeSecretStore:
         if existing is not None:
             return existing
         patch = {"stringData": {key: password}}  # the Secret exists without our key: add it
-        await asyncio.to_thread(self.core.patch_namespaced_secret, name, tenant.namespace, patch)
+        await self.api.request("PATCH", f"{_secrets(tenant.namespace)}/{name}", patch, MERGE_PATCH)
         return password
 
 
@@ -81,8 +80,8 @@ def status_patch(status: TenantDatabaseStatus) -> dict[str, Any]:
 class KubeStatusStore:
     """Status comes from the bodies kopf hands us; writes go to the status subresource."""
 
-    def __init__(self, api: client.ApiClient) -> None:
-        self.custom = client.CustomObjectsApi(api)
+    def __init__(self, api: KubeApi) -> None:
+        self.api = api
         self.known: dict[str, TenantDatabaseStatus] = {}
         self.writes = 0
 
@@ -97,11 +96,9 @@ class KubeStatusStore:
         namespace, name = key.split("/", 1)
         self.writes += 1
         try:
-            await asyncio.to_thread(
-                self.custom.patch_namespaced_custom_object_status,
-                GROUP, VERSION, namespace, PLURAL, name, status_patch(status),
-            )
-        except ApiException as exc:
+            await self.api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
+                                   status_patch(status), MERGE_PATCH)
+        except KubeApiError as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to record
                 raise
         self.known[key] = status
