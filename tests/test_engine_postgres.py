@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from dynabase.desired.sql import quote_ident
 from dynabase.engine.reconciler import Engine
 from dynabase.engine.stores import MemorySecretStore, MemoryStatusStore
 
@@ -146,10 +147,10 @@ async def test_drift_is_reverted_and_a_pass_without_drift_writes_nothing(env) ->
     await engine.reconcile_all(POLICIES, [tenant])
     conn = await admin(stack)
     try:
-        await conn.execute(f'ALTER ROLE "{db}" CONNECTION LIMIT 999')
-        await conn.execute(f'ALTER ROLE "{db}" SET statement_timeout = 0')
-        await conn.execute(f'ALTER ROLE "{db}" SET search_path = public')  # not ours: left alone
-        await conn.execute(f'ALTER ROLE "{db}" CREATEDB')
+        await conn.execute(f"ALTER ROLE {quote_ident(db)} CONNECTION LIMIT 999")
+        await conn.execute(f"ALTER ROLE {quote_ident(db)} SET statement_timeout = 0")
+        await conn.execute(f"ALTER ROLE {quote_ident(db)} SET search_path = public")  # not ours: left alone
+        await conn.execute(f"ALTER ROLE {quote_ident(db)} CREATEDB")
         await conn.execute(f'GRANT CONNECT ON DATABASE "{db}" TO PUBLIC')
         result = await engine.reconcile_all(POLICIES, [tenant])
         assert result.writes > 0
@@ -191,7 +192,7 @@ async def test_role_owned_by_someone_else_is_not_taken_over(env) -> None:  # typ
     db = unique("squat")
     conn = await admin(stack)
     try:
-        await conn.execute(f'CREATE ROLE "{db}" LOGIN CONNECTION LIMIT 77')
+        await conn.execute(f"CREATE ROLE {quote_ident(db)} LOGIN CONNECTION LIMIT 77")
         tenant = make_tenant(db, "FREE")
         result = await engine.reconcile_all(POLICIES, [tenant])
         assert not result.tenants[0].ready

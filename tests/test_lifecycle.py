@@ -21,12 +21,12 @@ from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.desired.proxy import ACTIVITY_KEY, LIMITS_KEY, WAKE_CHANNEL
 from dynabase.engine.reconciler import Engine, TenantResult
-from dynabase.proxy.main import ProxySettings, serve
 from dynabase.proxy.server import COLD_STARTS
 from dynabase.spec import TenantDatabase, TierPolicy
 
 from .conftest import Stack
 from .engine_helpers import FakeClock, make_engine
+from .proxy_helpers import running_proxy
 
 POLICY = TierPolicy.model_validate({
     "apiVersion": "dynabase.io/v1alpha1", "kind": "TierPolicy", "metadata": {"name": "lifecycle"},
@@ -99,19 +99,10 @@ async def env(stack: Stack) -> AsyncIterator[Env]:
     engine, secrets, _ = await make_engine(stack.env["DYNABASE_POSTGRES_DSN"], clock)
     engine.pgbouncer = PgBouncerBackend(stack.env["DYNABASE_REDIS_URL"])
     engine.proxy = ProxyBackend(stack.env["DYNABASE_REDIS_URL"])
-    from dynabase.devstack.stack import free_port
-
-    stop, ready = asyncio.Event(), asyncio.Event()
-    port = free_port()
-    settings = ProxySettings("127.0.0.1", port, "127.0.0.1", stack.env["DYNABASE_REDIS_URL"], None,
-                             f"lifecycle-{uuid.uuid4().hex[:6]}", 0)
-    task = asyncio.create_task(serve(settings, stop, ready))
-    await asyncio.wait_for(ready.wait(), 10)
     try:
-        yield Env(stack, engine, clock, secrets, port)
+        async with running_proxy(stack.env["DYNABASE_REDIS_URL"], f"lifecycle-{uuid.uuid4().hex[:6]}") as (port, _):
+            yield Env(stack, engine, clock, secrets, port)
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
         await engine.postgres.close()
         await engine.pgbouncer.close()
         await engine.proxy.close()

@@ -35,6 +35,7 @@ from dynabase.billing.ledger import FileLedger
 from dynabase.billing.processor import WebhookProcessor
 from dynabase.billing.server import WEBHOOK_PATH, webhook_app
 from dynabase.billing.sinks import GitTierSink
+from dynabase.desired.sql import quote_ident
 from dynabase.devstack.stack import free_port
 from dynabase.headless import http as headless_http
 from dynabase.headless.reconciler import HeadlessReconciler
@@ -311,7 +312,7 @@ async def exposition(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
         await headless.run_once()  # tenants, a Railway 429 then ok, a missing Railway service
         admin = await asyncpg.connect(stack.env["DYNABASE_POSTGRES_DSN"])
         try:
-            await admin.execute(f'ALTER ROLE "{dbs["thr"]}" CONNECTION LIMIT 99')
+            await admin.execute(f"ALTER ROLE {quote_ident(dbs['thr'])} CONNECTION LIMIT 99")
         finally:
             await admin.close()
         await headless.run_once()  # a drift correction on postgres

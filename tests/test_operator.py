@@ -16,6 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from dynabase.desired.sql import quote_ident
+
 from .conftest import ROOT, Stack
 from .manifests import tenant
 
@@ -172,7 +174,7 @@ def test_manual_drift_is_reverted_within_one_interval(operator: Operator) -> Non
     apply_tenant(stack, ns, "drifter", f"orgId: o\ntier: FREE\ndatabaseName: {db}\n")
     wait_for(lambda: ready(stack, ns, "drifter"), 60)
     with psycopg.connect(stack.env["DYNABASE_POSTGRES_DSN"], autocommit=True) as conn:
-        conn.execute(f'ALTER ROLE "{db}" CONNECTION LIMIT 999')
+        conn.execute(f"ALTER ROLE {quote_ident(db)} CONNECTION LIMIT 999")
     started = time.monotonic()
     wait_for(lambda: rolconnlimit(stack, db) == 5, DRIFT_INTERVAL * 2 + 5, "drift reverted")
     assert time.monotonic() - started <= DRIFT_INTERVAL * 2 + 5

@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.engine.reconciler import Engine
-from dynabase.proxy.main import ProxySettings, serve
 from dynabase.spec import TenantDatabase, TierPolicy
 
 from .conftest import Stack
 from .engine_helpers import FakeClock, make_engine
+from .proxy_helpers import running_proxy
 
 POLICY = TierPolicy.model_validate({
     "apiVersion": "dynabase.io/v1alpha1", "kind": "TierPolicy", "metadata": {"name": "proxytest"},
@@ -104,27 +104,13 @@ async def env(stack: Stack) -> AsyncIterator[Env]:
     tenants = {tier: make(f"px_{tier.lower()}_{suffix}", tier) for tier in ("LIM", "THR", "BIG")}
     result = await engine.reconcile_all(POLICIES, list(tenants.values()))
     assert all(t.ready for t in result.tenants), [t.outcomes for t in result.tenants]
-    stop, ready = asyncio.Event(), asyncio.Event()
-    port = _free_port()
-    settings = ProxySettings("127.0.0.1", port, "127.0.0.1", stack.env["DYNABASE_REDIS_URL"], None,
-                             f"test-{suffix}", 0)
-    started: list[Any] = []
-    task = asyncio.create_task(serve(settings, stop, ready, on_start=started.append))
-    await asyncio.wait_for(ready.wait(), 10)
     try:
-        yield Env(stack, engine, secrets, port, started[0], tenants)
+        async with running_proxy(stack.env["DYNABASE_REDIS_URL"], f"test-{suffix}") as (port, proxy):
+            yield Env(stack, engine, secrets, port, proxy, tenants)
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
         await engine.postgres.close()
         await engine.pgbouncer.close()
         await engine.proxy.close()
-
-
-def _free_port() -> int:
-    from dynabase.devstack.stack import free_port
-
-    return free_port()
 
 
 async def connect(env: Env, tier: str, **kwargs: Any) -> asyncpg.Connection:
@@ -287,35 +273,26 @@ async def _until_running(env: Env, query: str) -> None:
 
 
 async def test_cancel_request_sent_to_another_replica_is_routed(env: Env) -> None:
-    stop, ready = asyncio.Event(), asyncio.Event()
-    port = _free_port()
-    started: list[Any] = []
-    task = asyncio.create_task(serve(
-        ProxySettings("127.0.0.1", port, "127.0.0.1", env.stack.env["DYNABASE_REDIS_URL"], None, f"b-{port}", 0),
-        stop, ready, on_start=started.append))
-    await asyncio.wait_for(ready.wait(), 10)
-    replica_b = started[0]
     client = redis.Redis.from_url(env.stack.env["DYNABASE_REDIS_URL"], decode_responses=True)
-    conn = await connect(env, "BIG")  # through replica A (env.port)
-    try:
-        pid, key = conn._protocol.backend_pid, conn._protocol.backend_secret
-        assert (pid, key) in env.proxy.cancel_targets
-        assert (pid, key) not in replica_b.cancel_targets  # B can only learn it from Redis
-        # Known key or not, the sender is told nothing: the connection just closes.
-        assert await _raw_cancel(port, pid, key ^ 0x5A5A) == b""
-        sql = f"SELECT pg_sleep(10) -- {uuid.uuid4().hex[:6]}"
-        query = asyncio.create_task(conn.execute(sql))
-        await _until_running(env, sql)
-        assert await _raw_cancel(port, pid, key) == b""
-        with pytest.raises(asyncpg.QueryCanceledError) as info:
-            await query  # without the cancel it would succeed after 10 s
-        assert info.value.sqlstate == "57014"
-        assert await conn.fetchval("SELECT 7") == 7
-        assert client.get(f"dynabase:proxy:cancel:{pid}:{key}") is not None
-    finally:
-        await conn.close()
-        stop.set()
-        await asyncio.wait_for(task, 10)
+    async with running_proxy(env.stack.env["DYNABASE_REDIS_URL"], f"b-{uuid.uuid4().hex[:6]}") as (port, replica_b):
+        conn = await connect(env, "BIG")  # through replica A (env.port)
+        try:
+            pid, key = conn._protocol.backend_pid, conn._protocol.backend_secret
+            assert (pid, key) in env.proxy.cancel_targets
+            assert (pid, key) not in replica_b.cancel_targets  # B can only learn it from Redis
+            # Known key or not, the sender is told nothing: the connection just closes.
+            assert await _raw_cancel(port, pid, key ^ 0x5A5A) == b""
+            sql = f"SELECT pg_sleep(10) -- {uuid.uuid4().hex[:6]}"
+            query = asyncio.create_task(conn.execute(sql))
+            await _until_running(env, sql)
+            assert await _raw_cancel(port, pid, key) == b""
+            with pytest.raises(asyncpg.QueryCanceledError) as info:
+                await query  # without the cancel it would succeed after 10 s
+            assert info.value.sqlstate == "57014"
+            assert await conn.fetchval("SELECT 7") == 7
+            assert client.get(f"dynabase:proxy:cancel:{pid}:{key}") is not None
+        finally:
+            await conn.close()
     for _ in range(60):  # removed with A's next usage flush
         if client.get(f"dynabase:proxy:cancel:{pid}:{key}") is None:
             break
@@ -453,21 +430,13 @@ async def test_tls_is_terminated_when_a_certificate_is_configured(env: Env, tmp_
     from dynabase.devstack import pki
 
     certs = pki.create(env.stack.devstack.root / f"proxy-tls-{uuid.uuid4().hex[:4]}")
-    stop, ready = asyncio.Event(), asyncio.Event()
-    port = _free_port()
-    settings_ = ProxySettings("127.0.0.1", port, "127.0.0.1", env.stack.env["DYNABASE_REDIS_URL"], None,
-                              f"tls-{port}", 0, tls_cert=str(certs.serving_cert), tls_key=str(certs.serving_key))
-    task = asyncio.create_task(serve(settings_, stop, ready))
-    await asyncio.wait_for(ready.wait(), 10)
-    try:
+    async with running_proxy(env.stack.env["DYNABASE_REDIS_URL"], f"tls-{uuid.uuid4().hex[:6]}",
+                             tls_cert=str(certs.serving_cert), tls_key=str(certs.serving_key)) as (port, _):
         dsn = env.dsn("BIG").replace(f":{env.port}/", f":{port}/").replace("sslmode=disable", "sslmode=require")
         out = await asyncio.to_thread(subprocess.run, ["psql", dsn, "-c", "\\conninfo"], capture_output=True,
                                       text=True, check=False)
         assert out.returncode == 0, out.stderr
         assert "SSL connection" in out.stdout
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 async def test_redis_lost_mid_run_keeps_enforcing_locally(env: Env) -> None:
@@ -480,33 +449,26 @@ async def test_redis_lost_mid_run_keeps_enforcing_locally(env: Env) -> None:
     copy = redis.Redis.from_url(side.env()["DYNABASE_REDIS_URL"])
     for key in ("dynabase:proxy:limits", "dynabase:pgbouncer:agents"):
         copy.hset(key, mapping=main.hgetall(key))
-    stop, ready = asyncio.Event(), asyncio.Event()
-    port = _free_port()
-    task = asyncio.create_task(serve(
-        ProxySettings("127.0.0.1", port, "127.0.0.1", side.env()["DYNABASE_REDIS_URL"], None, f"side-{port}", 0),
-        stop, ready))
-    await asyncio.wait_for(ready.wait(), 10)
     try:
-        dsn = env.dsn("LIM").replace(f":{env.port}/", f":{port}/")
-        conn = await asyncpg.connect(dsn, statement_cache_size=0)
-        await asyncio.to_thread(side.down)  # Redis gone
-        await asyncio.sleep(1.5)
-        started = time.monotonic()
-        ok = rejected = 0
-        for _ in range(20):
-            try:
-                await conn.execute("SELECT 1")
-                ok += 1
-            except asyncpg.PostgresError as exc:
-                assert exc.sqlstate == "53400"
-                rejected += 1
-        assert time.monotonic() - started < 2  # no added latency waiting for Redis
-        assert ok >= 1 and rejected >= 10  # still limited, from the local copy
-        await conn.close()
-        fresh = await asyncpg.connect(dsn, statement_cache_size=0)  # and new clients are still served
-        await fresh.close()
+        async with running_proxy(side.env()["DYNABASE_REDIS_URL"], f"side-{uuid.uuid4().hex[:6]}") as (port, _):
+            dsn = env.dsn("LIM").replace(f":{env.port}/", f":{port}/")
+            conn = await asyncpg.connect(dsn, statement_cache_size=0)
+            await asyncio.to_thread(side.down)  # Redis gone
+            await asyncio.sleep(1.5)
+            started = time.monotonic()
+            ok = rejected = 0
+            for _ in range(20):
+                try:
+                    await conn.execute("SELECT 1")
+                    ok += 1
+                except asyncpg.PostgresError as exc:
+                    assert exc.sqlstate == "53400"
+                    rejected += 1
+            assert time.monotonic() - started < 2  # no added latency waiting for Redis
+            assert ok >= 1 and rejected >= 10  # still limited, from the local copy
+            await conn.close()
+            fresh = await asyncpg.connect(dsn, statement_cache_size=0)  # and new clients are still served
+            await fresh.close()
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
         main.close()
         copy.close()

@@ -219,13 +219,13 @@ def _cmd_headless(args: argparse.Namespace) -> int:
     import asyncio
     import datetime as dt
     import os
-    import signal
 
     from dynabase.engine.runtime import EngineSettings, SettingsError, close_engine, start_engine
     from dynabase.headless.http import serve
     from dynabase.headless.reconciler import HeadlessReconciler
     from dynabase.headless.source import DirectorySource, GitSource
     from dynabase.spec.units import Duration
+    from dynabase.stopping import stop_on_signals
 
     try:
         settings = EngineSettings.from_env(postgres_dsn=args.postgres_dsn, secrets_dir=args.secrets_dir)
@@ -244,10 +244,7 @@ def _cmd_headless(args: argparse.Namespace) -> int:
         reconciler = HeadlessReconciler(engine, source, interval=args.interval, confirm_deletion=window,
                                         lock_dsn=settings.postgres_dsn)
         runner = await serve(reconciler, args.host, args.port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         try:
             await reconciler.run(stop)
         finally:

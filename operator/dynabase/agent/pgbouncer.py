@@ -40,6 +40,7 @@ from dynabase.desired.pgbouncer import (
     render_ini,
 )
 from dynabase.desired.scram import scram_verifier
+from dynabase.stopping import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +286,4 @@ class PgBouncerAgent:
 
 
 async def run_agent(agent: PgBouncerAgent) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await agent.run(stop)
+    await agent.run(stop_on_signals())

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from aiohttp import web
 from kubernetes import client, config
+
+from dynabase.stopping import stop_on_signals
 
 from .config import BillingConfig, ConfigError, WebhookSecret, load_config, load_webhook_secret
 from .ledger import EventLedger, FileLedger, PostgresLedger
@@ -100,10 +101,6 @@ async def serve(settings: WebhookSettings, stop: asyncio.Event) -> None:
 
 def run(settings: WebhookSettings) -> None:
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
+        await serve(settings, stop_on_signals())
 
     asyncio.run(main())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import socket
 import ssl
 from collections.abc import Callable, Iterator
@@ -13,6 +12,8 @@ from dataclasses import dataclass
 from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from dynabase.stopping import stop_on_signals
 
 from .coordinator import Coordinator
 from .server import Proxy, ProxyConfig, Router
@@ -115,11 +116,7 @@ def run(settings: ProxySettings) -> None:
         uvloop.install()
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
+        await serve(settings, stop_on_signals())
 
     asyncio.run(main())
 
