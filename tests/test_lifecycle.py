@@ -243,3 +243,38 @@ def _histogram_count() -> float:
             if sample.name.endswith("_count"):
                 return float(sample.value)
     return 0.0
+
+
+async def test_the_operator_reconciles_a_woken_tenant_at_once(env: Env) -> None:
+    """A wake-up a proxy announces reaches the operator's runtime as a reconcile of that tenant."""
+    from dynabase.kube.handlers import Runtime
+    from dynabase.kube.settings import OperatorSettings
+
+    submitted: list[str] = []
+
+    class RecordingRuntime(Runtime):
+        async def submit(self, body: Any, policy_index: Any) -> TenantResult | None:
+            submitted.append(body["metadata"]["name"])
+            return None
+
+    runtime = RecordingRuntime(env.engine, None, None, OperatorSettings())  # type: ignore[arg-type]
+    bodies = {"lifecycle": [
+        {"metadata": {"name": "named-by-spec", "namespace": "n"}, "spec": {"databaseName": "db_one"}},
+        {"metadata": {"name": "from-name", "namespace": "n"}, "spec": {}},
+    ]}
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime.wakes(bodies, {}, stop))
+    redis = aioredis.Redis.from_url(env.stack.env["DYNABASE_REDIS_URL"])
+    try:
+        await asyncio.sleep(0.3)  # subscribed
+        await redis.publish(WAKE_CHANNEL, "from_name")
+        await redis.publish(WAKE_CHANNEL, "nobody")
+        for _ in range(30):
+            await asyncio.sleep(0.1)
+            if submitted:
+                break
+        assert submitted == ["from-name"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await redis.aclose()

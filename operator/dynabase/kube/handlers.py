@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from dynabase.engine.reconciler import Engine, TenantResult, describe_error
 from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
 from dynabase.spec import GROUP, VERSION, TenantDatabase, TierPolicy
+from dynabase.spec.tenant import database_name_from
 
 from . import memory
 from .api import KubeApi, kopf_login
@@ -49,6 +50,7 @@ class Runtime:
         self._batch_task: asyncio.Task[None] | None = None
         self.batch_window = 0.05
         self.max_batch = self.drift_batch = 200
+        self._wake_tasks: set[asyncio.Future[TenantResult | None]] = set()
 
     @classmethod
     async def start(cls, settings: OperatorSettings, kopf_settings: kopf.OperatorSettings) -> Runtime:
@@ -120,6 +122,27 @@ class Runtime:
                 except Exception as exc:  # the next interval tries again, as kopf's timers did
                     log.warning("drift pass failed", extra={"error": describe_error(exc)})
 
+    async def wakes(self, tenants: Mapping[str, Iterable[Mapping[str, Any]]], policy_index: Mapping[str, Any],
+                    stop: asyncio.Event) -> None:
+        """A Cold tenant woken by a connection at a proxy is reconciled at once, so its status is
+        Active again without waiting for the drift loop. Wake-ups are rare: a scan of the index is fine."""
+
+        def on_wake(database: str) -> None:
+            for group in list(tenants.values()):
+                for body in group:
+                    if _database_of(body) == database:
+                        task = asyncio.ensure_future(self.submit(body, policy_index))
+                        self._wake_tasks.add(task)
+                        task.add_done_callback(self._wake_done)
+
+        await self.engine.watch_wakes(on_wake, stop)
+
+    def _wake_done(self, task: asyncio.Future[TenantResult | None]) -> None:
+        self._wake_tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:  # the drift loop retries it
+            log.warning("wake-up reconcile failed", extra={"error": describe_error(error)})
+
     def policies(self, index: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[str, TierPolicy]:
         out: dict[str, TierPolicy] = {}
         for name, bodies in index.items():
@@ -163,6 +186,11 @@ def _event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> No
     kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message)
 
 
+def _database_of(body: Mapping[str, Any]) -> str:
+    spec, meta = body.get("spec", {}), body.get("metadata", {})
+    return str(spec.get("databaseName") or database_name_from(str(meta.get("name", ""))))
+
+
 def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
     """A kopf body as plain data, without the fields the models do not declare."""
     raw = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
@@ -198,6 +226,9 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         memo.runtime = await Runtime.start(operator_settings, settings)
         if operator_settings.drift_interval > 0:  # 0 turns drift correction off (e.g. to measure without it)
             memo.drift = asyncio.create_task(memo.runtime.drift(kwargs["tenants_by_policy"], kwargs["policy_index"]))
+        memo.wake_stop = asyncio.Event()
+        memo.wakes = asyncio.create_task(
+            memo.runtime.wakes(kwargs["tenants_by_policy"], kwargs["policy_index"], memo.wake_stop))
         if memory.enabled():
             memo.memory_log = asyncio.create_task(memory.log_periodically())
 
@@ -205,7 +236,9 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-        for name in ("memory_log", "drift"):
+        if getattr(memo, "wake_stop", None) is not None:
+            memo.wake_stop.set()
+        for name in ("memory_log", "drift", "wakes"):
             task = getattr(memo, name, None)
             if task is not None:
                 task.cancel()
