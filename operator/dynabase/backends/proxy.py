@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -36,10 +35,12 @@ class ProxyBackend:
                 continue  # unreadable entry: rewritten by this pass
         return out
 
-    async def activity(self) -> dict[str, float]:
-        """Epoch of each tenant database's last query through any proxy replica."""
-        pairs: list[Any] = await self._redis.zrange(ACTIVITY_KEY, 0, -1, withscores=True)
-        return {str(database): float(score) for database, score in pairs}
+    async def activity(self, databases: list[str]) -> dict[str, float]:
+        """Epoch of each of these tenant databases' last query through any proxy replica."""
+        if not databases:
+            return {}
+        scores = await self._redis.zmscore(ACTIVITY_KEY, databases)
+        return {d: float(score) for d, score in zip(databases, scores, strict=True) if score is not None}
 
     async def wakes(self, on_wake: Callable[[str], None], stop: asyncio.Event) -> None:
         """Call ``on_wake(database)`` for each wake-up a proxy announces, until ``stop``; reconnects."""

@@ -378,7 +378,7 @@ class Engine:
         if not candidates or self.proxy is None:
             return  # activity comes from the proxy; without it nobody is judged idle
         try:
-            activity = await self.proxy.activity()
+            activity = await self.proxy.activity([r.tenant.database_name for r in candidates])
         except Exception as exc:  # unknown activity: nobody goes Cold this pass
             log.warning("proxy activity unavailable", extra={"error": describe_error(exc)})
             return
