@@ -212,3 +212,18 @@ async def test_month_to_date_usage_sums_the_months_hours_and_only_them(env: dict
     finally:
         for key in writes:
             await redis.hdel(key, field)
+
+
+def test_usage_ratio_series_follow_the_tenants_tier() -> None:
+    def series() -> dict[tuple[str, ...], float]:
+        return {tuple(s.labels.values()): s.value for m in metrics.USAGE_LEVEL.collect() for s in m.samples
+                if s.labels.get("tenant") == "ns/moving"}
+
+    metrics.set_usage_ratio("ns/moving", "FREE", 0.5)
+    metrics.set_usage_ratio("ns/other", "FREE", 0.1)  # a partial pass elsewhere leaves it alone
+    assert series() == {("ns/moving", "FREE"): 0.5}
+    metrics.set_usage_ratio("ns/moving", "STARTER", 0.2)
+    assert series() == {("ns/moving", "STARTER"): 0.2}
+    metrics.set_usage_ratio("ns/moving", "", None)
+    assert series() == {}
+    metrics.set_usage_ratio("ns/other", "", None)

@@ -61,6 +61,19 @@ def set_tenant_gauges(counts: Tally[tuple[str, str]], pending: int) -> None:
 
 
 _restricted_labels: dict[str, tuple[str, str, str]] = {}
+_usage_labels: dict[str, tuple[str, str]] = {}
+
+
+def set_usage_ratio(tenant: str, tier: str, ratio: float | None) -> None:
+    """One series per tenant (partial passes only touch their own tenants); a tier change moves it."""
+    labels = (tenant, tier)
+    old = _usage_labels.get(tenant)
+    if old is not None and (old != labels or ratio is None):
+        USAGE_LEVEL.remove(*old)
+        del _usage_labels[tenant]
+    if ratio is not None:
+        USAGE_LEVEL.labels(*labels).set(ratio)
+        _usage_labels[tenant] = labels
 
 
 def set_restricted(tenant: str, tier: str, restriction: str | None) -> None:

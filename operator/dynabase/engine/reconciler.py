@@ -401,14 +401,13 @@ class Engine:
         except Exception as exc:  # unknown usage: verdicts stay as they were
             log.warning("proxy usage unavailable", extra={"error": describe_error(exc)})
             return
-        metrics.USAGE_LEVEL.clear()
         for result in candidates:
             assert result.limits is not None
             used = estimate(usage.get(result.key, UsageTotals()), self.cost_model).cpu_seconds / 3600
             previous = statuses.get(result.key)
             result.overage = decide_overage(result.limits.billing, used, previous.usage if previous else None, now)
-            if result.overage is not None:
-                metrics.USAGE_LEVEL.labels(result.key, result.limits.tier).set(round(result.overage.ratio, 4))
+            metrics.set_usage_ratio(result.key, result.limits.tier,
+                                    round(result.overage.ratio, 4) if result.overage is not None else None)
 
     async def _month_usage(self, now: dt.datetime) -> dict[str, UsageTotals]:
         """Month-to-date usage per tenant. Hours before the previous one no longer change: they are
@@ -923,8 +922,9 @@ class Engine:
     @staticmethod
     def _usage_outcome(result: TenantResult, previous: TenantDatabaseStatus | None) -> None:
         verdict, limits = result.overage, result.limits
-        if verdict is None or limits is None:
+        if verdict is None or limits is None:  # nothing included (any more): no usage series
             metrics.set_restricted(result.key, "", None)
+            metrics.set_usage_ratio(result.key, "", None)
             return
         before = previous.usage if previous is not None and previous.usage is not None else None
         if before is not None and before.month != verdict.status.month:
