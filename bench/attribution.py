@@ -29,12 +29,13 @@ from pathlib import Path
 import asyncpg
 import redis
 
-from bench.common import close_proxy_engine, devstack, proxy_engine
+from bench.common import devstack, proxy_engine
 from bench.proxy import start_proxy
 from dynabase.desired.cost import CostModel, UsageTotals, estimate, fit_cpu, tenant_factors, usage_by_tenant
 from dynabase.desired.mongo import rollup
 from dynabase.desired.sql import quote_ident
 from dynabase.devstack.stack import free_port
+from dynabase.engine.runtime import close_engine
 from dynabase.spec import TenantDatabase, TierPolicy
 from dynabase.usage.report import model_document
 from dynabase.usage.sampler import BackendCpuSampler
@@ -83,7 +84,7 @@ async def setup(env: dict[str, str]) -> dict[str, str]:
     tenants = [tenant(db) for db in WORKLOADS]
     result = await engine.reconcile_all({"attribution": POLICY}, tenants, complete=True)
     assert all(t.ready for t in result.tenants), [t.outcomes for t in result.tenants]
-    await close_proxy_engine(engine)
+    await close_engine(engine)
     passwords = {t.database_name: secrets.passwords[t.key] for t in tenants}
     admin = await asyncpg.connect(env["DYNABASE_POSTGRES_DSN"])
     for db, password in passwords.items():

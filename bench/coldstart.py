@@ -18,9 +18,10 @@ import time
 
 import asyncpg
 
-from bench.common import close_proxy_engine, devstack, proxy_engine
+from bench.common import devstack, proxy_engine
 from bench.proxy import start_proxy
 from dynabase.devstack.stack import free_port
+from dynabase.engine.runtime import close_engine
 from dynabase.spec import TenantDatabase, TierPolicy
 
 POLICY = TierPolicy.model_validate({
@@ -88,7 +89,7 @@ async def run(env: dict[str, str], rounds: int) -> None:
     finally:
         proxy.terminate()
         proxy.wait(10)
-        await close_proxy_engine(engine)
+        await close_engine(engine)
     print(f"cold start (connect + SELECT 1 through the proxy after the tenant went Cold), {rounds} rounds:")
     print(f"  cold  p50 {pct(cold_ms, 0.5):6.1f} ms  p99 {pct(cold_ms, 0.99):6.1f} ms  "
           f"mean {statistics.mean(cold_ms):6.1f} ms")

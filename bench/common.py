@@ -50,18 +50,10 @@ def tenants(count: int, *, prefix: str = "b") -> list[TenantDatabase]:
 
 
 async def proxy_engine(env: dict[str, str]) -> tuple[Engine, MemorySecretStore]:
-    """An engine over the stack's Postgres, PgBouncer agent and proxy limits; close with close_proxy_engine."""
+    """An engine over the stack's Postgres, PgBouncer agent and proxy limits; close with engine.runtime.close_engine."""
     postgres = PostgresBackend(env["DYNABASE_POSTGRES_DSN"])
     await postgres.start()
     secrets = MemorySecretStore()
     engine = Engine(postgres=postgres, pgbouncer=PgBouncerBackend(env["DYNABASE_REDIS_URL"]),
                     proxy=ProxyBackend(env["DYNABASE_REDIS_URL"]), secrets=secrets, status_store=MemoryStatusStore())
     return engine, secrets
-
-
-async def close_proxy_engine(engine: Engine) -> None:
-    await engine.postgres.close()
-    if engine.pgbouncer is not None:
-        await engine.pgbouncer.close()
-    if engine.proxy is not None:
-        await engine.proxy.close()

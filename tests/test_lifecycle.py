@@ -21,6 +21,7 @@ from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.desired.proxy import ACTIVITY_KEY, LIMITS_KEY, WAKE_CHANNEL
 from dynabase.engine.reconciler import Engine, TenantResult
+from dynabase.engine.runtime import close_engine
 from dynabase.proxy.server import COLD_STARTS
 from dynabase.spec import TenantDatabase, TierPolicy
 
@@ -103,9 +104,7 @@ async def env(stack: Stack) -> AsyncIterator[Env]:
         async with running_proxy(stack.env["DYNABASE_REDIS_URL"], f"lifecycle-{uuid.uuid4().hex[:6]}") as (port, _):
             yield Env(stack, engine, clock, secrets, port)
     finally:
-        await engine.postgres.close()
-        await engine.pgbouncer.close()
-        await engine.proxy.close()
+        await close_engine(engine)
 
 
 async def published(env: Env, database: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from dynabase.desired.overage import decide_overage
 from dynabase.desired.proxy import LIMITS_KEY
 from dynabase.engine import metrics
 from dynabase.engine.reconciler import Engine, TenantResult
+from dynabase.engine.runtime import close_engine
 from dynabase.proxy.metering import USAGE_KEY, encode, usage_field
 from dynabase.spec import TenantDatabase, TierPolicy
 from dynabase.spec.tenant import UsageStatus
@@ -111,8 +112,7 @@ async def env(stack: Stack) -> AsyncIterator[dict[str, Any]]:
         for key, field in written:
             await redis.hdel(key, field)
         await redis.aclose()
-        await engine.postgres.close()
-        await engine.proxy.close()
+        await close_engine(engine)
 
 
 async def one(engine: Engine, t: TenantDatabase) -> TenantResult:

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.engine.reconciler import Engine
+from dynabase.engine.runtime import close_engine
 from dynabase.spec import TenantDatabase, TierPolicy
 
 from .conftest import Stack
@@ -108,9 +109,7 @@ async def env(stack: Stack) -> AsyncIterator[Env]:
         async with running_proxy(stack.env["DYNABASE_REDIS_URL"], f"test-{suffix}") as (port, proxy):
             yield Env(stack, engine, secrets, port, proxy, tenants)
     finally:
-        await engine.postgres.close()
-        await engine.pgbouncer.close()
-        await engine.proxy.close()
+        await close_engine(engine)
 
 
 async def connect(env: Env, tier: str, **kwargs: Any) -> asyncpg.Connection:
