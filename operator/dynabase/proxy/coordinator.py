@@ -21,19 +21,19 @@ from prometheus_client import Gauge
 from dynabase.desired.pgbouncer import AGENTS_KEY
 from dynabase.desired.proxy import ACTIVITY_KEY, LIMITS_CHANNEL, LIMITS_KEY, WAKE_CHANNEL, ProxyTenantLimits
 
-from .limiter import LEASE_SCRIPT
+from .limiter import LEASE_SCRIPT, lease_ahead, lease_reply
 from .metering import USAGE_KEY, HourlyMeter, encode, usage_field
 from .server import Proxy, TenantState
 
 log = logging.getLogger(__name__)
 REPLICAS_KEY = "dynabase:proxy:replicas"
-LEASE_KEY = "dynabase:qps:{database}"
+# A hash of lane -> next free slot (the GCRA schedule, in lanes; see limiter.py).
+LEASE_KEY = "dynabase:qps:{database}:lanes{lanes}"
 # A client's backend key -> "host:port" of the PgBouncer that issued it, so a CancelRequest
 # reaching any replica finds it. Rewritten while the connection lives, deleted at its close.
 CANCEL_KEY = "dynabase:proxy:cancel:{pid}:{key}"
 CANCEL_TTL = 600  # seconds; a replica that dies without cleaning up leaves nothing for longer
 REDIS_UP = Gauge("dynabase_proxy_redis_up", "1 while the proxy reaches Redis; 0 = enforcing locally.")
-RESERVATION_SLICES = 8  # a reserved batch is handed over in this many parts as its tokens fall due
 LEASES = Gauge("dynabase_proxy_redis_leases", "Token leases requested from Redis so far.")
 
 
@@ -152,66 +152,40 @@ class Coordinator:
     async def _lease_task(self, state: TenantState) -> None:
         limiter = state.limiter
         assert limiter is not None
-        interval_us = 1_000_000 / limiter.qps
-        tolerance_us = max(limiter.burst - 1, 0) * interval_us
-        sent = time.monotonic()
+        limits = state.limits
+        ahead = lease_ahead(limits.over_limit == "throttle", limits.queue_timeout_ms / 1000)
+        sent, wall = time.monotonic(), time.time()
         want = limiter.lease_size(sent)
+        key = LEASE_KEY.format(database=limits.database, lanes=limiter.lanes)
         try:
             self.lease_calls += 1
             LEASES.set(self.lease_calls)
-            limits = state.limits
-            max_wait_us = limits.queue_timeout_ms * 1000 if limits.over_limit == "throttle" else 0
-            granted, wait_us, spent_us = await self._lease(
-                keys=[LEASE_KEY.format(database=state.limits.database)],
-                args=[int(time.time() * 1000), interval_us, tolerance_us, want, max_wait_us],
-            )
+            reply = await self._lease(keys=[key], args=limiter.lease_args(int(wall * 1_000_000), want, ahead))
         except (aioredis.RedisError, OSError):
             limiter.leasing = False
             self._set_redis(False)
             return
-        granted, wait_us = int(granted), int(wait_us)
-        valid_until = sent + int(spent_us) / 1_000_000
-        if granted and wait_us > 0:
-            self._deliver_reservation(state, granted, wait_us, interval_us, valid_until)
-            return
-        self._grant(state, granted, valid_until, wait_us)
+        grants, wait = lease_reply(reply, sent)  # slots placed on this clock
+        self._grant(state, grants, wait, want)
 
-    def _deliver_reservation(self, state: TenantState, granted: int, wait_us: int, interval_us: float,
-                             valid_until: float) -> None:
-        """A reservation's tokens fall due one interval apart, the last after `wait_us`; hand
-        them over in a few slices as they fall due, so a large batch does not hold back the
-        first of its queries until the last token is due. Nobody asks Redis meanwhile."""
-        loop = asyncio.get_running_loop()
-        slices = min(granted, RESERVATION_SLICES)
-        delivered = 0
-        for n in range(1, slices + 1):
-            due = granted * n // slices  # tokens due by the end of this slice
-            delay_us = max(0.0, wait_us - (granted - due) * interval_us)
-            final = n == slices
-            loop.call_later(delay_us / 1_000_000, self._grant, state, due - delivered, valid_until, 0, final)
-            delivered = due
-
-    def _grant(self, state: TenantState, granted: int, valid_until: float, wait_us: int = 0,
-               final: bool = True) -> None:
+    def _grant(self, state: TenantState, grants: list[tuple[int, int, float]], wait: float, want: int) -> None:
         limiter = state.limiter
         if limiter is None:
             return
-        if final:
-            limiter.leasing = False
+        limiter.leasing = False
         now = time.monotonic()
-        if granted:
-            limiter.credit(granted, valid_until, now)
-            limiter.next_free = 0.0
-        else:
-            limiter.next_free = now + wait_us / 1_000_000
+        limiter.settle(grants, wait, want, now)
+        # Held queries decide again: with slots each finds its own (and waits for it, or is
+        # refused if it falls due too late); without, they wait for the schedule to have room.
         waiters, state.waiters = state.waiters, []
+        retry = limiter.next_free - now
         for waiter in waiters:
-            if granted:
+            if grants or retry <= 0:
                 waiter.release()
-            elif now + wait_us / 1_000_000 > waiter.hold_deadline:
+            elif now + retry > waiter.hold_deadline:
                 waiter.release(reject=True)
             else:
-                asyncio.get_running_loop().call_later(wait_us / 1_000_000, waiter.release)
+                asyncio.get_running_loop().call_later(retry, waiter.release)
 
     # -- CancelRequests across replicas ------------------------------------------------------
 

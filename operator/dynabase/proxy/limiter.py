@@ -1,16 +1,25 @@
 """Queries-per-second limiting: a local GCRA decides in well under a microsecond;
-replicas share one budget by leasing batches of tokens from Redis.
+replicas share one budget by reserving batches of slots from Redis.
 
-Redis keeps a GCRA per tenant (its "theoretical arrival time"); a lease takes up
-to ``batch`` tokens at once, so the Redis cost per admitted query is 1/batch.
-The batch follows this replica's own admitted rate (about a second of its
-traffic), capped at its fair share of the burst, so the tokens all replicas hold
-never add up to more than the burst. A leased token is good only while Redis
-still counts it as spent: Redis lets go of a lease one interval per token until
-the GCRA's arrival time after it, and a replica keeps no more tokens than that
-leaves (qps x time left). So unused tokens are never spent on top of what the
-refilled bucket grants again, and no second admits more than qps + burst.
-When Redis is unreachable each replica enforces qps / replicas locally.
+Redis keeps each tenant's schedule as ``lanes`` interleaved GCRAs: lane j owns
+every lanes-th slot of the tenant's qps, so a lane runs at qps / lanes. A lease
+reserves consecutive slots of the lanes whose schedule is earliest, possibly a
+few seconds ahead, and the replica paces them itself: a slot may be used no
+earlier than the lane's burst tolerance before it, and a slot that passes unused
+is lost, as in one shared GCRA. So every admitted query, on any replica, owns a
+distinct slot within [admitted at, admitted at + tolerance]; the lanes' tolerance
+is the burst less one slot per extra lane, so no second anywhere admits more than
+qps + burst, however large the leases are.
+
+Why lanes: a replica uses its slots at its own pace. Consecutive slots of one
+schedule pass at the tenant's full qps, so a replica serving a third of the
+traffic would see most of a large batch pass before it got to it. Lanes let it
+reserve slots spaced at about its own pace (as many lanes as its rate needs),
+which is what makes large leases, and so few Redis calls, possible without
+wasting the budget: the Redis cost per admitted query is about
+1 / (LEASE_HORIZON x its rate). An idle lane restarts one interval after the one
+before it, so the lanes interleave like one schedule instead of falling due at
+once. When Redis is unreachable each replica enforces qps / replicas locally.
 """
 
 from __future__ import annotations
@@ -18,34 +27,78 @@ from __future__ import annotations
 import math
 import time
 
-# KEYS[1] tenant key; ARGV: now_ms, interval_us, tolerance_us, want, max_wait_us.
-# Returns {granted, wait_us, spent_us}: `granted` tokens usable after `wait_us` (a
-# reservation, so a throttled replica holds its queries instead of asking again and
-# again) and counted as spent for `spent_us` from now (the arrival time after this
-# lease); or {0, wait_us, 0} when even the first token is further away than max_wait_us.
+# KEYS[1]: hash of lane -> TAT. ARGV: now_us, interval_us, tolerance_us, lanes, want, use, ahead_us.
+# Takes up to `want` slots from the `use` lanes with the earliest schedule, booking at most
+# ahead_us past what the burst allows now. Returns, per lane used, {lane, granted, first
+# slot (us after now)}; or {0, wait_us} when every lane is booked that far, wait_us being
+# when one has room again. `now` is the caller's clock when it sent the call.
 LEASE_SCRIPT = """
-local now = tonumber(ARGV[1]) * 1000
+local now = tonumber(ARGV[1])
 local interval = tonumber(ARGV[2])
-local tolerance = tonumber(ARGV[3])
-local want = tonumber(ARGV[4])
-local max_wait = tonumber(ARGV[5])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local room = math.floor((now + tolerance - tat) / interval) + 1
-if room >= want or (room > 0 and max_wait <= 0) then
-  local granted = math.min(want, room)
-  tat = tat + granted * interval
-  redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-  return {granted, 0, math.floor(tat - now)}
+local lanes = tonumber(ARGV[4])
+local tolerance = tonumber(ARGV[3]) - (lanes - 1) * interval
+local want = tonumber(ARGV[5])
+local use = tonumber(ARGV[6])
+local ahead = tonumber(ARGV[7])
+local step = interval * lanes
+local names = {}
+for j = 1, lanes do names[j] = tostring(j) end
+local stored = redis.call('HMGET', KEYS[1], unpack(names))
+local order = {}
+for j = 1, lanes do
+  -- An idle lane starts one interval after the one before it, so the lanes' slots
+  -- interleave evenly, as one schedule's would, instead of falling due all at once.
+  local tat = tonumber(stored[j] or '0')
+  local floor = now + (j - 1) * interval
+  if tat < floor then tat = floor end
+  order[j] = {j, tat}
 end
-local new_tat = tat + want * interval
-local wait = new_tat - tolerance - now
-if wait <= max_wait then
-  redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-  return {want, math.ceil(wait), math.floor(new_tat - now)}
+table.sort(order, function(a, b) return a[2] < b[2] end)
+local out = {}
+local left = want
+local latest = now
+for k = 1, use do
+  local lane, tat = order[k][1], order[k][2]
+  local room = math.floor((now + tolerance + ahead - tat) / step) + 1
+  local n = math.min(math.ceil(left / (use - k + 1)), room)
+  if n > 0 then
+    local booked = tat + n * step
+    redis.call('HSET', KEYS[1], lane, string.format('%.0f', booked))
+    out[#out + 1] = lane
+    out[#out + 1] = n
+    out[#out + 1] = math.floor(tat - now)
+    left = left - n
+    if booked > latest then latest = booked end
+  end
 end
-return {0, math.ceil(tat + interval - tolerance - now), 0}
+if #out == 0 then
+  return {0, math.ceil(order[1][2] - tolerance - ahead - now)}
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil((latest - now) / 1000) + 1000)
+return out
 """
+
+MAX_LANES = 8
+LEASE_HORIZON = 3.0  # a lease asks for about this many seconds of the replica's own traffic
+# How far past the burst a lease may book. Throttled queries wait for their slots, so up to
+# their queue timeout (at most LEASE_AHEAD: room for every replica's lease and the next);
+# rejected ones cannot, so only a little, since slots booked ahead are lost if the traffic
+# moves to another replica before they fall due.
+LEASE_AHEAD = 2 * LEASE_HORIZON
+REJECT_AHEAD = 0.5
+
+
+GROW = 4  # under pressure a lease is up to this many times the last
+
+
+def lease_ahead(throttle: bool, queue_timeout: float) -> float:
+    return max(REJECT_AHEAD, min(queue_timeout, LEASE_AHEAD)) if throttle else REJECT_AHEAD
+
+
+def lanes_for(qps: int, burst: int) -> int:
+    """Lanes of a tenant's schedule. Each costs the burst a slot or so (its tolerance, and the
+    offset an idle lane starts at), so a small burst gets few lanes, and at most one per 16."""
+    return max(1, min(MAX_LANES, burst // 16, qps))
 
 
 class Gcra:
@@ -68,74 +121,87 @@ class Gcra:
         return wait if wait > 0 else 0.0
 
 
-LEASE_HORIZON = 1.0  # a lease asks for about this many seconds of the replica's own traffic
-
-
 class TenantLimiter:
     """Per tenant, per proxy process. ``take`` is the hot path: no I/O, no allocation."""
 
-    __slots__ = ("batch", "burst", "leasing", "local", "next_free", "older", "older_until", "qps", "rate",
-                 "rate_at", "rate_taken", "replicas", "taken", "tokens", "valid_until")
+    __slots__ = ("batch", "burst", "interval", "lanes", "leasing", "local", "next_free", "pressed", "qps", "rate",
+                 "rate_at", "rate_taken", "replicas", "slack", "slots", "step", "taken", "tolerance", "use")
 
     def __init__(self, qps: int, burst: int, replicas: int = 1) -> None:
         self.qps, self.burst = qps, burst
-        self.tokens = 0
-        self.valid_until = 0.0  # Redis's arrival time after the last lease, on this clock
-        # Of `tokens`, those left from earlier leases: used first, and only while Redis
-        # still counts *their* lease (a later lease must not stretch their life).
-        self.older = 0
-        self.older_until = 0.0
-        self.taken = 0  # tokens used so far: the admitted rate comes from it
+        self.interval = 1.0 / qps
+        self.lanes = lanes_for(qps, burst)
+        self.step = self.interval * self.lanes  # one lane's interval
+        self.tolerance = max(burst - self.lanes, 0) * self.interval  # one lane's tolerance
+        self.slack = self.step / 2  # float error in slot arithmetic, far below one slot
+        # Leased slots, one entry per lane: [next slot, end, lane] on the monotonic clock.
+        self.slots: list[list[float]] = []
+        self.taken = 0  # slots used so far: the admitted rate comes from it
+        self.pressed = False  # since the last lease a query found no slot due (demand beyond the slots)
         self.rate = 0.0  # admitted queries per second on this replica (smoothed)
         self.rate_at = float("-inf")  # no sample yet
         self.rate_taken = 0
         self.replicas = max(1, replicas)
         self.batch = self.min_batch()
+        self.use = 1  # lanes the next lease draws on
         self.local = Gcra(qps / self.replicas, max(1, burst // self.replicas))
         self.leasing = False
-        self.next_free = 0.0  # when the shared budget has a token again (from the last refused lease)
+        self.next_free = 0.0  # when the shared schedule has room again (from the last refused lease)
 
     def admit_local(self, now: float, max_wait: float) -> float | None:
         return self.local.reserve(now, max_wait)
 
-    def take(self, now: float) -> bool:
-        if self.tokens > 0:
-            if self.older:
-                self._trim_older(now)
-            left = (self.valid_until - now) * self.qps
-            if self.tokens - 1 >= left:  # more than the ceil(left) tokens Redis still counts
-                self._drop(self.tokens - _whole(left))
-            if self.tokens > 0:
-                self.tokens -= 1
-                if self.older:
-                    self.older -= 1
-                self.taken += 1
-                return True
-        return False
+    def take(self, now: float, max_wait: float) -> float | None:
+        """Use the earliest leased slot: seconds until the query may go (0.0 = now), or None
+        when no held slot falls due within max_wait (``holds`` says whether any is held)."""
+        best: list[float] | None = None
+        best_tat = math.inf
+        spent = False
+        for entry in self.slots:
+            tat = entry[0] if entry[0] > now else now  # a slot that passed unused is lost
+            if tat + self.step > entry[1] + self.slack:
+                spent = True
+            elif tat < best_tat:
+                best, best_tat = entry, tat
+        if spent:
+            self.slots = [e for e in self.slots if max(e[0], now) + self.step <= e[1] + self.slack]
+        if best is None:
+            if self.taken != self.rate_taken:  # ran out, having used slots since the last lease
+                self.pressed = True
+            return None
+        wait = best_tat - self.tolerance - now
+        if wait > 0.0:
+            self.pressed = True
+            if wait > max_wait:
+                return None
+        best[0] = best_tat + self.step
+        self.taken += 1
+        return wait if wait > 0.0 else 0.0
 
-    def _trim_older(self, now: float) -> None:
-        keep = _whole((self.older_until - now) * self.qps)
-        if self.older > keep:
-            self.tokens -= self.older - keep
-            self.older = keep
+    def remaining(self, now: float) -> int:
+        """Leased slots not yet used or lost."""
+        left = 0
+        for tat, end, _ in self.slots:
+            left += max(0, math.floor((end + self.slack - (tat if tat > now else now)) / self.step))
+        return left
 
-    def _drop(self, count: int) -> None:
-        """Drop tokens, the oldest first."""
-        self.tokens -= count
-        self.older = max(0, self.older - count)
+    def holds(self, now: float) -> bool:
+        return self.remaining(now) > 0
 
-    def low(self) -> bool:
-        return self.tokens <= self.batch // 2
+    def low(self, now: float) -> bool:
+        """Time to lease the next batch: half of this one is used or lost."""
+        return self.remaining(now) <= self.batch // 2
 
-    def fair_share(self) -> int:
-        """The most tokens this replica may hold: all replicas together hold at most the burst."""
-        return max(1, self.burst // self.replicas)
+    def share(self) -> int:
+        """The most slots one lease takes: this replica's share of LEASE_HORIZON at the full qps."""
+        return max(1, round(self.qps * LEASE_HORIZON / self.replicas))
 
     def min_batch(self) -> int:
-        return min(self.fair_share(), max(1, self.qps // 20))
+        return min(self.share(), max(1, self.qps // 20))
 
     def lease_size(self, now: float) -> int:
-        """Tokens to ask for now: about LEASE_HORIZON of this replica's admitted rate, within limits."""
+        """Slots to ask for now, about LEASE_HORIZON of this replica's admitted rate, and (in
+        ``use``) how many lanes to draw them from: enough that they come at least as fast."""
         elapsed = now - self.rate_at  # since the last lease
         wanted = self.rate
         if elapsed > 0:
@@ -143,35 +209,74 @@ class TenantLimiter:
             # Smoothed over about LEASE_HORIZON: after a longer gap only the gap counts.
             self.rate += min(1.0, elapsed / LEASE_HORIZON) * (sample - self.rate)
             self.rate_at, self.rate_taken = now, self.taken
-            # In a surge the smoothed rate lags: follow the latest sample, at most doubling.
-            wanted = max(self.rate, min(sample, 2 * self.batch / LEASE_HORIZON))
-        self.batch = max(self.min_batch(), min(self.fair_share(), round(wanted * LEASE_HORIZON)))
+            # In a surge the smoothed rate lags: follow the latest sample, growing at most GROW-fold.
+            wanted = max(self.rate, min(sample, GROW * self.batch / LEASE_HORIZON))
+        self.use = max(1, min(self.lanes, math.ceil(wanted * self.lanes / self.qps)))
+        size = wanted * LEASE_HORIZON
+        if self.pressed:
+            # Slots ran short: it takes each as it falls due, so none is wasted. One more
+            # lane, and a batch growing fast while the pressure lasts.
+            self.use = min(self.lanes, self.use + 1)
+            size = max(size, GROW * self.batch)
+        else:
+            pace = self.use * self.qps / self.lanes  # slots per second from the lanes used
+            if 0 < wanted < pace:
+                # Each slot is good from the tolerance before it until it passes; a replica that
+                # keeps up with its traffic uses them at its own pace, so ask only for as many as
+                # that pace reaches before they pass.
+                size = min(size, 0.9 * self.tolerance / (1 / wanted - 1 / pace))
+        self.pressed = False
+        self.batch = max(self.min_batch(), min(self.share(), round(size)))
         return self.batch
 
-    def credit(self, granted: int, valid_until: float, now: float) -> None:
-        if self.older:
-            self._trim_older(now)
-        if self.tokens > self.older:
-            # The rest of the last lease becomes `older`; anything older still is dropped
-            # (rare: it takes a lease arriving before the one before last is used up).
-            self.tokens -= self.older
-            self.older, self.older_until = self.tokens, self.valid_until
-        self.tokens += granted
-        self.valid_until = max(self.valid_until, valid_until)
+    def credit(self, grants: list[tuple[int, int, float]]) -> None:
+        """Add a lease: per lane, `count` slots from `start` on this clock, one step apart."""
+        for lane, count, start in grants:
+            if count <= 0:
+                continue
+            end = start + count * self.step
+            for entry in self.slots:
+                if entry[2] == lane and abs(entry[1] - start) < self.slack:  # straight after the last
+                    entry[1] = end
+                    break
+            else:
+                self.slots.append([start, end, float(lane)])
+
+    def settle(self, grants: list[tuple[int, int, float]], wait: float, want: int, now: float) -> None:
+        """Take a lease's answer: its slots, and when to ask again. A short answer means the
+        schedule is full: ask again only once the missing slots can have come free (within
+        half the tolerance, so no free slot is lost meanwhile) rather than straight away."""
+        self.credit(grants)
+        got = sum(count for _, count, _ in grants)
+        if not grants:
+            self.next_free = now + wait
+        elif got < want // 2:
+            self.next_free = now + min(self.tolerance / 2, (want - got) * self.interval)
+        else:
+            self.next_free = 0.0
+
+    def lease_args(self, now_us: int, want: int, ahead: float) -> list[float]:
+        """The lease script's ARGV for `want` slots booked at most `ahead` seconds past what the
+        burst allows now; `now_us` is the wall clock in microseconds."""
+        interval_us = 1_000_000 / self.qps
+        return [now_us, interval_us, max(self.burst - 1, 0) * interval_us, self.lanes, want, self.use,
+                int(ahead * 1_000_000)]
 
     def set_replicas(self, replicas: int) -> None:
         replicas = max(1, replicas)
         if replicas != self.replicas:
             self.replicas = replicas
             self.local = Gcra(self.qps / replicas, max(1, self.burst // replicas))
-            if self.tokens > self.fair_share():  # more replicas: a smaller share each
-                self._drop(self.tokens - self.fair_share())
-            self.batch = min(self.batch, self.fair_share())
+            self.batch = min(self.batch, self.share())
 
 
-def _whole(tokens: float) -> int:
-    """Tokens Redis still counts, a partly released one included."""
-    return math.ceil(tokens) if tokens > 0 else 0
+def lease_reply(reply: list[int], sent: float) -> tuple[list[tuple[int, int, float]], float]:
+    """The lease script's answer on this clock (`sent`: when the call went out): the grants
+    per lane as (lane, count, first slot), or none and how long until a lane has room."""
+    if len(reply) < 3:
+        return [], max(0, int(reply[1])) / 1_000_000
+    return [(int(reply[i]), int(reply[i + 1]), sent + int(reply[i + 2]) / 1_000_000)
+            for i in range(0, len(reply) - 2, 3)], 0.0
 
 
 def now() -> float:

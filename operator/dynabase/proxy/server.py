@@ -673,20 +673,30 @@ class ClientConnection(asyncio.Protocol):
         max_wait = max(0.0, (self.first_hold or now) + budget - now)
         if not self.proxy.redis_ok or self.proxy.lease is None:
             wait = limiter.admit_local(now, max_wait)
-            if wait:
-                self.reserved = True
-            elif wait is None:
-                self.first_hold = 0.0
-            return wait
-        if limiter.take(now):
+        else:
+            wait = limiter.take(now, max_wait)
+            if wait is None:
+                return self._no_slot(tenant, limiter, now, max_wait)
+            if limiter.low(now) and not limiter.leasing and now >= limiter.next_free:
+                self.proxy.lease(tenant)  # the next batch, before this one runs out
+        if wait is None:
             self.first_hold = 0.0
-            if limiter.low() and not limiter.leasing:
-                self.proxy.lease(tenant)
-            return 0.0
-        if limiter.next_free and now + max_wait < limiter.next_free:
+        elif wait:
+            self.reserved = True  # the slot is ours: go without asking again when the wait is over
+        else:
+            self.first_hold = 0.0
+        return wait
+
+    def _no_slot(self, tenant: TenantState, limiter: TenantLimiter, now: float, max_wait: float) -> float | None:
+        """No leased slot falls due in time: refuse, wait for the schedule, or ask Redis."""
+        if limiter.holds(now) or now + max_wait < limiter.next_free:
+            # Slots are held but fall due too late, or the schedule is full for longer than
+            # the query may wait: a new lease would only come later still.
             self.first_hold = 0.0
             return None
-        if not limiter.leasing:
+        if now < limiter.next_free:
+            return limiter.next_free - now  # then decide again (no slot is ours yet)
+        if not limiter.leasing and self.proxy.lease is not None:
             self.proxy.lease(tenant)
         return -1.0  # hold until the lease answers
 
