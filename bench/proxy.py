@@ -4,7 +4,9 @@
 
 1. pgbench -S (select-only) at 1, 8 and 50 clients in simple, extended and prepared
    modes, through PgBouncer alone and through the proxy in front of it: TPS, ratio,
-   and at 1 client the p99 latency and what the proxy adds to it.
+   at 1 client the p99 latency and what the proxy adds to it, and at 8 and 50 the
+   CPU time per transaction of each process kind (from /proc), which shows what
+   the extra hop costs the proxy itself and the rest of the stack on shared cores.
 2. Limiter: one tenant limited to 200 q/s (throttle), offered far more for 10 s,
    through 1 proxy process and then through 3: admitted rate against the limit,
    Redis leases per admitted query.
@@ -20,6 +22,7 @@ import asyncio
 import glob
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -81,6 +84,44 @@ def pgbench(port: int, db: str, password: str, *, clients: int, mode: str, secon
         for path in glob.glob(str(log_dir / "pgbench_log*")):
             latencies += [int(line.split()[2]) / 1000 for line in Path(path).read_text().splitlines() if line]
     return tps, count, latencies
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(proxy_pid: int) -> dict[str, float]:
+    """CPU time so far (user + system, from /proc) of the processes a pgbench run goes through,
+    by kind; the proxy's split into user and system time."""
+    totals: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        user, system = int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+        if int(pid) == proxy_pid:
+            totals["proxy user"] = user
+            totals["proxy sys"] = system
+            continue
+        if "pgbouncer" in command and "agent" not in command:
+            kind = "pgbouncer"
+        elif command.startswith("postgres") or "/bin/postgres " in command:
+            kind = "postgres"
+        else:
+            continue
+        totals[kind] = totals.get(kind, 0.0) + user + system
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # pgbench, once it has exited
+    totals["pgbench"] = children.ru_utime + children.ru_stime
+    return totals
+
+
+def cpu_per_transaction(before: dict[str, float], after: dict[str, float], transactions: int) -> str:
+    used = {kind: (after.get(kind, 0.0) - before.get(kind, 0.0)) / max(transactions, 1) * 1e6 for kind in after}
+    used = {kind: value for kind, value in used.items() if value >= 0.05}
+    parts = ", ".join(f"{kind} {value:.1f}" for kind, value in sorted(used.items()))
+    return f"{sum(used.values()):.1f} us ({parts})"
 
 
 def p99(values: list[float]) -> float:
@@ -173,11 +214,18 @@ def main() -> None:
             for mode in () if args.skip_throughput else ("simple", "extended", "prepared"):
                 for clients in (1, 8, 50):
                     log_dir = logs if clients == 1 else None
-                    base, _, base_lat = pgbench(pool_ports[db], db, pw, clients=clients, mode=mode,
-                                                seconds=args.seconds, log_dir=log_dir)
-                    prox, _, prox_lat = pgbench(proxy_port, db, pw, clients=clients, mode=mode,
-                                                seconds=args.seconds, log_dir=log_dir)
+                    cpu_before = cpu_seconds(proxies[0].pid)
+                    base, base_count, base_lat = pgbench(pool_ports[db], db, pw, clients=clients, mode=mode,
+                                                         seconds=args.seconds, log_dir=log_dir)
+                    cpu_between = cpu_seconds(proxies[0].pid)
+                    prox, prox_count, prox_lat = pgbench(proxy_port, db, pw, clients=clients, mode=mode,
+                                                         seconds=args.seconds, log_dir=log_dir)
+                    cpu_after = cpu_seconds(proxies[0].pid)
                     line = f"{mode:<9}{clients:>8}{base:>15.0f}{prox:>12.0f}{prox / base:>8.2f}"
+                    if clients > 1:  # where the CPU of both cores went, per transaction
+                        alone = cpu_per_transaction(cpu_before, cpu_between, base_count)
+                        line += (f"   CPU per transaction: alone {alone}"
+                                 f"; with proxy {cpu_per_transaction(cpu_between, cpu_after, prox_count)}")
                     if clients == 1:
                         added = (statistics.median(prox_lat) - statistics.median(base_lat)) * 1000
                         added99 = (p99(prox_lat) - p99(base_lat)) * 1000
