@@ -166,15 +166,16 @@ class Coordinator:
             self._set_redis(False)
             return
         grants, wait = lease_reply(reply, sent)  # slots placed on this clock
-        self._grant(state, grants, wait, want)
+        self._grant(state, grants, wait, want, ahead)
 
-    def _grant(self, state: TenantState, grants: list[tuple[int, int, float]], wait: float, want: int) -> None:
+    def _grant(self, state: TenantState, grants: list[tuple[int, int, float]], wait: float, want: int,
+               ahead: float) -> None:
         limiter = state.limiter
         if limiter is None:
             return
         limiter.leasing = False
         now = time.monotonic()
-        limiter.settle(grants, wait, want, now)
+        limiter.settle(grants, wait, want, now, ahead)
         # Held queries decide again: with slots each finds its own (and waits for it, or is
         # refused if it falls due too late); without, they wait for the schedule to have room.
         waiters, state.waiters = state.waiters, []

@@ -242,18 +242,20 @@ class TenantLimiter:
             else:
                 self.slots.append([start, end, float(lane)])
 
-    def settle(self, grants: list[tuple[int, int, float]], wait: float, want: int, now: float) -> None:
+    def settle(self, grants: list[tuple[int, int, float]], wait: float, want: int, now: float,
+               ahead: float) -> None:
         """Take a lease's answer: its slots, and when to ask again. A short answer means the
-        schedule is full: ask again only once the missing slots can have come free (within
-        half the tolerance, so no free slot is lost meanwhile) rather than straight away."""
+        schedule is booked as far ahead as allowed: ask again once the missing slots can have
+        come free, or after half the booking window (a slot can be booked from tolerance +
+        `ahead` before it falls due, so none is lost waiting that long), rather than straight
+        away, lest a starved replica go to Redis for nearly every query."""
         self.credit(grants)
         got = sum(count for _, count, _ in grants)
-        if not grants:
-            self.next_free = now + wait
-        elif got < want // 2:
-            self.next_free = now + min(self.tolerance / 2, (want - got) * self.interval)
-        else:
+        if got >= want // 2:
             self.next_free = 0.0
+        else:
+            window = self.tolerance + ahead
+            self.next_free = now + max(wait, min(window / 2, (want - got) * self.interval))
 
     def lease_args(self, now_us: int, want: int, ahead: float) -> list[float]:
         """The lease script's ARGV for `want` slots booked at most `ahead` seconds past what the
