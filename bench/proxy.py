@@ -1,12 +1,14 @@
 """Proxy cost and limiter accuracy, side by side in one run.
 
-    python -m bench.proxy [--seconds 5]
+    python -m bench.proxy [--seconds 5] [--pin] [--skip-throughput]
 
 1. pgbench -S (select-only) at 1, 8 and 50 clients in simple, extended and prepared
    modes, through PgBouncer alone and through the proxy in front of it: TPS, ratio,
    at 1 client the p99 latency and what the proxy adds to it, and at 8 and 50 the
    CPU time per transaction of each process kind (from /proc), which shows what
    the extra hop costs the proxy itself and the rest of the stack on shared cores.
+   With --pin the proxy gets a CPU of its own (as a separate service would) and
+   the database side shares the other.
 2. Limiter: one tenant limited to 200 q/s (throttle), offered far more for 10 s,
    through 1 proxy process and then through 3: admitted rate against the limit,
    Redis leases per admitted query.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import glob
 import json
 import os
@@ -87,6 +90,29 @@ def pgbench(port: int, db: str, password: str, *, clients: int, mode: str, secon
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def pin_processes(proxy_pid: int) -> None:
+    """Every thread of the proxy onto CPU 1; Postgres (new backends inherit it from the
+    postmaster), PgBouncer and this process (so pgbench) onto CPU 0."""
+    if len(os.sched_getaffinity(0)) < 2:
+        raise SystemExit("--pin needs two CPUs")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            threads = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        if int(pid) == proxy_pid:
+            cpu = 1
+        elif (command.startswith("postgres") or "/bin/postgres " in command
+              or ("pgbouncer" in command and "agent" not in command) or int(pid) == os.getpid()):
+            cpu = 0
+        else:
+            continue
+        for thread in threads:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(int(thread), {cpu})
 
 
 def cpu_seconds(proxy_pid: int) -> dict[str, float]:
@@ -199,6 +225,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--skip-throughput", action="store_true", help="only the limiter and metering parts")
+    parser.add_argument("--pin", action="store_true",
+                        help="the proxy on CPU 1, everything else (Postgres, PgBouncer, pgbench) on CPU 0, as when "
+                             "the proxy runs as a service of its own; both columns are measured so")
     args = parser.parse_args()
     with devstack(["postgres", "redis", "pgbouncer"]) as env:
         passwords, pool_ports = asyncio.run(setup(env))
@@ -207,6 +236,8 @@ def main() -> None:
                        env={**os.environ, "PGPASSWORD": pw}, check=True, capture_output=True)
         proxy_port, metrics = free_port(), free_port()
         proxies = [start_proxy(env, proxy_port, metrics, "bench-0")]
+        if args.pin:
+            pin_processes(proxies[0].pid)
         logs = Path(tempfile.mkdtemp(prefix="dynabase-bench-proxy-"))
         try:
             print("== pgbench -S: PgBouncer alone vs proxy -> PgBouncer", flush=True)
