@@ -1,6 +1,6 @@
 """Proxy cost and limiter accuracy, side by side in one run.
 
-    python -m bench.proxy [--seconds 5] [--pin] [--skip-throughput]
+    python -m bench.proxy [--seconds 5] [--pin] [--busy-poll-us 300] [--skip-throughput]
 
 1. pgbench -S (select-only) at 1, 8 and 50 clients in simple, extended and prepared
    modes, through PgBouncer alone and through the proxy in front of it: TPS, ratio,
@@ -155,10 +155,11 @@ def p99(values: list[float]) -> float:
     return values[max(0, int(len(values) * 0.99) - 1)]
 
 
-def start_proxy(env: dict[str, str], port: int, metrics: int, replica: str) -> subprocess.Popen[bytes]:
+def start_proxy(env: dict[str, str], port: int, metrics: int, replica: str,
+                busy_poll_us: int = 0) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "dynabase.cli", "proxy", "--listen", f"127.0.0.1:{port}",
-         "--metrics-port", str(metrics), "--replica-id", replica],
+         "--metrics-port", str(metrics), "--replica-id", replica, "--busy-poll-us", str(busy_poll_us)],
         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
@@ -225,6 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--skip-throughput", action="store_true", help="only the limiter and metering parts")
+    parser.add_argument("--busy-poll-us", type=int, default=0, help="the proxy's --busy-poll-us (default 0 = off)")
     parser.add_argument("--pin", action="store_true",
                         help="the proxy on CPU 1, everything else (Postgres, PgBouncer, pgbench) on CPU 0, as when "
                              "the proxy runs as a service of its own; both columns are measured so")
@@ -235,7 +237,7 @@ def main() -> None:
         subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", env["PGPORT"], "-U", db, db],
                        env={**os.environ, "PGPASSWORD": pw}, check=True, capture_output=True)
         proxy_port, metrics = free_port(), free_port()
-        proxies = [start_proxy(env, proxy_port, metrics, "bench-0")]
+        proxies = [start_proxy(env, proxy_port, metrics, "bench-0", args.busy_poll_us)]
         if args.pin:
             pin_processes(proxies[0].pid)
         logs = Path(tempfile.mkdtemp(prefix="dynabase-bench-proxy-"))

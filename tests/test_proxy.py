@@ -471,3 +471,23 @@ async def test_redis_lost_mid_run_keeps_enforcing_locally(env: Env) -> None:
     finally:
         main.close()
         copy.close()
+
+
+async def test_busy_polling_spins_only_while_traffic_flows(env: Env) -> None:
+    async with running_proxy(env.stack.env["DYNABASE_REDIS_URL"], f"bp-{uuid.uuid4().hex[:6]}",
+                             busy_poll_us=10_000) as (port, replica):
+        assert replica.poke is not None
+        spinner = replica.poke.__self__  # type: ignore[attr-defined]
+        assert not spinner.spinning
+        dsn = env.dsn("BIG").replace(f":{env.port}/", f":{port}/")
+        conn = await asyncpg.connect(dsn, statement_cache_size=0)
+        try:
+            assert await conn.fetchval("SELECT 6 * 7") == 42
+            assert spinner.spinning  # a reply just went by: the loop polls instead of sleeping
+            await asyncio.sleep(0.1)  # ten windows of quiet
+            assert not spinner.spinning
+            used = time.process_time()
+            await asyncio.sleep(0.5)
+            assert time.process_time() - used < 0.1  # idle, the proxy (in this process) burns nothing
+        finally:
+            await conn.close()

@@ -31,6 +31,7 @@ class ProxySettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     pgbouncer_advertise_host: str | None = None  # how other replicas reach our PgBouncer (cancels)
+    busy_poll_us: int = 0  # spin this long after traffic instead of sleeping (busypoll.py); 0 = off
 
 
 class TenantCollector(Collector):
@@ -80,7 +81,8 @@ async def serve(settings: ProxySettings, stop: asyncio.Event, ready: asyncio.Eve
         ProxyConfig(listen_host=settings.listen_host, listen_port=settings.listen_port,
                     pgbouncer_host=settings.pgbouncer_host,
                     ssl_context=ssl_context(settings.tls_cert, settings.tls_key),
-                    pgbouncer_advertise_host=settings.pgbouncer_advertise_host),
+                    pgbouncer_advertise_host=settings.pgbouncer_advertise_host,
+                    busy_poll_us=settings.busy_poll_us),
         router,
     )
     coordinator = Coordinator(proxy, settings.redis_url, replica_id=settings.replica_id, agent_id=settings.agent_id)

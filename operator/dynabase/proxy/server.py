@@ -25,6 +25,7 @@ from prometheus_client import Counter, Histogram
 from dynabase.desired.proxy import ProxyTenantLimits
 
 from . import wire
+from .busypoll import BusyPoll
 from .limiter import TenantLimiter
 from .metering import Usage
 
@@ -58,6 +59,7 @@ class ProxyConfig:
     # How other replicas reach this replica's PgBouncer to forward a CancelRequest
     # (default: pgbouncer_host, which is only right when they share it).
     pgbouncer_advertise_host: str | None = None
+    busy_poll_us: int = 0  # spin this long after traffic instead of sleeping (see busypoll.py); 0 = off
 
 
 @dataclass
@@ -114,6 +116,8 @@ class Proxy:
         self.lease: Callable[[TenantState], None] | None = None  # set by the Redis coordinator
         self.wake: Callable[[str], None] | None = None  # announces a Cold tenant's wake-up (coordinator)
         self.redis_ok = False
+        # Called on every read when busy polling is on; None (one check per read) when off.
+        self.poke: Callable[[], None] | None = BusyPoll(config.busy_poll_us).poke if config.busy_poll_us else None
         self.server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -198,12 +202,15 @@ class Proxy:
 class Upstream(asyncio.Protocol):
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
+        self.poke = client.proxy.poke
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.poke is not None:
+            self.poke()
         self.client.server_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -326,6 +333,8 @@ class ClientConnection(asyncio.Protocol):
     # -- client -> proxy --------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.proxy.poke is not None:
+            self.proxy.poke()
         if self.state == READY:
             tenant = self.tenant
             assert tenant is not None
