@@ -26,6 +26,7 @@ import glob
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -290,6 +291,7 @@ def main() -> None:
             for proc in proxies:
                 proc.terminate()
                 proc.wait(timeout=10)
+            shutil.rmtree(logs, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import glob
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -121,12 +122,15 @@ async def main_async(args: argparse.Namespace, env: dict[str, str]) -> None:
         await change(1)  # load the entries once before measuring
         return change
 
-    await run("baseline")
-    await run("tier-changes", flip_tier)
-    for extra in args.entries:
-        await run(f"reload-{extra}-entries", await reload_with_entries(extra))
-    await postgres.close()
-    await pgbouncer.close()
+    try:
+        await run("baseline")
+        await run("tier-changes", flip_tier)
+        for extra in args.entries:
+            await run(f"reload-{extra}-entries", await reload_with_entries(extra))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        await postgres.close()
+        await pgbouncer.close()
 
 
 def main() -> None:
