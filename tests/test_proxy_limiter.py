@@ -183,6 +183,25 @@ def test_no_second_anywhere_admits_more_than_qps_plus_burst(lease: tuple[Lease, 
         assert leases <= 0.2 * len(admitted)  # a starved replica does not ask for every query
 
 
+def test_the_schedule_is_kept_until_its_last_booking_passes(lease: tuple[Lease, str], stack: Stack) -> None:
+    script, key = lease
+    far, near = TenantLimiter(qps=200, burst=200), TenantLimiter(qps=200, burst=200)
+    now_us = 1_000_000_000_000
+    far.use = 1
+    reply = script(keys=[key], args=far.lease_args(now_us, 400, ahead=6.0))  # one lane, booked 7 s ahead
+    grants, _ = lease_reply(reply, 0.0)
+    assert grants == [(1, 175, 0.0)]  # 40 ms apart, up to the tolerance (0.96 s) + 6 s
+    near.use = 1
+    reply = script(keys=[key], args=near.lease_args(now_us, 1, ahead=6.0))  # another lane, one slot
+    grants, _ = lease_reply(reply, 0.0)
+    assert len(grants) == 1 and grants[0][0] != 1
+    client = redis.Redis.from_url(stack.env["DYNABASE_REDIS_URL"])
+    try:
+        assert client.pttl(key) > 6_500  # not cut to the short booking's life (about 1 s)
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("replicas", [1, 3])
 @pytest.mark.parametrize(("ahead", "most_leases"), [(REJECT, 0.05), (THROTTLE, 0.01)], ids=["reject", "throttle"])
 def test_a_tenant_pressing_10x_on_its_limit_is_held_to_it_with_few_leases(lease: tuple[Lease, str], replicas: int,

@@ -56,23 +56,26 @@ end
 table.sort(order, function(a, b) return a[2] < b[2] end)
 local out = {}
 local left = want
-local latest = now
 for k = 1, use do
   local lane, tat = order[k][1], order[k][2]
   local room = math.floor((now + tolerance + ahead - tat) / step) + 1
   local n = math.min(math.ceil(left / (use - k + 1)), room)
   if n > 0 then
-    local booked = tat + n * step
-    redis.call('HSET', KEYS[1], lane, string.format('%.0f', booked))
+    order[k][2] = tat + n * step
+    redis.call('HSET', KEYS[1], lane, string.format('%.0f', order[k][2]))
     out[#out + 1] = lane
     out[#out + 1] = n
     out[#out + 1] = math.floor(tat - now)
     left = left - n
-    if booked > latest then latest = booked end
   end
 end
 if #out == 0 then
   return {0, math.ceil(order[1][2] - tolerance - ahead - now)}
+end
+-- Kept until the last booking on any lane has passed (not only those booked now).
+local latest = now
+for j = 1, lanes do
+  if order[j][2] > latest then latest = order[j][2] end
 end
 redis.call('PEXPIRE', KEYS[1], math.ceil((latest - now) / 1000) + 1000)
 return out
