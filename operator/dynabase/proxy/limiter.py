@@ -89,8 +89,6 @@ LEASE_HORIZON = 3.0  # a lease asks for about this many seconds of the replica's
 # moves to another replica before they fall due.
 LEASE_AHEAD = 2 * LEASE_HORIZON
 REJECT_AHEAD = 0.5
-
-
 GROW = 4  # under pressure a lease is up to this many times the last
 
 
@@ -125,7 +123,8 @@ class Gcra:
 
 
 class TenantLimiter:
-    """Per tenant, per proxy process. ``take`` is the hot path: no I/O, no allocation."""
+    """Per tenant, per proxy process. ``take`` is the hot path: no I/O, and an allocation
+    only when a lane's lease is used up."""
 
     __slots__ = ("batch", "burst", "interval", "lanes", "leasing", "local", "next_free", "pressed", "qps", "rate",
                  "rate_at", "rate_taken", "replicas", "slack", "slots", "step", "taken", "tolerance", "use")
