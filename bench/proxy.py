@@ -46,6 +46,7 @@ from dynabase.devstack.stack import free_port
 from dynabase.engine.reconciler import Engine
 from dynabase.engine.stores import MemorySecretStore, MemoryStatusStore
 from dynabase.spec import TenantDatabase, TierPolicy
+from dynabase.usage.sampler import user_system_ticks
 
 POLICY = TierPolicy.model_validate({
     "apiVersion": "dynabase.io/v1alpha1", "kind": "TierPolicy", "metadata": {"name": "bench"},
@@ -126,8 +127,7 @@ def cpu_seconds(proxy_pid: int) -> dict[str, float]:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        user, system = int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+        user, system = (ticks / CLOCK_TICKS for ticks in user_system_ticks(stat))
         if int(pid) == proxy_pid:
             totals["proxy user"] = user
             totals["proxy sys"] = system

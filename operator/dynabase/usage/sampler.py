@@ -40,12 +40,18 @@ class NotOnDatabaseHost(RuntimeError):
     """The backends' pids are not this machine's processes."""
 
 
-def cpu_ticks(stat_line: str) -> int:
-    """utime + stime (fields 14 and 15 of /proc/PID/stat). The command name, field 2,
+def user_system_ticks(stat_line: str) -> tuple[int, int]:
+    """utime and stime (fields 14 and 15 of /proc/PID/stat). The command name, field 2,
     is in parentheses and may hold spaces, so fields are counted after its ')'."""
     after_name = stat_line[stat_line.rindex(")") + 2:].split()
     # after_name[0] is field 3 (state): field n is after_name[n - 3].
-    return int(after_name[11]) + int(after_name[12])
+    return int(after_name[11]), int(after_name[12])
+
+
+def cpu_ticks(stat_line: str) -> int:
+    """utime + stime of /proc/PID/stat."""
+    user, system = user_system_ticks(stat_line)
+    return user + system
 
 
 @dataclass
