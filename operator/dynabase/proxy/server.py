@@ -226,6 +226,7 @@ class Upstream(asyncio.Protocol):
 class ClientConnection(asyncio.Protocol):
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
+        self.poke = proxy.poke
         self.transport: asyncio.Transport | None = None
         self.upstream: Upstream | None = None
         self.state = STARTUP
@@ -333,8 +334,8 @@ class ClientConnection(asyncio.Protocol):
     # -- client -> proxy --------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.proxy.poke is not None:
-            self.proxy.poke()
+        if self.poke is not None:
+            self.poke()
         if self.state == READY:
             tenant = self.tenant
             assert tenant is not None
@@ -688,11 +689,9 @@ class ClientConnection(asyncio.Protocol):
                 return self._no_slot(tenant, limiter, now, max_wait)
             if limiter.low(now) and not limiter.leasing and now >= limiter.next_free:
                 self.proxy.lease(tenant)  # the next batch, before this one runs out
-        if wait is None:
-            self.first_hold = 0.0
-        elif wait:
+        if wait:
             self.reserved = True  # the slot is ours: go without asking again when the wait is over
-        else:
+        else:  # going now, or refused: the next query starts its own wait
             self.first_hold = 0.0
         return wait
 
