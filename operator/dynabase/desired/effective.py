@@ -77,7 +77,7 @@ def _check(limits: EffectiveLimits) -> None:
         if not rule.holds(*values):
             raise ResolveError(
                 "InvalidLimits",
-                f"tier {limits.tier} with overrides: {rule.message.format_map(rule.explain(values))}",
+                f"tier {limits.tier} with overrides: {rule.explain(values)}",
             )
 
 

@@ -8,38 +8,26 @@ but with a single message, so a person sees the same words from
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from . import cel
-
 
 @dataclass(frozen=True)
 class Rule:
-    """A cross-field rule: CEL for the CRD, a Python predicate for everything else.
-
-    The message may name values as {placeholders}: ``values`` gives them in Python,
-    ``cel_values`` as CEL string expressions (the CRD then uses a messageExpression).
-    """
+    """A cross-field rule: CEL for the CRD, a Python predicate for everything else."""
 
     cel: str
     message: str
     holds: Callable[[Any], bool]
     field_path: str | None = None  # reported path, relative to the model
-    values: Callable[[Any], Mapping[str, str]] | None = None
-    cel_values: Mapping[str, str] = field(default_factory=dict)
 
     def cel_validation(self) -> dict[str, str]:
-        entry = {"rule": self.cel}
-        if self.cel_values:
-            entry["messageExpression"] = cel.message_expression(self.message, self.cel_values)
-        else:
-            entry["message"] = self.message
+        entry = {"rule": self.cel, "message": self.message}
         if self.field_path:
             entry["fieldPath"] = self.field_path
         return entry
@@ -69,6 +57,5 @@ class Model(BaseModel):
             if not rule.holds(self):
                 # ctx.field lets error reports point at the offending field's line.
                 field = (rule.field_path or "").lstrip(".")
-                context = {**(rule.values(self) if rule.values else {}), **({"field": field} if field else {})}
-                raise PydanticCustomError("rule", rule.message, context or None)
+                raise PydanticCustomError("rule", rule.message, {"field": field} if field else None)
         return self

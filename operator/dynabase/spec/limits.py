@@ -24,7 +24,6 @@ OverLimit = Literal["throttle", "reject"]
 OverageRestriction = Literal["qps", "readOnly"]
 RestartPolicy = Literal["ALWAYS", "ON_FAILURE", "NEVER"]
 
-INT64_MAX = 2**63 - 1  # the apiserver holds no larger integer
 # Postgres' own ranges for the role settings (pg_settings.min_val/max_val).
 PG_MAX_MS = "2147483647ms"
 PG_MAX_KB = "2147483647kB"
@@ -97,14 +96,14 @@ class RedisEffective:
     max_memory: ByteSize | None = limit(None, Limit(
         "Memory for the tenant's keys.", unlimited="absent", review="max memory", org="maxMemory"))
     max_keys: int | None = limit(None, Limit(
-        "Number of keys under the tenant prefix.", ge=1, le=INT64_MAX, unlimited="absent", review="max keys",
+        "Number of keys under the tenant prefix.", ge=1, unlimited="absent", review="max keys",
         org="maxKeys"))
 
 
 @dataclass(frozen=True)
 class MongoEffective:
     max_connections: int | None = limit(None, Limit(
-        "Advisory connection limit written to the org record.", ge=1, le=INT64_MAX, unlimited="absent",
+        "Advisory connection limit written to the org record.", ge=1, unlimited="absent",
         org="maxConnections"))
 
 
@@ -198,17 +197,16 @@ POOL_FITS = CrossRule(
     " || !has(self.pgbouncer) || !has(self.pgbouncer.poolSize)"
     " || self.pgbouncer.poolSize + (has(self.pgbouncer.reservePoolSize) ? self.pgbouncer.reservePoolSize : 0)"
     " <= self.postgres.connectionLimit",
-    message="pgbouncer.poolSize + reservePoolSize ({pool_size} + {reserve_pool_size}) must not exceed "
-    "postgres.connectionLimit {connection_limit}, or PgBouncer opens server connections Postgres refuses; "
-    "lower the pool or raise the connection limit",
+    message="pgbouncer.poolSize + reservePoolSize must not exceed postgres.connectionLimit, or PgBouncer "
+    "opens server connections Postgres refuses; lower the pool or raise the connection limit",
 )
 BURST_COVERS_QPS = CrossRule(
     at="proxy",
     operands=(declared("proxy", "qps"), declared("proxy", "burst")),
     holds=_burst_covers_qps,
     cel="!has(self.burst) || !has(self.qps) || self.burst >= self.qps",
-    message="burst must be at least qps (burst {burst} < qps {qps}): a smaller bucket throttles traffic "
-    "that is within the limit; raise burst or remove it to default to qps",
+    message="burst must be at least qps (a smaller bucket throttles traffic that is within the limit); "
+    "raise burst or remove it to default to qps",
     field_path=".burst",
 )
 CROSS_RULES: tuple[CrossRule, ...] = (POOL_FITS, BURST_COVERS_QPS)

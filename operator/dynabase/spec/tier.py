@@ -31,9 +31,18 @@ class LimitsModel(Model):
     """Base of the generated limit models (a section's, and TierLimits)."""
 
 
+INT64 = (-(2**63), 2**63 - 1)  # the apiserver holds no other integers (and cannot state this bound)
+
+
 def _whole_number(value: Any) -> Any:
     # The apiserver takes 5.0 for an integer field; strings and booleans it refuses, and so do we.
     return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _int64(value: int | None) -> int | None:
+    if value is not None and not INT64[0] <= value <= INT64[1]:
+        raise PydanticCustomError("int64", "{value} is not a 64-bit integer; write a smaller number", {"value": value})
+    return value
 
 
 def _check_range(declared: LimitField, value: Duration | ByteSize | None) -> Duration | ByteSize | None:
@@ -54,7 +63,7 @@ def _spec_field(declared: LimitField) -> tuple[Any, Any]:
     validators: list[Any] = []
     extra: dict[str, Any] = {}
     if declared.value_type is int:
-        validators.append(BeforeValidator(_whole_number))
+        validators += [BeforeValidator(_whole_number), AfterValidator(_int64)]
     range_rule = declared.cel_range_rule()
     if range_rule is not None:
         validators.append(AfterValidator(functools.partial(_check_range, declared)))
@@ -63,6 +72,8 @@ def _spec_field(declared: LimitField) -> tuple[Any, Any]:
                                if getattr(declared.limit, key) is not None}
     if declared.value_type in (int, float, bool):
         options["strict"] = True  # as in the apiserver: "5" or true is not a number
+    if declared.value_type is float:
+        options["allow_inf_nan"] = False  # JSON, and so the apiserver, has neither
     if extra:
         options["json_schema_extra"] = extra
     annotation = Annotated[declared.value_type | None, *validators] if validators else declared.value_type | None
