@@ -85,7 +85,6 @@ class LimitField:
     section: str
     name: str
     value_type: Any  # the annotation without None: int, float, bool, Duration, ByteSize or a Literal
-    nullable: bool
     default: object
     limit: Limit
 
@@ -178,7 +177,7 @@ def section_fields(section: str, section_type: type[Any]) -> tuple[LimitField, .
         options = [t for t in typing.get_args(hint) if t is not type(None)] if _is_union(hint) else [hint]
         if len(options) != 1:
             raise TypeError(f"{section_type.__name__}.{item.name}: a limit has one type (or None), not {hint}")
-        out.append(LimitField(section, item.name, options[0], options[0] is not hint, item.default, declaration))
+        out.append(LimitField(section, item.name, options[0], item.default, declaration))
     return tuple(out)
 
 
