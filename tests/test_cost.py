@@ -19,11 +19,10 @@ from dynabase.desired.cost import (
     tenant_factors,
     warning_level,
 )
-from dynabase.desired.effective import DEFAULTS, BillingEffective
+from dynabase.desired.effective import BillingEffective
 
-PRO = BillingEffective(**{**DEFAULTS["billing"], "base_fee_usd": 50.0, "included_vcpu_hours": 10.0,
-                          "overage_per_vcpu_hour_usd": 2.0})
-FREE = BillingEffective(**{**DEFAULTS["billing"], "base_fee_usd": 0.0, "included_vcpu_hours": 1.0})
+PRO = BillingEffective(base_fee_usd=50.0, included_vcpu_hours=10.0, overage_per_vcpu_hour_usd=2.0)
+FREE = BillingEffective(base_fee_usd=0.0, included_vcpu_hours=1.0)
 # One vCPU-second per query-second, nothing per query: usage in query-seconds is CPU.
 UNIT = CostModel(cpu_per_query_second=1.0, cpu_per_query=0.0)
 

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dynabase.desired.effective import ResolveError, effective_limits
+from dynabase.desired.effective import PostgresEffective, ResolveError, effective_limits, merge
 from dynabase.desired.postgres import connect_grantees, render_kilobytes
 from dynabase.desired.scram import scram_verifier, verifier_matches
 from dynabase.desired.sql import quote_ident, quote_literal
 from dynabase.desired.transition import decide_tier
+from dynabase.spec import TierPolicy
+from dynabase.spec.limits import BURST_COVERS_QPS, POOL_FITS
 
 from .conftest import Stack
 from .engine_helpers import example_policy, make_tenant
@@ -37,6 +40,37 @@ def test_override_that_breaks_a_rule_is_a_clear_per_tenant_error() -> None:
     with pytest.raises(ResolveError) as info:
         effective_limits(tenant, POLICY, "FREE")
     assert info.value.reason == "InvalidLimits" and "connectionLimit 2" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("tier", "override", "message"),
+    [
+        # Each layer alone passes the CRD's rule; merged (or with a default) they break it.
+        ({"postgres": {"connectionLimit": 10}, "pgbouncer": {"poolSize": 5}}, {"postgres": {"connectionLimit": 4}},
+         POOL_FITS.message),
+        ({"postgres": {"connectionLimit": 3}}, None, POOL_FITS.message),  # the default pool of 5
+        ({"proxy": {"qps": 10, "burst": 20}}, {"proxy": {"burst": 5}}, BURST_COVERS_QPS.message),
+    ],
+)
+def test_merged_limits_are_checked_with_the_crds_rules(tier: dict[str, Any], override: dict[str, Any] | None,
+                                                       message: str) -> None:
+    policy = TierPolicy.model_validate({"apiVersion": "dynabase.io/v1alpha1", "kind": "TierPolicy",
+                                        "metadata": {"name": "p"}, "spec": {"tiers": {"T": {"rank": 0, **tier}}}})
+    tenant = make_tenant("x", "T", overrides=override)
+    with pytest.raises(ResolveError) as info:
+        effective_limits(tenant, policy, "T")
+    assert message in info.value.message and info.value.message.startswith("tier T with overrides: ")
+
+
+def test_defaults_come_from_the_declarations() -> None:
+    limits = merge("T", 0, [])
+    assert limits.postgres == PostgresEffective() and limits.postgres.connection_limit == 10
+    assert (limits.pgbouncer.pool_size, limits.pgbouncer.pool_mode) == (5, "transaction")
+    assert limits.proxy.queue_timeout.milliseconds == 1000 and limits.proxy.burst is None
+    declared = TierPolicy.model_validate({"apiVersion": "dynabase.io/v1alpha1", "kind": "TierPolicy",
+                                          "metadata": {"name": "p"},
+                                          "spec": {"tiers": {"T": {"rank": 0, "proxy": {"qps": 7}}}}})
+    assert merge("T", 0, [declared.spec.tiers["T"]]).proxy.burst == 7  # burst defaults to qps
 
 
 @pytest.mark.parametrize(

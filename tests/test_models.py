@@ -59,6 +59,31 @@ def test_each_bad_input_class_names_field_value_and_fix(manifest: str, where: st
         assert fragment in text
 
 
+@pytest.mark.parametrize(
+    ("section", "line", "fragment"),
+    [
+        ("postgres", "workMem: 4GB", "workMem must be between 64kB and 2GB (got 4GB); for example workMem: 4MB"),
+        ("postgres", "tempBuffers: 1B", "tempBuffers must be between 800kB and"),
+        ("postgres", "statementTimeout: 30d", "statementTimeout must be at most 2147483647ms (got 30d)"),
+        ("postgres", "workMem: ' 4MB'", "' 4MB' is not a size"),  # taken as written, as the CRD does
+        ("pgbouncer", "poolSize: '5'", "valid integer"),  # strict like the apiserver
+        ("pgbouncer", "poolSize: true", "valid integer"),
+        ("railway", "sleepApplication: 'yes'", "valid boolean"),
+        ("billing", "baseFeeUSD: .inf", "finite number"),
+        ("redis", "maxKeys: 9223372036854775808", "not a 64-bit integer"),
+    ],
+)
+def test_limits_are_refused_as_the_crd_refuses_them(section: str, line: str, fragment: str) -> None:
+    errors = errors_of(policy("p", f"FREE:\n  rank: 0\n  {section}:\n    {line}\n"))
+    assert len(errors) == 1 and fragment in errors[0], errors
+
+
+def test_a_whole_number_written_as_a_float_is_an_integer() -> None:
+    manifest = policy("p", "FREE:\n  rank: 0\n  pgbouncer:\n    poolSize: 5.0\n")
+    (document,) = parse_documents(manifest, "m.yaml").documents
+    assert document.resource.spec.tiers["FREE"].pgbouncer.pool_size == 5  # type: ignore[union-attr]
+
+
 def test_error_points_at_the_offending_line() -> None:
     manifest = policy("p", "FREE:\n  rank: 0\n  proxy:\n    qps: 100\n    burst: 10\n")
     burst_line = [line.strip() for line in manifest.splitlines()].index("burst: 10") + 1

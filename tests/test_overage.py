@@ -15,7 +15,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from dynabase.backends.proxy import ProxyBackend
-from dynabase.desired.effective import DEFAULTS, BillingEffective
+from dynabase.desired.effective import BillingEffective
 from dynabase.desired.overage import decide_overage
 from dynabase.desired.proxy import LIMITS_KEY
 from dynabase.engine import metrics
@@ -32,8 +32,8 @@ NOW = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.UTC)
 
 
 def billing(included: float = 5.0, overage: float | None = None, restriction: str = "qps") -> BillingEffective:
-    return BillingEffective(**{**DEFAULTS["billing"], "included_vcpu_hours": included,
-                               "overage_per_vcpu_hour_usd": overage, "overage_restriction": restriction})
+    return BillingEffective(included_vcpu_hours=included, overage_per_vcpu_hour_usd=overage,
+                            overage_restriction=restriction)
 
 
 def test_thresholds_soft_period_and_restriction() -> None:

@@ -28,7 +28,6 @@ from typing import Any
 import psycopg
 import redis.asyncio as aioredis
 
-from dynabase.desired.effective import DEFAULTS
 from dynabase.desired.pgbouncer import (
     AGENTS_KEY,
     CHANNEL,
@@ -48,9 +47,7 @@ SERVICE_USER = "postgres"
 
 
 def default_pool() -> PoolSettings:
-    d = DEFAULTS["pgbouncer"]
-    return PoolSettings(d["pool_size"], d["reserve_pool_size"], d["max_db_connections"],
-                        d["max_user_connections"], d["pool_mode"])
+    return PoolSettings()  # the declared defaults
 
 
 @dataclass
@@ -192,14 +189,7 @@ class PgBouncerAgent:
         mismatches: list[str] = []
         with self._admin(pool) as conn:
             config = {row[0]: row[1] for row in conn.execute("SHOW CONFIG").fetchall()}
-            expect = {
-                "default_pool_size": str(settings.pool_size),
-                "reserve_pool_size": str(settings.reserve_pool_size),
-                "max_db_connections": str(settings.max_db_connections),
-                "max_user_connections": str(settings.max_user_connections),
-                "pool_mode": settings.pool_mode,
-            }
-            for key, value in expect.items():
+            for key, value in settings.pairs("ini"):
                 if config.get(key) != value:
                     mismatches.append(f"{key} is {config.get(key)!r}, want {value!r}")
             cursor = conn.execute("SHOW DATABASES")
@@ -211,9 +201,8 @@ class PgBouncerAgent:
             if row is None:
                 mismatches.append(f"database {route.database} missing")
                 continue
-            for column, want in (("pool_size", route.settings.pool_size), ("pool_mode", route.settings.pool_mode),
-                                 ("max_connections", route.settings.max_db_connections)):
-                if str(row.get(column)) != str(want):
+            for column, want in route.settings.pairs("shown"):
+                if str(row.get(column)) != want:
                     mismatches.append(f"{route.database}.{column} is {row.get(column)!r}, want {want!r}")
         return PoolReport(pool.port, not mismatches, mismatches)
 

@@ -1,5 +1,10 @@
 """Effective limits: the tier from the referenced TierPolicy, the tenant's
-overrides merged field by field on top, and documented defaults beneath both."""
+overrides merged field by field on top, and documented defaults beneath both.
+
+The section types and their defaults are declared in ``dynabase.spec.limits``;
+the rules over several limits are checked here again on the merged result,
+with the same predicates the CRD and ``dynabase validate`` use.
+"""
 
 from __future__ import annotations
 
@@ -8,48 +13,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynabase.spec import TenantDatabase, TierLimits, TierPolicy
-from dynabase.spec.tier import POOL_FITS_MESSAGE
-from dynabase.spec.units import ByteSize, Duration
+from dynabase.spec.limit import resolve
+from dynabase.spec.limits import (
+    CROSS_RULES,
+    FIELDS,
+    SECTION_TYPES,
+    BillingEffective,
+    LifecycleEffective,
+    Limits,
+    MongoEffective,
+    PgBouncerEffective,
+    PostgresEffective,
+    ProxyEffective,
+    RailwayEffective,
+    RedisEffective,
+)
 
-SECTIONS = ("postgres", "pgbouncer", "proxy", "redis", "mongo", "lifecycle", "railway", "billing")
-
-# The one table of defaults; field descriptions in dynabase.spec.tier say the same.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "postgres": {
-        "connection_limit": 10,
-        "statement_timeout": None,
-        "idle_in_transaction_session_timeout": None,
-        "idle_session_timeout": None,
-        "work_mem": None,
-        "temp_buffers": None,
-        "temp_file_limit": None,
-    },
-    "pgbouncer": {
-        "pool_size": 5,
-        "reserve_pool_size": 0,
-        "max_db_connections": 0,
-        "max_user_connections": 0,
-        "pool_mode": "transaction",
-    },
-    "proxy": {
-        "max_connections": 100,
-        "qps": None,
-        "burst": None,
-        "queue_timeout": Duration.of_ms(1000),
-        "over_limit": "throttle",
-    },
-    "redis": {"max_memory": None, "max_keys": None},
-    "mongo": {"max_connections": None},
-    "lifecycle": {"idle_timeout": None, "downgrade_grace_period": Duration.of_ms(15 * 60_000)},
-    "railway": {
-        "replicas": 1, "sleep_application": False, "v_cpus": None, "memory_gb": None,
-        "restart_policy": None, "restart_policy_max_retries": None,
-    },
-    "billing": {
-        "base_fee_usd": 0.0, "included_vcpu_hours": 0.0, "overage_per_vcpu_hour_usd": None,
-        "soft_overage_period": Duration.of_ms(7 * 86_400_000), "overage_restriction": "qps", "restricted_qps": 1,
-    },
-}
+__all__ = [
+    "BillingEffective", "EffectiveLimits", "LifecycleEffective", "MongoEffective", "PgBouncerEffective",
+    "PostgresEffective", "ProxyEffective", "RailwayEffective", "RedisEffective", "ResolveError",
+    "effective_limits", "find_policy", "merge",
+]
 
 
 class ResolveError(ValueError):
@@ -61,140 +45,40 @@ class ResolveError(ValueError):
         self.message = message
 
 
-@dataclass(frozen=True)
-class PostgresEffective:
-    connection_limit: int
-    statement_timeout: Duration | None
-    idle_in_transaction_session_timeout: Duration | None
-    idle_session_timeout: Duration | None
-    work_mem: ByteSize | None
-    temp_buffers: ByteSize | None
-    temp_file_limit: ByteSize | None
-
-
-@dataclass(frozen=True)
-class PgBouncerEffective:
-    pool_size: int
-    reserve_pool_size: int
-    max_db_connections: int
-    max_user_connections: int
-    pool_mode: str
-
-
-@dataclass(frozen=True)
-class ProxyEffective:
-    max_connections: int
-    qps: int | None
-    burst: int | None
-    queue_timeout: Duration
-    over_limit: str
-
-
-@dataclass(frozen=True)
-class RedisEffective:
-    max_memory: ByteSize | None
-    max_keys: int | None
-
-
-@dataclass(frozen=True)
-class MongoEffective:
-    max_connections: int | None
-
-
-@dataclass(frozen=True)
-class LifecycleEffective:
-    idle_timeout: Duration | None
-    downgrade_grace_period: Duration
-
-
-@dataclass(frozen=True)
-class RailwayEffective:
-    replicas: int
-    sleep_application: bool
-    v_cpus: float | None
-    memory_gb: float | None
-    restart_policy: str | None
-    restart_policy_max_retries: int | None
-
-
-@dataclass(frozen=True)
-class BillingEffective:
-    base_fee_usd: float
-    included_vcpu_hours: float
-    overage_per_vcpu_hour_usd: float | None
-    soft_overage_period: Duration
-    overage_restriction: str
-    restricted_qps: int
-
-
-@dataclass(frozen=True)
-class EffectiveLimits:
+@dataclass(frozen=True, kw_only=True)
+class EffectiveLimits(Limits):
     tier: str
     rank: int
-    postgres: PostgresEffective
-    pgbouncer: PgBouncerEffective
-    proxy: ProxyEffective
-    redis: RedisEffective
-    mongo: MongoEffective
-    lifecycle: LifecycleEffective
-    railway: RailwayEffective
-    billing: BillingEffective
-
-
-_SECTION_TYPES: dict[str, type] = {
-    "postgres": PostgresEffective,
-    "pgbouncer": PgBouncerEffective,
-    "proxy": ProxyEffective,
-    "redis": RedisEffective,
-    "mongo": MongoEffective,
-    "lifecycle": LifecycleEffective,
-    "railway": RailwayEffective,
-    "billing": BillingEffective,
-}
 
 
 def _declared(limits: TierLimits | None, section: str) -> dict[str, Any]:
-    if limits is None:
-        return {}
-    model = getattr(limits, section)
+    model = getattr(limits, section, None) if limits is not None else None
     if model is None:
         return {}
-    return {name: getattr(model, name) for name in type(model).model_fields if getattr(model, name) is not None}
+    return {f.name: getattr(model, f.name) for f in FIELDS[section] if getattr(model, f.name) is not None}
 
 
 def merge(tier_name: str, rank: int, layers: list[TierLimits | None]) -> EffectiveLimits:
     """Later layers win field by field; defaults fill what no layer declares."""
     sections: dict[str, Any] = {}
-    for section in SECTIONS:
-        values = dict(DEFAULTS[section])
+    for section, section_type in SECTION_TYPES.items():
+        declared: dict[str, Any] = {}
         for layer in layers:
-            values.update(_declared(layer, section))
-        sections[section] = _SECTION_TYPES[section](**values)
-    proxy: ProxyEffective = sections["proxy"]
-    if proxy.qps is not None and proxy.burst is None:
-        sections["proxy"] = ProxyEffective(**{**vars(proxy), "burst": proxy.qps})
+            declared.update(_declared(layer, section))
+        sections[section] = resolve(section_type, FIELDS[section], declared)
     limits = EffectiveLimits(tier=tier_name, rank=rank, **sections)
     _check(limits)
     return limits
 
 
 def _check(limits: EffectiveLimits) -> None:
-    pg, pool, proxy = limits.postgres, limits.pgbouncer, limits.proxy
-    if pg.connection_limit >= 0 and pool.pool_size + pool.reserve_pool_size > pg.connection_limit:
-        raise ResolveError(
-            "InvalidLimits",
-            f"tier {limits.tier} with overrides: pool {pool.pool_size}+{pool.reserve_pool_size} > "
-            f"connectionLimit {pg.connection_limit}: {POOL_FITS_MESSAGE}",
-        )
-    if proxy.qps is not None and proxy.burst is not None and proxy.burst < proxy.qps:
-        raise ResolveError(
-            "InvalidLimits",
-            f"tier {limits.tier} with overrides: burst {proxy.burst} < qps {proxy.qps}; raise burst",
-        )
-    if pg.work_mem is not None and not 64 * 1024 <= pg.work_mem.bytes <= 2 * 1024**3:
-        raise ResolveError("InvalidLimits", f"workMem {pg.work_mem} is outside 64kB..2GB")
-    if pg.temp_buffers is not None and pg.temp_buffers.bytes < 800 * 1024:
-        raise ResolveError("InvalidLimits", f"tempBuffers {pg.temp_buffers} is below 800kB")
+    for rule in CROSS_RULES:
+        values = rule.values_in(limits if rule.at is None else getattr(limits, rule.at))
+        if not rule.holds(*values):
+            raise ResolveError(
+                "InvalidLimits",
+                f"tier {limits.tier} with overrides: {rule.explain(values)}",
+            )
 
 
 def find_policy(tenant: TenantDatabase, policies: dict[str, TierPolicy]) -> TierPolicy:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from dynabase.spec.limits import ALL_FIELDS
+from dynabase.spec.units import ByteSize, Duration
+
 from .effective import EffectiveLimits
 
 ORG_DB = "dynabase"
@@ -14,9 +17,6 @@ USAGE = "tenantUsage"
 def org_document(tenant_key: str, org_id: str, database: str, limits: EffectiveLimits,
                  policy: str, policy_generation: int | None) -> dict[str, Any]:
     """Everything but updatedAt, which is set only when something else changed."""
-    def size(value: Any) -> Any:
-        return None if value is None else value.text
-
     return {
         "_id": tenant_key,
         "orgId": org_id,
@@ -24,19 +24,25 @@ def org_document(tenant_key: str, org_id: str, database: str, limits: EffectiveL
         "tier": limits.tier,
         "tierPolicy": policy,
         "policyGeneration": policy_generation,
-        "limits": {
-            "postgres": {"connectionLimit": limits.postgres.connection_limit,
-                         "statementTimeoutMs": limits.postgres.statement_timeout.milliseconds
-                         if limits.postgres.statement_timeout else None},
-            "proxy": {"maxConnections": limits.proxy.max_connections, "qps": limits.proxy.qps,
-                      "burst": limits.proxy.burst},
-            "redis": {"maxKeys": limits.redis.max_keys, "maxMemory": size(limits.redis.max_memory)},
-            "mongo": {"maxConnections": limits.mongo.max_connections},
-            "billing": {"baseFeeUSD": limits.billing.base_fee_usd,
-                        "includedVcpuHours": limits.billing.included_vcpu_hours,
-                        "overagePerVcpuHourUSD": limits.billing.overage_per_vcpu_hour_usd},
-        },
+        "limits": org_limits(limits),
     }
+
+
+def org_limits(limits: EffectiveLimits) -> dict[str, dict[str, Any]]:
+    """The limits declared with an org key, by section: durations in milliseconds, sizes as written."""
+    out: dict[str, dict[str, Any]] = {}
+    for declared in ALL_FIELDS:
+        if declared.limit.org is not None:
+            out.setdefault(declared.section, {})[declared.limit.org] = _org_value(declared.read(limits))
+    return out
+
+
+def _org_value(value: object) -> object:
+    if isinstance(value, Duration):
+        return value.milliseconds
+    if isinstance(value, ByteSize):
+        return value.text
+    return value
 
 
 def org_changed(current: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:

@@ -17,6 +17,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from dynabase.spec.limit import PgBouncerPlace
+from dynabase.spec.limits import FIELDS
+
 from .effective import PgBouncerEffective
 
 # Where the engine publishes the layout and agents report back (Redis).
@@ -27,18 +30,38 @@ SEQ_KEY = "dynabase:pgbouncer:seq"
 DEFAULT_POOL = "_default"  # always present: a stable admin endpoint and a fallback pool
 
 
+_POOL_FIELDS = FIELDS["pgbouncer"]
+_POOL_NAMES = tuple(f.name for f in _POOL_FIELDS)
+
+
 @dataclass(frozen=True)
-class PoolSettings:
-    pool_size: int
-    reserve_pool_size: int
-    max_db_connections: int
-    max_user_connections: int
-    pool_mode: str
+class PoolSettings(PgBouncerEffective):
+    """A pool's settings: the effective pgbouncer limits of its tier or tenant (the same fields)."""
 
     @classmethod
     def of(cls, limits: PgBouncerEffective) -> PoolSettings:
-        return cls(limits.pool_size, limits.reserve_pool_size, limits.max_db_connections,
-                   limits.max_user_connections, limits.pool_mode)
+        return cls(**{name: getattr(limits, name) for name in _POOL_NAMES})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _POOL_NAMES}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PoolSettings:
+        # Keys unknown to this version are ignored and missing ones take their default,
+        # so agents and engines of neighbouring versions read each other's layouts.
+        return cls(**{name: raw[name] for name in _POOL_NAMES if name in raw})
+
+    def pairs(self, place: PgBouncerPlace) -> list[tuple[str, str]]:
+        """(key, value) for the [pgbouncer] section, a [databases] or [users] entry, or SHOW DATABASES."""
+        out = []
+        for declared in _POOL_FIELDS:
+            key = declared.limit.pgbouncer.key(place) if declared.limit.pgbouncer is not None else None
+            if key is not None:
+                out.append((key, str(getattr(self, declared.name))))
+        return out
+
+    def entry(self, place: PgBouncerPlace) -> str:
+        return " ".join(f"{key}={value}" for key, value in self.pairs(place))
 
 
 @dataclass(frozen=True)
@@ -61,11 +84,7 @@ class PgBouncerDesired:
     def to_dict(self) -> dict[str, Any]:
         # By hand rather than dataclasses.asdict: this runs over 10,000 routes per pass.
         def settings(p: PoolSettings | None) -> dict[str, Any] | None:
-            if p is None:
-                return None
-            return {"pool_size": p.pool_size, "reserve_pool_size": p.reserve_pool_size,
-                    "max_db_connections": p.max_db_connections, "max_user_connections": p.max_user_connections,
-                    "pool_mode": p.pool_mode}
+            return None if p is None else p.to_dict()
 
         return {
             "pools": {k: settings(v) for k, v in sorted(self.pools.items())},
@@ -91,10 +110,10 @@ class PgBouncerDesired:
     @classmethod
     def from_json(cls, text: str) -> PgBouncerDesired:
         raw = json.loads(text)
-        pools = {k: PoolSettings(**v) for k, v in raw.get("pools", {}).items()}
+        pools = {k: PoolSettings.from_dict(v) for k, v in raw.get("pools", {}).items()}
         routes = {}
         for k, v in raw.get("routes", {}).items():
-            settings = PoolSettings(**v["settings"]) if v.get("settings") else None
+            settings = PoolSettings.from_dict(v["settings"]) if v.get("settings") else None
             routes[k] = TenantRoute(v["database"], v["role"], v["pool"], settings, v.get("enabled", True))
         return cls(pools, routes, int(raw.get("seq", 0)))
 
@@ -129,15 +148,10 @@ def render_ini(desired: PgBouncerDesired, pool: str, port: int, config: AgentCon
     lines = ["; rendered by dynabase pgbouncer-agent; do not edit", "[databases]"]
     # Suspended tenants need no entry: their role is NOLOGIN, so auth_query refuses them.
     for route in desired.explicit_routes(pool):
-        own = route.settings or settings
-        lines.append(
-            f"{route.database} = {backend} pool_size={own.pool_size} reserve_pool={own.reserve_pool_size} "
-            f"max_db_connections={own.max_db_connections} pool_mode={own.pool_mode}"
-        )
+        lines.append(f"{route.database} = {backend} {(route.settings or settings).entry('database')}")
     lines.append(f"* = {backend}")
     user_lines = [
-        f"{r.role} = pool_mode={r.settings.pool_mode} max_user_connections={r.settings.max_user_connections}"
-        for r in desired.explicit_routes(pool) if r.settings is not None
+        f"{r.role} = {r.settings.entry('user')}" for r in desired.explicit_routes(pool) if r.settings is not None
     ]
     if user_lines:
         lines += ["", "[users]", *user_lines]
@@ -153,11 +167,7 @@ def render_ini(desired: PgBouncerDesired, pool: str, port: int, config: AgentCon
         f"auth_query = {config.auth_query}",
         f"admin_users = {config.admin_user}",
         f"stats_users = {config.admin_user}",
-        f"pool_mode = {settings.pool_mode}",
-        f"default_pool_size = {settings.pool_size}",
-        f"reserve_pool_size = {settings.reserve_pool_size}",
-        f"max_db_connections = {settings.max_db_connections}",
-        f"max_user_connections = {settings.max_user_connections}",
+        *(f"{key} = {value}" for key, value in settings.pairs("ini")),
         "max_client_conn = 10000",
         "server_idle_timeout = 60",
         "ignore_startup_parameters = extra_float_digits,options,application_name",
@@ -178,9 +188,8 @@ def plan_lines(old: PgBouncerDesired | None, new: PgBouncerDesired, database: st
     if after is None:
         return [f"remove route for {database}"] if before else []
     settings = after.settings or new.pools[after.pool]
-    text = (f"route {database} to pool {after.pool} (pool_size={settings.pool_size} "
-            f"reserve={settings.reserve_pool_size} max_db_connections={settings.max_db_connections} "
-            f"mode={settings.pool_mode}{'' if after.enabled else ', disabled'})")
+    text = (f"route {database} to pool {after.pool} ({settings.entry('database')}"
+            f"{'' if after.enabled else ', disabled'})")
     if before is None:
         return [text]
     return [f"{text}; was pool {before.pool}"]

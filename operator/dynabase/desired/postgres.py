@@ -12,18 +12,18 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dynabase.spec.limits import FIELDS
+from dynabase.spec.units import ByteSize, Duration
+
 from .effective import PostgresEffective
 from .scram import scram_verifier, verifier_matches
 from .sql import quote_ident, quote_literal
 
 MARKER_PREFIX = "dynabase:"
+# The limits declared with a role setting, by setting name.
+_ROLE_SETTINGS = {f.limit.role_setting: f.name for f in FIELDS["postgres"] if f.limit.role_setting}
 MANAGED_SETTINGS = (
-    "statement_timeout",
-    "idle_in_transaction_session_timeout",
-    "idle_session_timeout",
-    "work_mem",
-    "temp_buffers",
-    "temp_file_limit",
+    *_ROLE_SETTINGS,
     "default_transaction_read_only",  # set while a tenant over its included usage is restricted
 )
 # A tenant role is a plain login role; any of these would let it escape its tier.
@@ -64,14 +64,12 @@ def render_kilobytes(count_bytes: int) -> str:
 
 def role_settings(limits: PostgresEffective) -> dict[str, str]:
     out: dict[str, str] = {}
-    for name in ("statement_timeout", "idle_in_transaction_session_timeout", "idle_session_timeout"):
+    for setting, name in _ROLE_SETTINGS.items():
         value = getattr(limits, name)
-        if value is not None:
-            out[name] = render_duration_ms(value.milliseconds)
-    for name in ("work_mem", "temp_buffers", "temp_file_limit"):
-        value = getattr(limits, name)
-        if value is not None:
-            out[name] = render_kilobytes(value.bytes)
+        if isinstance(value, Duration):
+            out[setting] = render_duration_ms(value.milliseconds)
+        elif isinstance(value, ByteSize):
+            out[setting] = render_kilobytes(value.bytes)
     return out
 
 

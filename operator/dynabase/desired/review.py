@@ -10,36 +10,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dynabase.spec import TenantDatabase, TierPolicy
+from dynabase.spec.limit import LimitField
+from dynabase.spec.limits import ALL_FIELDS
 
 from .effective import EffectiveLimits, ResolveError, effective_limits, find_policy
 
-# (backend, label, how to read it from EffectiveLimits)
-FIELDS: tuple[tuple[str, str, str], ...] = (
-    ("postgres", "connections", "postgres.connection_limit"),
-    ("postgres", "statement timeout", "postgres.statement_timeout"),
-    ("postgres", "idle in transaction", "postgres.idle_in_transaction_session_timeout"),
-    ("postgres", "work_mem", "postgres.work_mem"),
-    ("pgbouncer", "pool size", "pgbouncer.pool_size"),
-    ("pgbouncer", "pool mode", "pgbouncer.pool_mode"),
-    ("proxy", "max connections", "proxy.max_connections"),
-    ("proxy", "queries/s", "proxy.qps"),
-    ("proxy", "burst", "proxy.burst"),
-    ("redis", "max keys", "redis.max_keys"),
-    ("redis", "max memory", "redis.max_memory"),
-    ("railway", "replicas", "railway.replicas"),
-    ("railway", "sleep when idle", "railway.sleep_application"),
-    ("railway", "vCPUs", "railway.v_cpus"),
-    ("railway", "memory GB", "railway.memory_gb"),
-    ("railway", "restart policy", "railway.restart_policy"),
-)
+# The limits a review shows: those declared with a review label, in declaration order.
+FIELDS: tuple[LimitField, ...] = tuple(f for f in ALL_FIELDS if f.limit.review is not None)
 
 
-def _read(limits: EffectiveLimits, path: str) -> str:
-    section, name = path.split(".")
-    value = getattr(getattr(limits, section), name)
-    if value is None:
-        return "unlimited" if name in {"qps", "max_keys", "max_memory"} else "not set"
-    return str(value)
+def _read(limits: EffectiveLimits, declared: LimitField) -> str:
+    return declared.show(declared.read(limits))
+
+
+def _rows(before: EffectiveLimits | None, after: EffectiveLimits) -> list[tuple[str, str, str, str]]:
+    """(backend, label, before, after) for each shown limit; all of them for a new tenant."""
+    rows = [(f.section, str(f.limit.review), "-" if before is None else _read(before, f), _read(after, f))
+            for f in FIELDS]
+    return rows if before is None else [row for row in rows if row[2] != row[3]]
 
 
 @dataclass
@@ -80,11 +68,9 @@ def review(base: tuple[dict[str, TierPolicy], list[TenantDatabase]],
             except ResolveError:
                 before = None
         if before is None:
-            out.append(TenantReview(key, None, after.tier, "new",
-                                    [(b, f, "-", _read(after, p)) for b, f, p in FIELDS]))
+            out.append(TenantReview(key, None, after.tier, "new", _rows(None, after)))
             continue
-        changes = [(b, f, _read(before, p), _read(after, p)) for b, f, p in FIELDS
-                   if _read(before, p) != _read(after, p)]
+        changes = _rows(before, after)
         if before.tier != after.tier:
             kind = "upgrade" if after.rank > before.rank else "downgrade" if after.rank < before.rank else "lateral"
         else:

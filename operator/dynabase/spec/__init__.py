@@ -8,25 +8,12 @@ from .tenant import (
     TenantDatabaseSpec,
     TenantDatabaseStatus,
 )
-from .tier import (
-    Billing,
-    LifecycleLimits,
-    MongoLimits,
-    PgBouncerLimits,
-    PostgresLimits,
-    ProxyLimits,
-    RailwayLimits,
-    RedisLimits,
-    Tier,
-    TierLimits,
-    TierPolicySpec,
-)
+from .tier import SECTION_MODELS, Tier, TierLimits, TierPolicySpec
 from .units import ByteSize, Duration
 
 __all__ = [
-    "API_VERSION", "CONDITION_TYPES", "GROUP", "KINDS", "VERSION",
-    "Billing", "ByteSize", "Condition", "Duration", "LifecycleLimits", "Metadata", "MongoLimits",
-    "PgBouncerLimits", "PostgresLimits", "ProxyLimits", "RailwayLimits", "RedisLimits", "Resource",
+    "API_VERSION", "CONDITION_TYPES", "GROUP", "KINDS", "SECTION_MODELS", "VERSION",
+    "ByteSize", "Condition", "Duration", "Metadata", "Resource",
     "SecretRef", "TenantDatabase", "TenantDatabaseSpec", "TenantDatabaseStatus", "Tier",
     "TierLimits", "TierPolicy", "TierPolicySpec",
 ]

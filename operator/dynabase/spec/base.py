@@ -26,6 +26,19 @@ class Rule:
     holds: Callable[[Any], bool]
     field_path: str | None = None  # reported path, relative to the model
 
+    def cel_validation(self) -> dict[str, str]:
+        entry = {"rule": self.cel, "message": self.message}
+        if self.field_path:
+            entry["fieldPath"] = self.field_path
+        return entry
+
+
+def _schema_rules(schema: dict[str, Any], model: type[Any]) -> None:
+    # The model's rules travel with its JSON schema; crd.structural keeps them where the model sits.
+    rules = [rule.cel_validation() for rule in getattr(model, "rules", ())]
+    if rules:
+        schema["x-kubernetes-validations"] = rules
+
 
 class Model(BaseModel):
     model_config = ConfigDict(
@@ -33,6 +46,7 @@ class Model(BaseModel):
         populate_by_name=True,
         extra="forbid",
         frozen=True,
+        json_schema_extra=_schema_rules,
     )
 
     rules: ClassVar[tuple[Rule, ...]] = ()
@@ -45,13 +59,3 @@ class Model(BaseModel):
                 field = (rule.field_path or "").lstrip(".")
                 raise PydanticCustomError("rule", rule.message, {"field": field} if field else None)
         return self
-
-    @classmethod
-    def cel_validations(cls) -> list[dict[str, str]]:
-        out = []
-        for rule in cls.rules:
-            entry = {"rule": rule.cel, "message": rule.message}
-            if rule.field_path:
-                entry["fieldPath"] = rule.field_path
-            out.append(entry)
-        return out

@@ -2,7 +2,8 @@
 
 Pydantic emits JSON Schema (with $ref, anyOf-null, exclusive bounds as numbers);
 Kubernetes wants a *structural* OpenAPI v3 schema. ``structural`` does that
-conversion, and the CEL rules of each model are attached where the model sits.
+conversion. CEL rules arrive inside the JSON schema: a model's rules on its node
+(``base.Model``), a duration's or size's format and a limit's range on the field.
 """
 
 from __future__ import annotations
@@ -12,21 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import tenant, tier
-from .base import Model
+from . import tenant
 from .resources import GROUP, VERSION
 from .tenant import TenantDatabaseSpec, TenantDatabaseStatus
 from .tier import TierPolicySpec
 
-# Models whose CEL rules are attached to their schema node, by model name.
-_RULED_MODELS: tuple[type[Model], ...] = (
-    tier.PostgresLimits,
-    tier.ProxyLimits,
-    tier.TierLimits,
-    tier.Tier,
-    tier.TierPolicySpec,
-    tenant.TenantDatabaseSpec,
-)
 _KEEP_KEYS = {
     "type", "properties", "items", "additionalProperties", "required", "description",
     "enum", "pattern", "minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems",
@@ -39,19 +30,13 @@ def _json_schema(model: type[BaseModel]) -> dict[str, Any]:
     return model.model_json_schema(by_alias=True, mode="validation", ref_template="#/$defs/{model}")
 
 
-def structural(
-    schema: dict[str, Any], defs: dict[str, Any], *, keep_defaults: bool, model_name: str | None = None
-) -> dict[str, Any]:
-    """Turn one pydantic JSON-schema node into a structural OpenAPI v3 node.
-
-    ``model_name`` is set only where the node *is* a model (the root or a $ref
-    target): that is where the model's CEL rules belong.
-    """
+def structural(schema: dict[str, Any], defs: dict[str, Any], *, keep_defaults: bool) -> dict[str, Any]:
+    """Turn one pydantic JSON-schema node into a structural OpenAPI v3 node."""
     node = copy.deepcopy(schema)
     if "$ref" in node:
         name = node.pop("$ref").rsplit("/", 1)[-1]
         merged = {**defs[name], **node}
-        return structural(merged, defs, keep_defaults=keep_defaults, model_name=name)
+        return structural(merged, defs, keep_defaults=keep_defaults)
     if "anyOf" in node:
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         if len(options) != 1:
@@ -61,6 +46,10 @@ def structural(
             inner["description"] = node["description"]
         if keep_defaults and node.get("default") is not None:
             inner["default"] = node["default"]
+        # The type's own rules (a duration's format) first, then the field's (its range).
+        rules = [*inner.get("x-kubernetes-validations", []), *node.get("x-kubernetes-validations", [])]
+        if rules:
+            inner["x-kubernetes-validations"] = rules
         return inner
     if "exclusiveMinimum" in node:
         node["minimum"] = node.pop("exclusiveMinimum")
@@ -88,23 +77,13 @@ def structural(
         out["items"] = structural(out["items"], defs, keep_defaults=keep_defaults)
     if out.get("format") == "date-time":
         out["type"] = "string"
-    rules = _rules_for(model_name)
-    if rules:
-        out["x-kubernetes-validations"] = rules
     return out
-
-
-def _rules_for(model_name: str | None) -> list[dict[str, str]]:
-    for model in _RULED_MODELS:
-        if model.__name__ == model_name:
-            return model.cel_validations()
-    return []
 
 
 def _object_schema(model: type[BaseModel], *, keep_defaults: bool) -> dict[str, Any]:
     raw = _json_schema(model)
     defs = raw.pop("$defs", {})
-    return structural(raw, defs, keep_defaults=keep_defaults, model_name=model.__name__)
+    return structural(raw, defs, keep_defaults=keep_defaults)
 
 
 def _status_schema() -> dict[str, Any]:

@@ -1,216 +1,112 @@
 """TierPolicy: the named tiers (FREE, STARTER, PRO, ENTERPRISE …) and their limits.
 
-Every limit is optional. ``None`` means "not declared here", which matters for
-overrides: a tenant's override is merged field by field over its tier, and the
-documented default applies only where neither declares a value (see
+The limit models are generated from the declarations in ``dynabase.spec.limits``.
+Every limit is optional here: ``None`` means "not declared here", which matters
+for overrides: a tenant's override is merged field by field over its tier, and
+the documented default applies only where neither declares a value (see
 ``dynabase.desired.effective``). Defaults are therefore *not* written into the
 CRD schema; the apiserver would otherwise fill them into overrides too.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Literal
+import types
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import Field
+from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 
 from .base import Model, Rule
+from .limit import LimitField
+from .limits import CROSS_RULES, FIELDS, SECTION_TYPES
 from .units import ByteSize, Duration
 
 TIER_NAME_PATTERN = r"^[A-Z][A-Z0-9_]{0,31}$"
 MAX_TIERS = 32
 
-PoolMode = Literal["session", "transaction", "statement"]
-OverLimit = Literal["throttle", "reject"]
-OverageRestriction = Literal["qps", "readOnly"]
-RestartPolicy = Literal["ALWAYS", "ON_FAILURE", "NEVER"]
+
+class LimitsModel(Model):
+    """Base of the generated limit models (a section's, and TierLimits)."""
 
 
-class PostgresLimits(Model):
-    connection_limit: int | None = Field(
-        None, ge=-1, le=10_000,
-        description="CONNECTION LIMIT of the tenant's login role; -1 means unlimited. Default 10.",
-    )
-    statement_timeout: Duration | None = Field(
-        None, description="statement_timeout set on the tenant role. Default: not set (server default)."
-    )
-    idle_in_transaction_session_timeout: Duration | None = Field(
-        None, description="idle_in_transaction_session_timeout on the tenant role. Default: not set."
-    )
-    idle_session_timeout: Duration | None = Field(
-        None, description="idle_session_timeout on the tenant role. Default: not set."
-    )
-    work_mem: ByteSize | None = Field(
-        None, description="work_mem on the tenant role (64kB to 2GB). Default: not set."
-    )
-    temp_buffers: ByteSize | None = Field(
-        None, description="temp_buffers on the tenant role (at least 800kB). Default: not set."
-    )
-    temp_file_limit: ByteSize | None = Field(
-        None, description="temp_file_limit on the tenant role. Default: not set (unlimited)."
-    )
-
-    rules = (
-        Rule(
-            cel="!has(self.workMem) || (self.workMem.matches('^[0-9]+(kB|KB|KiB|MB|MiB|GB|GiB)$'))",
-            message="workMem must be between 64kB and 2GB, written in kB, MB or GB, "
-            "for example workMem: 4MB",
-            holds=lambda m: m.work_mem is None or 64 * 1024 <= m.work_mem.bytes <= 2 * 1024**3,
-            field_path=".workMem",
-        ),
-        Rule(
-            cel="!has(self.tempBuffers) || !self.tempBuffers.matches('^[0-9]+B$')",
-            message="tempBuffers must be at least 800kB, for example tempBuffers: 8MB",
-            holds=lambda m: m.temp_buffers is None or m.temp_buffers.bytes >= 800 * 1024,
-            field_path=".tempBuffers",
-        ),
-    )
+INT64 = (-(2**63), 2**63 - 1)  # the apiserver holds no other integers (and cannot state this bound)
 
 
-class PgBouncerLimits(Model):
-    pool_size: int | None = Field(
-        None, ge=1, le=1000, description="Server connections per tenant pool. Default 5."
-    )
-    reserve_pool_size: int | None = Field(
-        None, ge=0, le=1000, description="Extra server connections under load. Default 0."
-    )
-    max_db_connections: int | None = Field(
-        None, ge=0, le=10_000, description="Cap on server connections to the tenant database; 0 = none. Default 0."
-    )
-    max_user_connections: int | None = Field(
-        None, ge=0, le=10_000, description="Cap on server connections of the tenant role; 0 = none. Default 0."
-    )
-    pool_mode: PoolMode | None = Field(None, description="session, transaction or statement. Default transaction.")
+def _whole_number(value: Any) -> Any:
+    # The apiserver takes 5.0 for an integer field; strings and booleans it refuses, and so do we.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-class ProxyLimits(Model):
-    max_connections: int | None = Field(
-        None, ge=1, le=100_000, description="Client connections per tenant through the proxy. Default 100."
-    )
-    qps: int | None = Field(
-        None, ge=1, le=1_000_000,
-        description="Queries per second per tenant over all proxy replicas. Absent = unlimited.",
-    )
-    burst: int | None = Field(
-        None, ge=1, le=10_000_000, description="Bucket depth in queries; at least qps. Default = qps."
-    )
-    queue_timeout: Duration | None = Field(
-        None, description="How long a throttled query may wait before it is rejected. Default 1s."
-    )
-    over_limit: OverLimit | None = Field(
-        None, description="throttle (delay up to queueTimeout) or reject at once. Default throttle."
-    )
-
-    rules = (
-        Rule(
-            cel="!has(self.burst) || !has(self.qps) || self.burst >= self.qps",
-            message="burst must be at least qps (a smaller bucket throttles traffic that is "
-            "within the limit); raise burst or remove it to default to qps",
-            holds=lambda m: m.burst is None or m.qps is None or m.burst >= m.qps,
-            field_path=".burst",
-        ),
-    )
+def _int64(value: int | None) -> int | None:
+    if value is not None and not INT64[0] <= value <= INT64[1]:
+        raise PydanticCustomError("int64", "{value} is not a 64-bit integer; write a smaller number", {"value": value})
+    return value
 
 
-class RedisLimits(Model):
-    max_memory: ByteSize | None = Field(None, description="Memory for the tenant's keys. Absent = unlimited.")
-    max_keys: int | None = Field(None, ge=1, description="Number of keys under the tenant prefix. Absent = unlimited.")
+def _check_range(declared: LimitField, value: Duration | ByteSize | None) -> Duration | ByteSize | None:
+    if value is not None and not declared.in_range(value):
+        raise PydanticCustomError("rule", declared.range_message or "", {"value": value.text})
+    return value
 
 
-class MongoLimits(Model):
-    max_connections: int | None = Field(
-        None, ge=1, description="Advisory connection limit written to the org record. Absent = unlimited."
-    )
+def _description(declared: LimitField) -> str:
+    low, high = declared.limit.at_least, declared.limit.at_most
+    bounds = (f"Between {low} and {high}." if low and high else f"At least {low}." if low
+              else f"At most {high}." if high else "")
+    return " ".join(part for part in (declared.limit.description, bounds, declared.default_sentence()) if part)
 
 
-class LifecycleLimits(Model):
-    idle_timeout: Duration | None = Field(
-        None, description="Scale to zero after this long without queries. Absent = never."
-    )
-    downgrade_grace_period: Duration | None = Field(
-        None, description="How long a downgrade waits before limits are lowered. Default 15m."
-    )
+def _spec_field(declared: LimitField) -> tuple[Any, Any]:
+    """The optional pydantic field of one limit: None = not declared at this level."""
+    validators: list[Any] = []
+    extra: dict[str, Any] = {}
+    if declared.value_type is int:
+        validators += [BeforeValidator(_whole_number), AfterValidator(_int64)]
+    range_rule = declared.cel_range_rule()
+    if range_rule is not None:
+        validators.append(AfterValidator(functools.partial(_check_range, declared)))
+        extra["x-kubernetes-validations"] = [range_rule]
+    options: dict[str, Any] = {key: getattr(declared.limit, key) for key in ("ge", "gt", "le")
+                               if getattr(declared.limit, key) is not None}
+    if declared.value_type in (int, float, bool):
+        options["strict"] = True  # as in the apiserver: "5" or true is not a number
+    if declared.value_type is float:
+        options["allow_inf_nan"] = False  # JSON, and so the apiserver, has neither
+    if extra:
+        options["json_schema_extra"] = extra
+    annotation = Annotated[declared.value_type | None, *validators] if validators else declared.value_type | None
+    return annotation, Field(None, alias=declared.alias, description=_description(declared), **options)
 
 
-class RailwayLimits(Model):
-    replicas: int | None = Field(None, ge=0, le=50, description="Service replicas. Default 1.")
-    sleep_application: bool | None = Field(
-        None, description="Let Railway sleep the service when idle. Default false."
-    )
-    v_cpus: float | None = Field(
-        None, alias="vCPUs", gt=0, le=64, description="vCPU limit per replica. Absent = Railway's plan default."
-    )
-    memory_gb: float | None = Field(
-        None, alias="memoryGB", gt=0, le=256, description="Memory limit in GB per replica. Absent = plan default."
-    )
-    restart_policy: RestartPolicy | None = Field(
-        None, description="ALWAYS, ON_FAILURE or NEVER. Absent = leave the service's setting alone."
-    )
-    restart_policy_max_retries: int | None = Field(
-        None, ge=0, le=100, description="Restarts before giving up (ON_FAILURE). Absent = leave alone."
-    )
+def _model(name: str, doc: str, fields: dict[str, tuple[Any, Any]], rules: tuple[Rule, ...]) -> type[LimitsModel]:
+    def body(namespace: dict[str, Any]) -> None:
+        namespace.update({key: info for key, (_, info) in fields.items()})
+        namespace.update(__module__=__name__, __doc__=doc, rules=rules,
+                         __annotations__={key: annotation for key, (annotation, _) in fields.items()})
+
+    return types.new_class(name, (LimitsModel,), exec_body=body)
 
 
-class Billing(Model):
-    base_fee_usd: float | None = Field(None, alias="baseFeeUSD", ge=0, description="Monthly base fee. Default 0.")
-    included_vcpu_hours: float | None = Field(
-        None, ge=0, description="vCPU-hours included each month. Default 0."
-    )
-    overage_per_vcpu_hour_usd: float | None = Field(
-        None, alias="overagePerVcpuHourUSD", ge=0,
-        description="Price per vCPU-hour over the included amount. Absent = no overage sold.",
-    )
-    soft_overage_period: Duration | None = Field(
-        None, description="Without an overage price: how long a tenant may stay over its included usage "
-        "before it is restricted until the next month or an upgrade. Default 7d.",
-    )
-    overage_restriction: OverageRestriction | None = Field(
-        None, description="qps (lower the proxy's queries per second to restrictedQps) or readOnly "
-        "(default_transaction_read_only on the role). Default qps.",
-    )
-    restricted_qps: int | None = Field(
-        None, ge=1, le=1_000_000, description="Queries per second while restricted. Default 1.",
-    )
+def _section_model(section: str) -> type[LimitsModel]:
+    name = SECTION_TYPES[section].__name__.removesuffix("Effective") + "Limits"
+    rules = tuple(rule.as_rule() for rule in CROSS_RULES if rule.at == section)
+    return _model(name, f"The {section} limits a tier or an override declares.",
+                  {f.name: _spec_field(f) for f in FIELDS[section]}, rules)
 
 
-_POOL_FITS_CEL = (
-    "!has(self.postgres) || !has(self.postgres.connectionLimit) || self.postgres.connectionLimit < 0"
-    " || !has(self.pgbouncer) || !has(self.pgbouncer.poolSize)"
-    " || self.pgbouncer.poolSize + (has(self.pgbouncer.reservePoolSize) ? self.pgbouncer.reservePoolSize : 0)"
-    " <= self.postgres.connectionLimit"
-)
-POOL_FITS_MESSAGE = (
-    "pgbouncer.poolSize + reservePoolSize must not exceed postgres.connectionLimit, or PgBouncer "
-    "opens server connections Postgres refuses; lower the pool or raise the connection limit"
-)
+SECTION_MODELS: dict[str, type[LimitsModel]] = {section: _section_model(section) for section in FIELDS}
 
-
-def pool_fits(postgres: PostgresLimits | None, pgbouncer: PgBouncerLimits | None) -> bool:
-    if postgres is None or pgbouncer is None:
-        return True
-    if postgres.connection_limit is None or postgres.connection_limit < 0 or pgbouncer.pool_size is None:
-        return True
-    return pgbouncer.pool_size + (pgbouncer.reserve_pool_size or 0) <= postgres.connection_limit
-
-
-class TierLimits(Model):
-    """Every limit a tier declares; also the shape of a tenant's overrides."""
-
-    postgres: PostgresLimits | None = None
-    pgbouncer: PgBouncerLimits | None = None
-    proxy: ProxyLimits | None = None
-    redis: RedisLimits | None = None
-    mongo: MongoLimits | None = None
-    lifecycle: LifecycleLimits | None = None
-    railway: RailwayLimits | None = None
-    billing: Billing | None = None
-
-    rules = (
-        Rule(
-            cel=_POOL_FITS_CEL,
-            message=POOL_FITS_MESSAGE,
-            holds=lambda m: pool_fits(m.postgres, m.pgbouncer),
-        ),
+if TYPE_CHECKING:
+    # Generated below; nothing reads a section's fields statically (effective limits are typed).
+    TierLimits = LimitsModel
+else:
+    TierLimits = _model(
+        "TierLimits",
+        "Every limit a tier declares; also the shape of a tenant's overrides.",
+        {section: (model | None, Field(None)) for section, model in SECTION_MODELS.items()},
+        tuple(rule.as_rule() for rule in CROSS_RULES if rule.at is None),
     )
 
 

@@ -31,7 +31,7 @@ from dynabase.desired.cost import (
     UsageTotals,
     usage_by_tenant,
 )
-from dynabase.desired.effective import DEFAULTS, BillingEffective, ResolveError, effective_limits, merge
+from dynabase.desired.effective import BillingEffective, ResolveError, effective_limits, merge
 from dynabase.desired.mongo import rollup
 from dynabase.spec import TenantDatabase, TierPolicy
 
@@ -171,7 +171,7 @@ def resolve_inputs(usage: Mapping[str, tuple[UsageTotals, str | None]], policies
                 notes.append(f"{key}: metered but not declared; priced as tier {tier_name}")
         if billing is None:
             notes.append(f"{key}: tier '{tier_name or '?'}' not found in the manifests; priced at the defaults")
-            billing = BillingEffective(**DEFAULTS["billing"])
+            billing = BillingEffective()
         inputs.append(TenantInput(key, tier_name or "?", totals, billing, factor))
     return inputs, notes
 
