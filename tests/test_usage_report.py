@@ -135,6 +135,7 @@ def test_report_from_the_proxies_redis_hashes(stack: Stack, files: dict[str, Pat
     assert heavy_line.startswith("!") and "63.7%" in heavy_line
 
 
+@pytest.mark.mongo
 def test_report_from_mongo_tenant_usage_matches(stack: Stack, files: dict[str, Path],
                                                 capsys: pytest.CaptureFixture[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,6 +210,7 @@ async def test_sampler_measures_the_backend_that_burns_cpu(stack: Stack) -> None
     assert measured.get(before_db, 0.0) < 0.05, measured
 
 
+@pytest.mark.kube
 def test_calibration_against_railways_usage_query_raises_an_alert_and_an_event(
         stack: Stack, files: dict[str, Path], redis_usage: None, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

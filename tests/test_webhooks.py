@@ -184,6 +184,7 @@ def patch_tier(stack: Stack, namespace: str, name: str, tier: str) -> None:
     stack.kubectl("patch", "tdb", name, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"tier": tier}}))
 
 
+@pytest.mark.kube
 async def test_subscription_updates_patch_the_tier_and_are_timed(stack: Stack, namespace: str,
                                                                 receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace)
@@ -210,6 +211,7 @@ async def test_subscription_updates_patch_the_tier_and_are_timed(stack: Stack, n
           f"max {max(seconds) * 1000:.1f} ms over {len(seconds)}")
 
 
+@pytest.mark.kube
 async def test_replayed_event_does_not_act_twice(stack: Stack, namespace: str, receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace)
     event = subscription_event(org, "price_pro_monthly")
@@ -221,6 +223,7 @@ async def test_replayed_event_does_not_act_twice(stack: Stack, namespace: str, r
     assert declared(stack, namespace, name)["tier"] == "TEAM"
 
 
+@pytest.mark.kube
 async def test_bad_signatures_are_refused_and_change_nothing(stack: Stack, namespace: str,
                                                              receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace)
@@ -239,6 +242,7 @@ async def test_bad_signatures_are_refused_and_change_nothing(stack: Stack, names
     assert (status, body["outcome"]) == (200, "applied")
 
 
+@pytest.mark.kube
 async def test_stale_signature_timestamp_is_refused(stack: Stack, namespace: str, receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace)
     event = subscription_event(org, "price_pro_monthly")
@@ -249,6 +253,7 @@ async def test_stale_signature_timestamp_is_refused(stack: Stack, namespace: str
     assert status == 200 and declared(stack, namespace, name)["tier"] == "PRO"
 
 
+@pytest.mark.kube
 async def test_unknown_price_is_acknowledged_and_ignored(stack: Stack, namespace: str, receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace, "PRO")
     before = events_counted("ignored")
@@ -259,6 +264,7 @@ async def test_unknown_price_is_acknowledged_and_ignored(stack: Stack, namespace
     assert declared(stack, namespace, name)["tier"] == "PRO"
 
 
+@pytest.mark.kube
 async def test_deleted_subscription_falls_back_and_old_events_lose(stack: Stack, namespace: str,
                                                                    receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace)
@@ -276,6 +282,7 @@ async def test_deleted_subscription_falls_back_and_old_events_lose(stack: Stack,
     assert declared(stack, namespace, name)["tier"] == "FREE"
 
 
+@pytest.mark.kube
 async def test_ending_an_earlier_subscription_does_not_downgrade(stack: Stack, namespace: str,
                                                                  receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace)
@@ -291,6 +298,7 @@ async def test_ending_an_earlier_subscription_does_not_downgrade(stack: Stack, n
     assert declared(stack, namespace, name)["tier"] == "TEAM"
 
 
+@pytest.mark.kube
 async def test_org_without_tenant_gets_404_until_it_exists(stack: Stack, namespace: str, receiver: Receiver) -> None:
     suffix = uuid.uuid4().hex[:8]
     org = f"org-{suffix}"
@@ -303,6 +311,7 @@ async def test_org_without_tenant_gets_404_until_it_exists(stack: Stack, namespa
     assert declared(stack, namespace, f"t-{suffix}")["tier"] == "PRO"
 
 
+@pytest.mark.kube
 async def test_postgres_ledger_remembers_across_restarts(stack: Stack, namespace: str,
                                                          kube_api: client.ApiClient) -> None:
     name, org = new_tenant(stack, namespace)
