@@ -27,8 +27,8 @@ from dynabase.spec import TenantDatabase, TierPolicy
 
 from .conftest import Stack
 from .engine_helpers import FakeClock, make_engine
+from .events import WAIT_SECONDS, activity_recorded, ended, idle_in_postgres, subscribed, terminations
 from .proxy_helpers import running_proxy
-from .redis_events import WAIT_SECONDS, key_writes, subscribed
 
 POLICY = TierPolicy.model_validate({
     "apiVersion": "dynabase.io/v1alpha1", "kind": "TierPolicy", "metadata": {"name": "lifecycle"},
@@ -177,23 +177,12 @@ async def test_a_downgrade_drains_postgres_sessions_over_the_new_limit_idle_firs
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
 
-def terminations(conns: list[asyncpg.Connection]) -> list[asyncio.Future[None]]:
-    """One future per connection, done when asyncpg sees the server end it."""
-    loop = asyncio.get_running_loop()
-    futures: list[asyncio.Future[None]] = []
-    for conn in conns:
-        future: asyncio.Future[None] = loop.create_future()
-        conn.add_termination_listener(lambda _conn, f=future: f.done() or f.set_result(None))
-        futures.append(future)
-    return futures
-
-
 async def test_a_downgrade_drains_proxy_connections_over_the_new_cap(env: Env) -> None:
     hot = tenant("HOT")
     await env.reconcile(hot)
     await env.proxy_has(hot, lambda limits: limits.tier == "HOT")
     conns = [await env.proxied(hot) for _ in range(5)]
-    ended = terminations(conns)
+    gone = terminations(conns)
     in_tx = conns[0]
     await in_tx.execute("BEGIN")
     await in_tx.fetchval("SELECT 1")
@@ -204,10 +193,7 @@ async def test_a_downgrade_drains_proxy_connections_over_the_new_cap(env: Env) -
     try:
         # The proxy ends the connections over the cap as it takes the new limits in.
         await env.proxy_has(hot, lambda limits: limits.tier == "LOW")
-        while sum(f.done() for f in ended) < 3:
-            finished, _ = await asyncio.wait([f for f in ended if not f.done()], timeout=WAIT_SECONDS,
-                                             return_when=asyncio.FIRST_COMPLETED)
-            assert finished, f"{sum(f.done() for f in ended)} of the 3 connections over the cap were ended"
+        await ended(gone, 3)
         # Proxy cap 2: three of five ended, the one in a transaction kept, then the oldest idle one.
         assert [c.is_closed() for c in conns] == [False, False, True, True, True]
         await in_tx.execute("COMMIT")
@@ -220,36 +206,11 @@ async def test_a_downgrade_drains_proxy_connections_over_the_new_cap(env: Env) -
 
 async def last_query_recorded(env: Env, tenant: TenantDatabase) -> dt.datetime:
     """One query through the proxy; returns the time its usage flush recorded as the tenant's last activity."""
-    client = aioredis.Redis.from_url(env.stack.env["DYNABASE_REDIS_URL"], decode_responses=True)
-    before = dt.datetime.now(dt.UTC).timestamp()
-
-    async def recorded() -> bool:
-        score = await client.zscore(ACTIVITY_KEY, tenant.database_name)
-        return score is not None and score >= before
-
-    try:
-        async with key_writes(env.stack.env["DYNABASE_REDIS_URL"], ACTIVITY_KEY) as writes:
-            conn = await env.proxied(tenant)
-            assert await conn.fetchval("SELECT 1") == 1
-            await conn.close()
-            await writes.until(recorded, f"activity of {tenant.database_name}")
-        return dt.datetime.fromtimestamp(float(await client.zscore(ACTIVITY_KEY, tenant.database_name)), dt.UTC)
-    finally:
-        await client.aclose()
-
-
-async def idle_in_postgres(env: Env, role: str, seconds: float) -> None:
-    """The engine ends only sessions that Postgres' own clock shows idle for the idleTimeout (a session
-    that just woke the tenant is safe): wait for the time Postgres says is left, nothing more."""
-    conn = await asyncpg.connect(env.stack.env["DYNABASE_POSTGRES_DSN"])
-    try:
-        left = await conn.fetchval(
-            "SELECT extract(epoch FROM max(state_change) + make_interval(secs => $2) - now()) "
-            "FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'client backend'", role, seconds)
-    finally:
+    async with activity_recorded(env.stack.env["DYNABASE_REDIS_URL"], tenant.database_name) as recorded:
+        conn = await env.proxied(tenant)
+        assert await conn.fetchval("SELECT 1") == 1
         await conn.close()
-    if left is not None and left > 0:
-        await asyncio.sleep(float(left) + 0.01)
+    return dt.datetime.fromtimestamp(recorded[tenant.database_name], dt.UTC)
 
 
 async def gone_cold(env: Env, nap: TenantDatabase) -> TenantResult:
@@ -263,7 +224,7 @@ async def gone_cold(env: Env, nap: TenantDatabase) -> TenantResult:
     still = await env.reconcile(nap)
     assert still.status is not None and still.status.phase == "Active" and not still.cold  # within idleTimeout
     assert await env.sessions(nap.database_name) >= 1  # PgBouncer keeps a server connection
-    await idle_in_postgres(env, nap.database_name, 1.0)
+    await idle_in_postgres(env.stack.env["DYNABASE_POSTGRES_DSN"], nap.database_name, 1.0)
     env.clock.now = last_query + dt.timedelta(seconds=1.5)
     cold = await env.reconcile(nap)
     assert cold.status is not None and cold.status.phase == "Cold", cold.outcomes
