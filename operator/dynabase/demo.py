@@ -91,7 +91,7 @@ def _opened(count: int, refusal: str | None, most: int) -> str:
     return f"opened {count}, the next refused: {refusal}"
 
 
-async def _show_proxy(env: dict[str, str], port: int, seconds: float = 3.0) -> None:
+async def _show_proxy(env: dict[str, str], port: int, seconds: float = 5.0) -> None:
     """Each tenant's limits as the operator published them to the proxy, and what traffic measured."""
     import asyncpg
     import redis.asyncio as aioredis
@@ -123,14 +123,13 @@ async def _show_proxy(env: dict[str, str], port: int, seconds: float = 3.0) -> N
                 rejections.append(_refusal(exc))
         for c in held:
             await c.close()
-        first = sum(1 for t in finished if t < 1.0)
-        steady = sum(1 for t in finished if t >= 1.0) / (seconds - 1.0)
+        per_second = [sum(1 for t in finished if second <= t < second + 1) for second in range(int(seconds))]
         print(f"  {name} ({limits.tier}); published to the proxy: maxConnections {limits.max_connections}, "
               f"qps {limits.qps}, burst {limits.burst}, overLimit {limits.over_limit}, "
               f"queueTimeout {limits.queue_timeout_ms} ms")
         print(f"    connections through the proxy: {_opened(len(held), refusal, most)}")
-        print(f"    one client, SELECT 1 back to back for {seconds:.0f}s: {first} in the first second, then "
-              f"{steady:.1f} queries/s; {len(rejections)} rejected"
+        print(f"    one client sending SELECT 1 back to back, queries answered in each second: "
+              f"{', '.join(map(str, per_second))}; {len(rejections)} rejected"
               + (f" (first: {rejections[0]})" if rejections else ""))
 
 
@@ -221,11 +220,14 @@ def _pool_line(env: dict[str, str], database: str, route: tuple[str, int] | None
         cursor = conn.execute("SHOW DATABASES")
         names = [d.name for d in cursor.description or []]
         rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        config = {str(key): str(value) for key, value, *_ in conn.execute("SHOW CONFIG").fetchall()}
     row = next((r for r in rows if r["name"] == database), None)
-    if row is None:
-        return f"pool {pool} on port {port} does not list {database}"
-    return (f"pool {pool} on port {port} (SHOW DATABASES): pool_size {row['pool_size']}, "
-            f"pool_mode {row['pool_mode']}, max_db_connections {row['max_connections']}")
+    if row is not None:
+        return (f"pool {pool} on port {port}, its own entry (SHOW DATABASES): pool_size {row['pool_size']}, "
+                f"pool_mode {row['pool_mode']}, max_db_connections {row['max_connections']}")
+    return (f"pool {pool} on port {port}, served with the pool's settings (SHOW CONFIG): "
+            f"default_pool_size {config.get('default_pool_size')}, pool_mode {config.get('pool_mode')}, "
+            f"max_db_connections {config.get('max_db_connections')}")
 
 
 def run_demo(root: Path | None, *, keep: bool) -> int:
