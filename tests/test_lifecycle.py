@@ -8,9 +8,9 @@ import asyncio
 import datetime as dt
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -19,14 +19,15 @@ import redis.asyncio as aioredis
 
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.proxy import ProxyBackend
-from dynabase.desired.proxy import ACTIVITY_KEY, LIMITS_KEY, WAKE_CHANNEL
+from dynabase.desired.proxy import ACTIVITY_KEY, LIMITS_KEY, WAKE_CHANNEL, ProxyTenantLimits
 from dynabase.engine.reconciler import Engine, TenantResult
 from dynabase.engine.runtime import close_engine
-from dynabase.proxy.server import COLD_STARTS
+from dynabase.proxy.server import COLD_STARTS, Proxy
 from dynabase.spec import TenantDatabase, TierPolicy
 
 from .conftest import Stack
 from .engine_helpers import FakeClock, make_engine
+from .events import WAIT_SECONDS, activity_recorded, ended, idle_in_postgres, subscribed, terminations
 from .proxy_helpers import running_proxy
 
 POLICY = TierPolicy.model_validate({
@@ -51,6 +52,7 @@ class Env:
     clock: FakeClock
     secrets: Any
     port: int
+    proxy: Proxy
 
     async def reconcile(self, tenant: TenantDatabase) -> TenantResult:
         result = await self.engine.reconcile_all(POLICIES, [tenant])
@@ -67,6 +69,11 @@ class Env:
         return await asyncpg.connect(host="127.0.0.1", port=self.port, user=tenant.database_name,
                                      password=self.password(tenant), database=tenant.database_name,
                                      ssl=False, statement_cache_size=0)
+
+    async def proxy_has(self, tenant: TenantDatabase,
+                        check: Callable[[ProxyTenantLimits], bool]) -> ProxyTenantLimits:
+        """The proxy's limits for the tenant once it routes it under limits that pass check."""
+        return await asyncio.wait_for(self.proxy.serves(tenant.database_name, check), WAIT_SECONDS)
 
     async def sessions(self, role: str) -> int:
         conn = await asyncpg.connect(self.stack.env["DYNABASE_POSTGRES_DSN"])
@@ -101,8 +108,8 @@ async def env(stack: Stack) -> AsyncIterator[Env]:
     engine.pgbouncer = PgBouncerBackend(stack.env["DYNABASE_REDIS_URL"])
     engine.proxy = ProxyBackend(stack.env["DYNABASE_REDIS_URL"])
     try:
-        async with running_proxy(stack.env["DYNABASE_REDIS_URL"], f"lifecycle-{uuid.uuid4().hex[:6]}") as (port, _):
-            yield Env(stack, engine, clock, secrets, port)
+        async with running_proxy(stack.env["DYNABASE_REDIS_URL"], f"lifecycle-{uuid.uuid4().hex[:6]}") as (port, proxy):
+            yield Env(stack, engine, clock, secrets, port, proxy)
     finally:
         await close_engine(engine)
 
@@ -115,21 +122,44 @@ async def published(env: Env, database: str) -> dict[str, Any]:
         await client.aclose()
 
 
+async def busy_queries(env: Env, conns: list[asyncpg.Connection],
+                       database: str) -> tuple[list[asyncio.Task[Any]], asyncpg.Connection]:
+    """A query in flight on each connection, known to have started: each releases an advisory lock its
+    session held (which the test is waiting to take) and then waits for a lock the test holds. Returns
+    the queries and the connection holding that lock; releasing it lets them finish."""
+    held = await asyncpg.connect(env.stack.env["DYNABASE_POSTGRES_DSN"], database=database)
+    watcher = await asyncpg.connect(env.stack.env["DYNABASE_POSTGRES_DSN"], database=database)
+    gate, started = 7_000, [7_001 + i for i in range(len(conns))]  # advisory locks are per database
+    await held.execute("SELECT pg_advisory_lock($1)", gate)
+    for conn, key in zip(conns, started, strict=True):
+        await conn.execute("SELECT pg_advisory_lock($1)", key)
+    queries = [asyncio.create_task(conn.fetchval(
+        "WITH started AS MATERIALIZED (SELECT pg_advisory_unlock($1)) "
+        "SELECT pg_advisory_lock_shared($2) FROM started", key, gate))
+        for conn, key in zip(conns, started, strict=True)]
+    try:
+        for key in started:  # granted once the query holding it has begun
+            await asyncio.wait_for(watcher.execute("SELECT pg_advisory_lock($1)", key), WAIT_SECONDS)
+    finally:
+        await watcher.close()
+    return queries, held
+
+
 async def test_a_downgrade_drains_postgres_sessions_over_the_new_limit_idle_first(env: Env) -> None:
     hot = tenant("HOT")
     assert (await env.reconcile(hot)).ready
     conns = [await env.direct(hot) for _ in range(7)]
-    busy = [asyncio.create_task(c.fetchval("SELECT pg_sleep(3)")) for c in conns[:2]]
-    await asyncio.sleep(0.3)
-    low = with_tier(hot, "LOW")
-    pending = await env.reconcile(low)
-    assert pending.status is not None and pending.status.pending_tier == "LOW"
-    assert await env.sessions(hot.database_name) == 7  # the grace period: nothing ended yet
-    env.clock.advance(minutes=11)
-    applied = await env.reconcile(low)
+    busy, held = await busy_queries(env, conns[:2], hot.database_name)
     try:
+        low = with_tier(hot, "LOW")
+        pending = await env.reconcile(low)
+        assert pending.status is not None and pending.status.pending_tier == "LOW"
+        assert await env.sessions(hot.database_name) == 7  # the grace period: nothing ended yet
+        env.clock.advance(minutes=11)
+        applied = await env.reconcile(low)
         assert applied.status is not None and applied.status.applied_tier == "LOW"
         assert await env.sessions(hot.database_name) == 4  # the new limit, no fewer
+        await held.execute("SELECT pg_advisory_unlock_all()")
         assert await asyncio.gather(*busy) == [None, None]  # queries in flight were never the ones ended
         ended, alive = [], []
         for conn in conns[2:]:
@@ -143,14 +173,16 @@ async def test_a_downgrade_drains_postgres_sessions_over_the_new_limit_idle_firs
         assert ("Normal", "ConnectionsDrained") in [(t, r) for t, r, _ in applied.events]
         assert applied.status.history[-1].drained_connections == 3
     finally:
+        await held.close()
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
 
 async def test_a_downgrade_drains_proxy_connections_over_the_new_cap(env: Env) -> None:
     hot = tenant("HOT")
     await env.reconcile(hot)
-    await asyncio.sleep(1.2)  # the proxy has the new tenant's limits
+    await env.proxy_has(hot, lambda limits: limits.tier == "HOT")
     conns = [await env.proxied(hot) for _ in range(5)]
+    gone = terminations(conns)
     in_tx = conns[0]
     await in_tx.execute("BEGIN")
     await in_tx.fetchval("SELECT 1")
@@ -159,36 +191,51 @@ async def test_a_downgrade_drains_proxy_connections_over_the_new_cap(env: Env) -
     env.clock.advance(minutes=11)
     await env.reconcile(low)
     try:
-        closed: list[Any] = []
-        for _ in range(40):
-            await asyncio.sleep(0.05)
-            closed = [c for c in conns if c.is_closed()]
-            if len(closed) == 3:
-                break
+        # The proxy ends the connections over the cap as it takes the new limits in.
+        await env.proxy_has(hot, lambda limits: limits.tier == "LOW")
+        await ended(gone, 3)
         # Proxy cap 2: three of five ended, the one in a transaction kept, then the oldest idle one.
-        assert len(closed) == 3
-        assert not in_tx.is_closed() and not conns[1].is_closed()
+        assert [c.is_closed() for c in conns] == [False, False, True, True, True]
         await in_tx.execute("COMMIT")
+        assert await conns[1].fetchval("SELECT 1") == 1
         with pytest.raises(asyncpg.TooManyConnectionsError):
             await env.proxied(hot)
     finally:
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
 
-async def test_an_idle_tenant_goes_cold_and_the_next_connection_wakes_it(env: Env) -> None:
-    nap = tenant("NAP")
+async def last_query_recorded(env: Env, tenant: TenantDatabase) -> dt.datetime:
+    """One query through the proxy; returns the time its usage flush recorded as the tenant's last activity."""
+    async with activity_recorded(env.stack.env["DYNABASE_REDIS_URL"], tenant.database_name) as recorded:
+        conn = await env.proxied(tenant)
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+    return dt.datetime.fromtimestamp(recorded[tenant.database_name], dt.UTC)
+
+
+async def gone_cold(env: Env, nap: TenantDatabase) -> TenantResult:
+    """The NAP tenant queried once, then judged after its idleTimeout (1s) on the engine's clock."""
     env.clock.now = dt.datetime.now(dt.UTC)
     first = await env.reconcile(nap)
     assert first.status is not None and first.status.phase == "Active"
-    await asyncio.sleep(1.2)
-    conn = await env.proxied(nap)
-    assert await conn.fetchval("SELECT 1") == 1
-    await conn.close()
-    await asyncio.sleep(2.5)  # the proxy's flush records the query; then 1s of idleness and more
+    await env.proxy_has(nap, lambda limits: limits.tier == "NAP")
+    last_query = await last_query_recorded(env, nap)
+    env.clock.now = last_query + dt.timedelta(seconds=0.5)
+    still = await env.reconcile(nap)
+    assert still.status is not None and still.status.phase == "Active" and not still.cold  # within idleTimeout
     assert await env.sessions(nap.database_name) >= 1  # PgBouncer keeps a server connection
-    env.clock.now = dt.datetime.now(dt.UTC)
+    await idle_in_postgres(env.stack.env["DYNABASE_POSTGRES_DSN"], nap.database_name, 1.0)
+    env.clock.now = last_query + dt.timedelta(seconds=1.5)
     cold = await env.reconcile(nap)
     assert cold.status is not None and cold.status.phase == "Cold", cold.outcomes
+    await env.proxy_has(nap, lambda limits: limits.cold)
+    return cold
+
+
+async def test_an_idle_tenant_goes_cold_and_the_next_connection_wakes_it(env: Env) -> None:
+    nap = tenant("NAP")
+    cold = await gone_cold(env, nap)
+    assert cold.status is not None
     awake = cold.status.condition("Awake")
     assert awake is not None and awake.status == "False" and awake.reason == "IdleTimeout"
     assert cold.status.condition("Ready").status == "True"  # type: ignore[union-attr]
@@ -197,27 +244,19 @@ async def test_an_idle_tenant_goes_cold_and_the_next_connection_wakes_it(env: En
     assert (await published(env, nap.database_name))["cold"] is True
 
     # The next connection goes straight through, and tells the engine.
-    await asyncio.sleep(1.2)  # the proxy has the Cold mark
-    subscriber = aioredis.Redis.from_url(env.stack.env["DYNABASE_REDIS_URL"], decode_responses=True)
-    pubsub = subscriber.pubsub()
-    await pubsub.subscribe(WAKE_CHANNEL)
     starts_before = _histogram_count()
     started = dt.datetime.now(dt.UTC)
+    redis = aioredis.Redis.from_url(env.stack.env["DYNABASE_REDIS_URL"], decode_responses=True)
     try:
-        conn = await env.proxied(nap)
-        assert await conn.fetchval("SELECT 41 + 1") == 42
-        await conn.close()
-        message = None
-        for _ in range(20):
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
-            if message is not None:
-                break
-        assert message is not None and message["data"] == nap.database_name
-        score = await subscriber.zscore(ACTIVITY_KEY, nap.database_name)
+        async with subscribed(env.stack.env["DYNABASE_REDIS_URL"], WAKE_CHANNEL) as wakes:
+            conn = await env.proxied(nap)
+            assert await conn.fetchval("SELECT 41 + 1") == 42
+            await conn.close()
+            assert await wakes.next() == nap.database_name
+        score = await redis.zscore(ACTIVITY_KEY, nap.database_name)
         assert score is not None and score >= started.timestamp() - 0.01
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
-        await subscriber.aclose()
+        await redis.aclose()
     assert _histogram_count() == starts_before + 1
     env.clock.now = dt.datetime.now(dt.UTC)
     woke = await env.reconcile(nap)
@@ -244,36 +283,50 @@ def _histogram_count() -> float:
     return 0.0
 
 
-async def test_the_operator_reconciles_a_woken_tenant_at_once(env: Env) -> None:
-    """A wake-up a proxy announces reaches the operator's runtime as a reconcile of that tenant."""
-    from dynabase.kube.handlers import Runtime
+async def test_the_operator_reconciles_a_woken_tenant_at_once(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection to a Cold tenant at the proxy reaches the operator's runtime, whose own pass
+    (not the test's) brings the tenant back to Active."""
+    from dynabase.kube import handlers
     from dynabase.kube.settings import OperatorSettings
+    from dynabase.kube.stores import KubeStatusStore
 
-    submitted: list[str] = []
+    nap = tenant("NAP")
+    await gone_cold(env, nap)
+    posted: list[tuple[str, str, str]] = []  # kopf posts events only inside a running operator
+    monkeypatch.setattr(handlers, "_event", lambda body, type_, reason, _message: posted.append(
+        (body["metadata"]["name"], type_, reason)))
+    passes: asyncio.Queue[TenantResult | None] = asyncio.Queue()
 
-    class RecordingRuntime(Runtime):
+    class Runtime(handlers.Runtime):  # the real submit, its results also handed to the test
         async def submit(self, body: Any, policy_index: Any) -> TenantResult | None:
-            submitted.append(body["metadata"]["name"])
-            return None
+            result = await super().submit(body, policy_index)
+            passes.put_nowait(result)
+            return result
 
-    runtime = RecordingRuntime(env.engine, None, None, OperatorSettings())  # type: ignore[arg-type]
-    bodies = {"lifecycle": [
-        {"metadata": {"name": "named-by-spec", "namespace": "n"}, "spec": {"databaseName": "db_one"}},
-        {"metadata": {"name": "from-name", "namespace": "n"}, "spec": {}},
-    ]}
+    runtime = Runtime(env.engine, cast(Any, None), KubeStatusStore(cast(Any, None)), OperatorSettings())
+    body = nap.model_dump(by_alias=True, exclude_none=True, mode="json")
+    del body["spec"]["databaseName"]  # found by the name it is derived from
+    bystander = tenant("NAP").model_dump(by_alias=True, exclude_none=True, mode="json")
+    policies = {"lifecycle": [POLICY.model_dump(by_alias=True, exclude_none=True, mode="json")]}
+    assert isinstance(env.engine.proxy, ProxyBackend)
     stop = asyncio.Event()
-    task = asyncio.create_task(runtime.wakes(bodies, {}, stop))
+    task = asyncio.create_task(runtime.wakes({"lifecycle": [bystander, body]}, policies, stop))
     redis = aioredis.Redis.from_url(env.stack.env["DYNABASE_REDIS_URL"])
     try:
-        await asyncio.sleep(0.3)  # subscribed
-        await redis.publish(WAKE_CHANNEL, "from_name")
-        await redis.publish(WAKE_CHANNEL, "nobody")
-        for _ in range(30):
-            await asyncio.sleep(0.1)
-            if submitted:
-                break
-        assert submitted == ["from-name"]
+        await asyncio.wait_for(env.engine.proxy.wakes_subscribed.wait(), WAIT_SECONDS)
+        await redis.publish(WAKE_CHANNEL, "nobody")  # no tenant of that database: nothing happens
+        env.clock.now = dt.datetime.now(dt.UTC)
+        conn = await env.proxied(nap)
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        woke = await asyncio.wait_for(passes.get(), WAIT_SECONDS)
+        assert woke is not None and woke.key == nap.key
+        assert woke.status is not None and woke.status.phase == "Active", woke.outcomes
+        assert posted == [(nap.metadata.name, "Normal", "TenantWoke")]
+        assert (await published(env, nap.database_name))["cold"] is False
+        await env.proxy_has(nap, lambda limits: not limits.cold)
+        assert passes.empty()  # the bystander and "nobody" were not reconciled
     finally:
         stop.set()
-        await asyncio.wait_for(task, 5)
+        await asyncio.wait_for(task, WAIT_SECONDS)
         await redis.aclose()

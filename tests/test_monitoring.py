@@ -13,8 +13,9 @@ import asyncio
 import datetime as dt
 import json
 import re
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -35,26 +37,27 @@ from dynabase.billing.ledger import FileLedger
 from dynabase.billing.processor import WebhookProcessor
 from dynabase.billing.server import WEBHOOK_PATH, webhook_app
 from dynabase.billing.sinks import GitTierSink
+from dynabase.desired.proxy import ProxyTenantLimits
 from dynabase.desired.sql import quote_ident
 from dynabase.devstack.stack import free_port
 from dynabase.headless import http as headless_http
 from dynabase.headless.reconciler import HeadlessReconciler
 from dynabase.headless.source import DirectorySource
 from dynabase.proxy.main import ProxySettings, serve
+from dynabase.proxy.metering import USAGE_KEY, usage_field
+from dynabase.proxy.server import Proxy
 from dynabase.usage import metrics as usage_metrics
+from dynabase.usage.report import run_report
 
 from .conftest import ROOT, Stack
 from .engine_helpers import FakeClock, make_engine
+from .events import WAIT_SECONDS, activity_recorded, ended, idle_in_postgres, key_writes, terminations
 from .railway.fake import FakeRailway
 
 MONITORING = ROOT / "manifests" / "monitoring"
 
-# Set by the engine only for tenants with included usage (see tests/test_overage.py), which
-# this scenario has none of: their families may be in a scrape without samples, so their
-# labels come from the declaration.
-DECLARED_NOT_YET_SET = {"dynabase_usage_restricted", "dynabase_usage_month_ratio", "dynabase_usage_threshold_events",
-                        # per-tenant series of the usage report's textfile, written only with a month's usage
-                        "dynabase_usage_included_ratio", "dynabase_usage_warnings"}
+# The tenant whose month's usage (one query through the proxy) is over its tiny allowance.
+OVER_ALLOWANCE = "mon/ovr"
 # Added by Prometheus to every series of a scrape, never in the exposition itself.
 TARGET_LABELS = {"instance", "job"}
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "${tenant}": ".*",
@@ -84,6 +87,10 @@ spec:
       pgbouncer: {poolSize: 4, poolMode: session}
       proxy: {maxConnections: 6}
       lifecycle: {downgradeGracePeriod: 10m}
+    OVR:
+      rank: 3
+      proxy: {qps: 50}
+      billing: {includedVcpuHours: 0.000001, softOveragePeriod: 1m, restrictedQps: 2}
 """
 
 
@@ -98,12 +105,23 @@ def tenant_yaml(name: str, db: str, tier: str, railway_service: str | None = Non
 # --- the exposition -----------------------------------------------------------------------------
 
 
+Sample = tuple[str, frozenset[tuple[str, str]]]  # series name and labels
+
+
+def samples(registry: CollectorRegistry) -> dict[Sample, float]:
+    return {(s.name, frozenset(s.labels.items())): s.value for family in registry.collect() for s in family.samples}
+
+
 @dataclass
 class Exposition:
-    """Series names (as Prometheus stores them) with the label names seen on their samples."""
+    """Series names (as Prometheus stores them) with the label names seen on their samples, and
+    which samples the scenario produced: the registries are the test process's, so samples other
+    tests left there are told apart by their values before the scenario began."""
 
+    before: dict[Sample, float] = field(default_factory=dict)
     series: dict[str, set[str]] = field(default_factory=dict)
     declared_only: set[str] = field(default_factory=set)
+    produced: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # series -> labels of changed samples
 
     def add_text(self, text: str, registry: CollectorRegistry = REGISTRY) -> None:
         for family in text_string_to_metric_families(text):
@@ -111,6 +129,8 @@ class Exposition:
                 self._add_declared(family.name, family.type, registry)
             for sample in family.samples:
                 self.series.setdefault(sample.name, set()).update(sample.labels)
+                if self.before.get((sample.name, frozenset(sample.labels.items()))) != sample.value:
+                    self.produced.setdefault(sample.name, []).append(sample.labels)
 
     def _add_declared(self, name: str, kind: str, registry: CollectorRegistry) -> None:
         """A labelled metric without children: scraped as HELP/TYPE only. Its series' names follow
@@ -289,11 +309,12 @@ async def exposition(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
     folder.mkdir()
     (folder / "tierpolicy.yaml").write_text(POLICY)
     s = uuid.uuid4().hex[:6]
-    dbs = {name: f"mon_{name}_{s}" for name in ("nap", "thr", "big", "rw")}
+    dbs = {name: f"mon_{name}_{s}" for name in ("nap", "thr", "big", "rw", "ovr")}
     (folder / "nap.yaml").write_text(tenant_yaml("nap", dbs["nap"], "NAP"))
     (folder / "thr.yaml").write_text(tenant_yaml("thr", dbs["thr"], "THR"))
     (folder / "big.yaml").write_text(tenant_yaml("big", dbs["big"], "BIG"))
     (folder / "rw.yaml").write_text(tenant_yaml("rw", dbs["rw"], "NAP", railway_service="nope"))
+    (folder / "ovr.yaml").write_text(tenant_yaml("ovr", dbs["ovr"], "OVR"))
     headless = HeadlessReconciler(engine, DirectorySource(folder), clock=clock)
     stop, ready = asyncio.Event(), asyncio.Event()
     proxy_port, metrics_port, http_port = free_port(), free_port(), free_port()
@@ -301,6 +322,22 @@ async def exposition(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
                              f"monitoring-{s}", metrics_port)
     proxy_task: asyncio.Task[Any] | None = None
     runner = None
+    found = Exposition(before={**samples(REGISTRY), **samples(usage_metrics.REGISTRY)})
+    started: list[Proxy] = []
+    redis_url = stack.env["DYNABASE_REDIS_URL"]
+
+    async def metered(tenant: str) -> bool:
+        """The proxy's usage flush of this hour holds query time of the tenant."""
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            text = await client.hget(USAGE_KEY.format(hour=int(time.time()) // 3600),
+                                     usage_field(tenant, settings.replica_id))
+        finally:
+            await client.aclose()
+        return text is not None and float(json.loads(text).get("query_seconds", 0)) > 0
+
+    async def serving(name: str, check: Callable[[ProxyTenantLimits], bool] = lambda _: True) -> None:
+        await asyncio.wait_for(started[0].serves(dbs[name], check), WAIT_SECONDS)
 
     async def proxied(name: str) -> asyncpg.Connection:
         db = dbs[name]
@@ -317,41 +354,48 @@ async def exposition(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
             await admin.close()
         await headless.run_once()  # a drift correction on postgres
 
-        proxy_task = asyncio.create_task(serve(settings, stop, ready))
+        proxy_task = asyncio.create_task(serve(settings, stop, ready, on_start=started.append))
         await asyncio.wait_for(ready.wait(), 10)
-        await asyncio.sleep(1.2)  # the proxy has the tenants' limits
-        thr = await proxied("thr")
-        for _ in range(12):
-            await thr.execute("SELECT 1")  # over 5/s: throttled
-        await thr.close()
-        naps = [await proxied("nap"), await proxied("nap")]
-        with pytest.raises(asyncpg.TooManyConnectionsError):
-            await proxied("nap")
-        for _ in range(12):
-            try:
-                await naps[0].execute("SELECT 1")
-            except asyncpg.PostgresError as exc:
-                assert exc.sqlstate == "53400"
-        await asyncio.gather(*(c.close() for c in naps))
+        for name in ("thr", "nap", "big", "ovr"):
+            await serving(name)
+        async with activity_recorded(redis_url, dbs["nap"], dbs["ovr"]) as recorded:
+            thr = await proxied("thr")
+            for _ in range(12):
+                await thr.execute("SELECT 1")  # over 5/s: throttled
+            await thr.close()
+            naps = [await proxied("nap"), await proxied("nap")]
+            with pytest.raises(asyncpg.TooManyConnectionsError):
+                await proxied("nap")
+            refused = []
+            for _ in range(12):
+                try:
+                    await naps[0].execute("SELECT 1")
+                except asyncpg.PostgresError as exc:
+                    refused.append(exc.sqlstate)
+            assert refused and set(refused) == {"53400"}  # over 5/s with overLimit: reject
+            await asyncio.gather(*(c.close() for c in naps))
+            ovr = await proxied("ovr")
+            await ovr.execute("SELECT pg_sleep(0.05)")  # more than its tiny month's allowance
+            await ovr.close()
+        async with key_writes(redis_url, USAGE_KEY.format(hour=int(time.time()) // 3600)) as usage_hash:
+            await usage_hash.until(lambda: metered(OVER_ALLOWANCE), f"the usage of {OVER_ALLOWANCE}")
 
-        await asyncio.sleep(2.5)  # flushed, then idle beyond NAP's idleTimeout
-        clock.now = dt.datetime.now(dt.UTC)
-        await headless.run_once()  # nap goes Cold, its sessions ended
-        await asyncio.sleep(1.2)  # the proxy has the Cold mark
+        await idle_in_postgres(stack.env["DYNABASE_POSTGRES_DSN"], dbs["nap"], 1.0)
+        clock.now = dt.datetime.fromtimestamp(recorded[dbs["nap"]], dt.UTC) + dt.timedelta(seconds=1.5)
+        await headless.run_once()  # nap goes Cold, its sessions ended; ovr over its included usage
+        await serving("nap", lambda limits: limits.cold)
         woken = await proxied("nap")  # a cold start
         await woken.close()
         clock.now = dt.datetime.now(dt.UTC)
         await headless.run_once()  # nap woke
 
         bigs = [await proxied("big") for _ in range(4)]
+        drained = terminations(bigs)
         (folder / "big.yaml").write_text(tenant_yaml("big", dbs["big"], "NAP"))
         await headless.run_once()  # a pending downgrade
         clock.advance(minutes=11)
-        await headless.run_once()  # applied: the proxy drains big's connections over NAP's cap of 2
-        for _ in range(40):
-            if sum(c.is_closed() for c in bigs) >= 2:
-                break
-            await asyncio.sleep(0.05)
+        await headless.run_once()  # applied: the proxy drains big's connections over NAP's cap of 2;
+        await ended(drained, 2)     # and ovr, over for longer than its soft period, is restricted
         await asyncio.gather(*(c.close() for c in bigs), return_exceptions=True)
 
         config = BillingConfig.model_validate({"prices": {"price_pro": "BIG"}, "fallbackTier": "NAP"})
@@ -367,11 +411,12 @@ async def exposition(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
             await client.close()
 
         runner = await headless_http.serve(headless, "127.0.0.1", http_port)
-        found = Exposition()
         found.add_text(await scrape(f"http://127.0.0.1:{http_port}/metrics"))
         found.add_text(await scrape(f"http://127.0.0.1:{metrics_port}/metrics"))
         textfile = tmp / "usage.prom"
-        usage_metrics.write_textfile(textfile)  # what `dynabase usage report --metrics-file` leaves for node-exporter
+        # What `dynabase usage report --metrics-file` leaves for node-exporter, on this month's usage.
+        await run_report(f"{dt.datetime.now(dt.UTC):%Y-%m}", [str(folder)], output_format="json", bill_path=None,
+                         model_path=None, metrics_file=textfile, mongo_url=None, redis_url=redis_url)
         found.add_text(textfile.read_text(), usage_metrics.REGISTRY)
         yield found
     finally:
@@ -408,13 +453,16 @@ def test_the_checker_reports_wrong_names_and_labels(exposition: Exposition) -> N
 
 
 def test_the_scenario_produced_samples_for_every_labelled_metric(exposition: Exposition) -> None:
-    # Only the engine's overage metrics, not set by any code path yet, are known from declaration alone.
-    assert exposition.declared_only <= DECLARED_NOT_YET_SET, exposition.declared_only
+    assert exposition.declared_only == set()  # no labelled metric is known from its declaration alone
     for series in ("dynabase_backend_errors_total", "dynabase_drift_corrections_total",
                    "dynabase_cold_transitions_total", "dynabase_sessions_ended_total",
                    "dynabase_proxy_drained_connections_total", "dynabase_railway_requests_total",
-                   "dynabase_stripe_events_total", "dynabase_proxy_throttled_total"):
-        assert series in exposition.series, series
+                   "dynabase_stripe_events_total", "dynabase_proxy_throttled_total",
+                   "dynabase_proxy_rejected_total", "dynabase_usage_threshold_events_total"):
+        assert exposition.produced.get(series), f"the scenario changed no sample of {series}"
+    for series in ("dynabase_usage_restricted", "dynabase_usage_month_ratio", "dynabase_usage_included_ratio",
+                   "dynabase_usage_warnings_total"):
+        assert OVER_ALLOWANCE in [labels.get("tenant") for labels in exposition.produced.get(series, [])], series
 
 
 @pytest.mark.parametrize(("where", "expr"), dashboard_queries(), ids=[w for w, _ in dashboard_queries()])

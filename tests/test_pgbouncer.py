@@ -3,8 +3,6 @@ agent renders one PgBouncer per tier, clients see their tier's pool."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,11 +12,12 @@ import psycopg
 import pytest
 
 from dynabase.backends.pgbouncer import PgBouncerBackend
-from dynabase.desired.pgbouncer import PgBouncerDesired, PoolSettings, TenantRoute
+from dynabase.desired.pgbouncer import AGENTS_KEY, PgBouncerDesired, PoolSettings, TenantRoute
 from dynabase.engine.reconciler import Engine
 
 from .conftest import Stack
 from .engine_helpers import FakeClock, example_policy, make_engine, make_tenant, unique
+from .events import key_writes
 
 POLICIES = {"default": example_policy()}
 
@@ -115,13 +114,13 @@ async def test_manual_change_to_pgbouncer_is_reverted_by_the_agent(engine) -> No
     with admin(stack, port) as conn:
         conn.execute("RELOAD")
     assert {r["key"]: r["value"] for r in show(stack, port, "CONFIG")}["default_pool_size"] == "99"
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        # The agent re-renders each interval (1s); the file differs, so it rewrites and reloads.
-        if {r["key"]: r["value"] for r in show(stack, port, "CONFIG")}["default_pool_size"] == "6":
-            break
-        await asyncio.sleep(0.2)
-    assert {r["key"]: r["value"] for r in show(stack, port, "CONFIG")}["default_pool_size"] == "6"
+    async with key_writes(stack.env["DYNABASE_REDIS_URL"], AGENTS_KEY) as reports:
+        # The agent re-renders each interval (1s); the file differs, so it rewrites, reloads and
+        # reports: each report is a pass, and one of those after the change puts 6 back.
+        async def reverted() -> bool:
+            return {r["key"]: r["value"] for r in show(stack, port, "CONFIG")}["default_pool_size"] == "6"
+
+        await reports.until(reverted, "default_pool_size 6 again")
 
 
 def test_no_agent_is_a_condition_not_silence() -> None:

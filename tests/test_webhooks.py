@@ -7,12 +7,13 @@ import hashlib
 import hmac
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -184,8 +185,9 @@ def patch_tier(stack: Stack, namespace: str, name: str, tier: str) -> None:
     stack.kubectl("patch", "tdb", name, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": {"tier": tier}}))
 
 
-async def test_subscription_updates_patch_the_tier_and_are_timed(stack: Stack, namespace: str,
-                                                                receiver: Receiver) -> None:
+@pytest.mark.kube
+async def test_subscription_updates_patch_the_tier(stack: Stack, namespace: str, receiver: Receiver) -> None:
+    """Each delivery's tier is declared when the response comes (how fast: `python -m bench.webhooks`)."""
     name, org = new_tenant(stack, namespace)
     status, body = await receiver.deliver(subscription_event(org, "price_pro_monthly"))
     assert (status, body["outcome"]) == (200, "applied"), body
@@ -197,19 +199,17 @@ async def test_subscription_updates_patch_the_tier_and_are_timed(stack: Stack, n
     again = json.loads(stack.kubectl("get", "tdb", name, "-n", namespace, "-o", "json").stdout)["metadata"]
     assert again["generation"] == generation["generation"]
 
-    # Latency from POST to the tier declared in the apiserver (the response comes after the patch).
-    seconds, start = [], int(time.time()) + 1
-    for i in range(10):
-        price = ("price_ent_yearly", "price_pro_monthly")[i % 2]
-        began = time.perf_counter()
+    # Later events move the tier back and forth; each is in the apiserver before its response.
+    start = int(time.time()) + 1
+    for i, (price, tier) in enumerate([("price_ent_yearly", "ENTERPRISE"), ("price_pro_monthly", "PRO")] * 2):
         status, body = await receiver.deliver(subscription_event(org, price, created=start + i))
-        seconds.append(time.perf_counter() - began)
         assert (status, body["outcome"]) == (200, "applied"), body
-    assert declared(stack, namespace, name)["tier"] == "PRO"  # the last of the ten
-    print(f"webhook -> tier patched: p50 {statistics.median(seconds) * 1000:.1f} ms, "
-          f"max {max(seconds) * 1000:.1f} ms over {len(seconds)}")
+        spec = declared(stack, namespace, name)
+        # A price without a tierPolicyRef leaves the one an earlier price set.
+        assert (spec["tier"], spec["tierPolicyRef"]) == (tier, "enterprise"), spec
 
 
+@pytest.mark.kube
 async def test_replayed_event_does_not_act_twice(stack: Stack, namespace: str, receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace)
     event = subscription_event(org, "price_pro_monthly")
@@ -221,6 +221,7 @@ async def test_replayed_event_does_not_act_twice(stack: Stack, namespace: str, r
     assert declared(stack, namespace, name)["tier"] == "TEAM"
 
 
+@pytest.mark.kube
 async def test_bad_signatures_are_refused_and_change_nothing(stack: Stack, namespace: str,
                                                              receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace)
@@ -239,6 +240,7 @@ async def test_bad_signatures_are_refused_and_change_nothing(stack: Stack, names
     assert (status, body["outcome"]) == (200, "applied")
 
 
+@pytest.mark.kube
 async def test_stale_signature_timestamp_is_refused(stack: Stack, namespace: str, receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace)
     event = subscription_event(org, "price_pro_monthly")
@@ -249,6 +251,7 @@ async def test_stale_signature_timestamp_is_refused(stack: Stack, namespace: str
     assert status == 200 and declared(stack, namespace, name)["tier"] == "PRO"
 
 
+@pytest.mark.kube
 async def test_unknown_price_is_acknowledged_and_ignored(stack: Stack, namespace: str, receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace, "PRO")
     before = events_counted("ignored")
@@ -259,6 +262,7 @@ async def test_unknown_price_is_acknowledged_and_ignored(stack: Stack, namespace
     assert declared(stack, namespace, name)["tier"] == "PRO"
 
 
+@pytest.mark.kube
 async def test_deleted_subscription_falls_back_and_old_events_lose(stack: Stack, namespace: str,
                                                                    receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace)
@@ -276,6 +280,7 @@ async def test_deleted_subscription_falls_back_and_old_events_lose(stack: Stack,
     assert declared(stack, namespace, name)["tier"] == "FREE"
 
 
+@pytest.mark.kube
 async def test_ending_an_earlier_subscription_does_not_downgrade(stack: Stack, namespace: str,
                                                                  receiver: Receiver) -> None:
     name, org = new_tenant(stack, namespace)
@@ -291,6 +296,7 @@ async def test_ending_an_earlier_subscription_does_not_downgrade(stack: Stack, n
     assert declared(stack, namespace, name)["tier"] == "TEAM"
 
 
+@pytest.mark.kube
 async def test_org_without_tenant_gets_404_until_it_exists(stack: Stack, namespace: str, receiver: Receiver) -> None:
     suffix = uuid.uuid4().hex[:8]
     org = f"org-{suffix}"
@@ -303,6 +309,7 @@ async def test_org_without_tenant_gets_404_until_it_exists(stack: Stack, namespa
     assert declared(stack, namespace, f"t-{suffix}")["tier"] == "PRO"
 
 
+@pytest.mark.kube
 async def test_postgres_ledger_remembers_across_restarts(stack: Stack, namespace: str,
                                                          kube_api: client.ApiClient) -> None:
     name, org = new_tenant(stack, namespace)
@@ -421,6 +428,38 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Output:
+    """A process's output lines as they come (a reader thread), to wait for one of them."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, text: str, timeout: float = 30) -> None:
+        try:
+            while (line := self.lines.get(timeout=timeout)) is not None:
+                self.seen.append(line)
+                if text in line:
+                    return
+        except queue.Empty:
+            raise AssertionError(f"no {text!r} within {timeout}s: {''.join(self.seen)}") from None
+        raise AssertionError(f"exited before {text!r}: {''.join(self.seen)}")
+
+    def rest(self) -> str:
+        self.thread.join(timeout=20)
+        while (line := self.lines.get_nowait() if not self.lines.empty() else None) is not None:
+            self.seen.append(line)
+        return "".join(self.seen)
+
+
 def test_cli_serves_git_mode(gitops_remote: Path, tmp_path: Path) -> None:
     """The `dynabase webhooks` command itself: flags, secret file, ledger file, serving, clean stop."""
     config_file = tmp_path / "tiers.yaml"
@@ -437,15 +476,11 @@ def test_cli_serves_git_mode(gitops_remote: Path, tmp_path: Path) -> None:
          f"127.0.0.1:{port}", "--mode", "git", "--repo", str(gitops_remote), "--path", "tenants"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    output = Output(proc)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        output.wait_for("webhooks listening")  # logged once the socket is bound
+        assert httpx.get(f"{base}/healthz").status_code == 200
         payload = json.dumps(subscription_event("org-globex", "price_pro_monthly", kind="created"))
         response = httpx.post(f"{base}{WEBHOOK_PATH}", content=payload,
                               headers={"Stripe-Signature": stripe_signature(payload)})
@@ -458,6 +493,7 @@ def test_cli_serves_git_mode(gitops_remote: Path, tmp_path: Path) -> None:
         assert (tmp_path / "cache" / "stripe-events.json").exists()
     finally:
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 0, output
-    assert SECRET not in output and "webhooks listening" in output
+        proc.wait(timeout=20)
+    logged = output.rest()
+    assert proc.returncode == 0, logged
+    assert SECRET not in logged and "webhooks listening" in logged

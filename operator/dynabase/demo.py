@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from dynabase.devstack.stack import ALL_SERVICES, Devstack, DevstackError, free_port
 
@@ -50,44 +52,85 @@ def _start_proxy(env: dict[str, str], root: Path, port: int) -> subprocess.Popen
         env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
     )
     log.close()
-    time.sleep(1.5)
+    # It listens once it has read the limits and pool ports from Redis.
+    deadline = time.monotonic() + 30
+    while not _accepts(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise DevstackError(f"the proxy did not listen on {port}; see {root / 'logs' / 'proxy.log'}")
+        time.sleep(0.05)
     return proc
 
 
-async def _show_proxy(env: dict[str, str], port: int, seconds: float = 3.0) -> None:
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _refusal(exc: Exception) -> str:
+    """A server's refusal as it said it: SQLSTATE and message."""
+    return f"{getattr(exc, 'sqlstate', '?')} {str(exc).splitlines()[0]}"
+
+
+async def _open_until_refused(dsn: str, most: int) -> tuple[list[Any], str | None]:
+    """Connections opened one by one until the server refuses one (its refusal) or ``most`` are open."""
     import asyncpg
 
-    rows: list[tuple[str, ...]] = []
-    # Each tier's burst (20 and 400 in the examples) is spent first, so the rate shown is the steady one.
-    for name, tier, burst in (("acme", "FREE", 20), ("globex", "PRO", 400)):
+    held: list[asyncpg.Connection] = []
+    while len(held) < most:
+        try:
+            held.append(await asyncpg.connect(dsn, statement_cache_size=0))
+        except asyncpg.PostgresError as exc:
+            return held, _refusal(exc)
+    return held, None
+
+
+def _opened(count: int, refusal: str | None, most: int) -> str:
+    if refusal is None:
+        return f"opened {count}, none refused (stopped trying at {most})"
+    return f"opened {count}, the next refused: {refusal}"
+
+
+async def _show_proxy(env: dict[str, str], port: int, seconds: float = 5.0) -> None:
+    """Each tenant's limits as the operator published them to the proxy, and what traffic measured."""
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    from dynabase.desired.proxy import LIMITS_KEY, ProxyTenantLimits
+
+    redis = aioredis.Redis.from_url(env["DYNABASE_REDIS_URL"], decode_responses=True)
+    try:
+        published = {name: ProxyTenantLimits.from_json(str(await redis.hget(LIMITS_KEY, name)))
+                     for name in ("acme", "globex")}
+    finally:
+        await redis.aclose()
+    for name, limits in published.items():
         dsn = f"postgresql://{name}:{_password(env, name)}@127.0.0.1:{port}/{name}"
-        held: list[asyncpg.Connection] = []
-        sixth = "accepted"
-        for _ in range(6):
-            try:
-                held.append(await asyncpg.connect(dsn, statement_cache_size=0))
-            except asyncpg.TooManyConnectionsError as exc:
-                sixth = f"refused ({exc.sqlstate})"
+        most = min(limits.max_connections + 1, 30)
+        held, refusal = await _open_until_refused(dsn, most)
+        if not held:
+            print(f"  {name}: the first connection through the proxy was refused: {refusal}")
+            continue
         conn = held[0]
-        for _ in range(burst + 5):
-            await conn.execute("SELECT 1")
-        done, rejected = 0, 0
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        finished: list[float] = []
+        rejections: list[str] = []
+        began = time.monotonic()
+        while time.monotonic() - began < seconds:
             try:
                 await conn.execute("SELECT 1")
-                done += 1
-            except asyncpg.PostgresError:
-                rejected += 1
+                finished.append(time.monotonic() - began)
+            except asyncpg.PostgresError as exc:
+                rejections.append(_refusal(exc))
         for c in held:
             await c.close()
-        rows.append((name, tier, sixth, f"{done / seconds:.1f}", str(rejected)))
-    header = ("tenant", "tier", "6th connection", "queries/s (steady)", "rejected")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-    print("FREE allows 5 connections and 10 queries/s (throttled, then rejected after 1s in the queue); "
-          "PRO allows 200 connections and 200 queries/s.")
+        per_second = [sum(1 for t in finished if second <= t < second + 1) for second in range(int(seconds))]
+        print(f"  {name} ({limits.tier}); published to the proxy: maxConnections {limits.max_connections}, "
+              f"qps {limits.qps}, burst {limits.burst}, overLimit {limits.over_limit}, "
+              f"queueTimeout {limits.queue_timeout_ms} ms")
+        print(f"    connections through the proxy: {_opened(len(held), refusal, most)}")
+        print(f"    one client sending SELECT 1 back to back, queries answered in each second: "
+              f"{', '.join(map(str, per_second))}; {len(rejections)} rejected"
+              + (f" (first: {rejections[0]})" if rejections else ""))
 
 
 def _wait_ready(env: dict[str, str], expected: list[str], timeout: float = 120) -> None:
@@ -127,41 +170,64 @@ def _password(env: dict[str, str], tenant: str) -> str:
 
 
 async def _show_limits(env: dict[str, str]) -> None:
+    """What Postgres and PgBouncer hold for each tenant, and what a client measured against it."""
     import asyncpg
 
     from dynabase.backends.pgbouncer import PgBouncerBackend
 
-    port = env["PGPORT"]
     pgbouncer = PgBouncerBackend(env["DYNABASE_REDIS_URL"])
-    rows: list[tuple[str, ...]] = []
+    admin = await asyncpg.connect(env["DYNABASE_POSTGRES_DSN"])
     try:
-        for name, db in (("acme", "acme"), ("globex", "globex")):
-            password = _password(env, name)
-            dsn = f"postgresql://{db}:{password}@127.0.0.1:{port}/{db}"
-            held: list[asyncpg.Connection] = []
-            refused = "no"
-            for _ in range(6):
+        for name in ("acme", "globex"):
+            limit = await admin.fetchval("SELECT rolconnlimit FROM pg_roles WHERE rolname = $1", name)
+            dsn = f"postgresql://{name}:{_password(env, name)}@127.0.0.1:{env['PGPORT']}/{name}"
+            held, refusal = await _open_until_refused(dsn, limit + 1)
+            if not held:
+                print(f"  {name}: its first connection to Postgres was refused: {refusal}")
+                continue
+            timeout_ms = int(await held[0].fetchval("SELECT setting FROM pg_settings WHERE name = 'statement_timeout'"))
+            if 0 < timeout_ms <= 15_000:
+                began = time.monotonic()
                 try:
-                    held.append(await asyncpg.connect(dsn))
-                except asyncpg.TooManyConnectionsError as exc:
-                    refused = f"yes ({exc.sqlstate})"
-                    break
-            timeout = await held[0].fetchval("SHOW statement_timeout")
-            try:
-                await held[0].execute("SELECT pg_sleep(11)" if db == "acme" else "SELECT pg_sleep(0.1)")
-                slow = "ran"
-            except asyncpg.QueryCanceledError:
-                slow = "cancelled at 10s"
+                    await held[0].execute(f"SELECT pg_sleep({timeout_ms / 1000 + 1})")
+                    long_query = f"pg_sleep({timeout_ms / 1000 + 1:g}) ran to its end"
+                except asyncpg.PostgresError as exc:
+                    long_query = (f"pg_sleep({timeout_ms / 1000 + 1:g}) ended after {time.monotonic() - began:.1f}s: "
+                                  f"{_refusal(exc)}")
+            else:
+                long_query = "not tried (it would take over 15s)"
             for conn in held:
                 await conn.close()
-            route = await pgbouncer.route(db)
-            rows.append((name, db, f"{len(held)}", refused, timeout, slow, f"{route[0]}:{route[1]}" if route else "-"))
+            route = await pgbouncer.route(name)
+            print(f"  {name}")
+            print(f"    Postgres role (pg_roles.rolconnlimit {limit}): {_opened(len(held), refusal, limit + 1)}")
+            print(f"    statement_timeout {timeout_ms} ms (pg_settings, in its session): {long_query}")
+            print(f"    PgBouncer: {_pool_line(env, name, route)}")
     finally:
+        await admin.close()
         await pgbouncer.close()
-    header = ("tenant", "database", "conns opened", "6th refused", "statement_timeout", "long query", "pgbouncer pool")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def _pool_line(env: dict[str, str], database: str, route: tuple[str, int] | None) -> str:
+    """The tenant's database as its PgBouncer pool reports it (admin console, SHOW DATABASES)."""
+    import psycopg
+
+    if route is None:
+        return "no pool reported by the agent"
+    pool, port = route
+    with psycopg.connect(env["DYNABASE_PGBOUNCER_ADMIN_DSN"], port=port, autocommit=True,
+                         cursor_factory=psycopg.ClientCursor) as conn:
+        cursor = conn.execute("SHOW DATABASES")
+        names = [d.name for d in cursor.description or []]
+        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        config = {str(key): str(value) for key, value, *_ in conn.execute("SHOW CONFIG").fetchall()}
+    row = next((r for r in rows if r["name"] == database), None)
+    if row is not None:
+        return (f"pool {pool} on port {port}, its own entry (SHOW DATABASES): pool_size {row['pool_size']}, "
+                f"pool_mode {row['pool_mode']}, max_db_connections {row['max_connections']}")
+    return (f"pool {pool} on port {port}, served with the pool's settings (SHOW CONFIG): "
+            f"default_pool_size {config.get('default_pool_size')}, pool_mode {config.get('pool_mode')}, "
+            f"max_db_connections {config.get('max_db_connections')}")
 
 
 def run_demo(root: Path | None, *, keep: bool) -> int:

@@ -21,6 +21,7 @@ class ProxyBackend:
     def __init__(self, redis_url: str) -> None:
         self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
         self.writes = 0
+        self.wakes_subscribed = asyncio.Event()  # set while Redis confirms wakes() is subscribed
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -49,12 +50,17 @@ class ProxyBackend:
             try:
                 await pubsub.subscribe(WAKE_CHANNEL)
                 while not stop.is_set():
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
-                    if message is not None:
+                    message = await pubsub.get_message(timeout=0.5)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":  # Redis confirmed: from now on no wake-up is missed
+                        self.wakes_subscribed.set()
+                    elif message["type"] == "message":
                         on_wake(str(message["data"]))
             except (aioredis.RedisError, OSError):
                 await asyncio.sleep(1.0)
             finally:
+                self.wakes_subscribed.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 

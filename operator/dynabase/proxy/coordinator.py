@@ -100,6 +100,7 @@ class Coordinator:
         for state in self.proxy.tenants.values():
             if state.limiter is not None:
                 state.limiter.set_replicas(self.proxy.router.replicas)
+        self.proxy.routing_changed()
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Subscribe to limit changes; on any Redis trouble, reconnect and reload everything."""

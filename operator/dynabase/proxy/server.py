@@ -121,6 +121,7 @@ class Proxy:
         self.server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
+        self._routing_changed = asyncio.Event()  # set, then replaced, by routing_changed()
 
     def spawn(self, coro: Any) -> None:
         """Fire-and-forget with a reference kept, so the task is not collected mid-flight."""
@@ -188,6 +189,22 @@ class Proxy:
             DRAINED.labels(limits.tier).inc(min(excess, len(mine)))
             log.info("drained connections over the cap",
                      extra={"database": database, "ended": min(excess, len(mine)), "cap": cap})
+        self.routing_changed()
+
+    def routing_changed(self) -> None:
+        """New limits are applied or pool ports known: wakes whoever awaits serves()."""
+        self._routing_changed.set()
+        self._routing_changed = asyncio.Event()
+
+    async def serves(self, database: str, check: Callable[[ProxyTenantLimits], bool]) -> ProxyTenantLimits:
+        """The limits of ``database`` once the proxy routes it under limits that pass ``check`` (any
+        connections they end have been told): an event to await instead of sleeping for Redis."""
+        while True:
+            changed = self._routing_changed
+            limits = self.router.limits.get(database)
+            if limits is not None and limits.pool in self.router.pool_ports and check(limits):
+                return limits
+            await changed.wait()
 
     async def _sweep(self) -> None:
         """One periodic pass instead of a timer per query: statement and idle-in-transaction limits."""

@@ -125,7 +125,12 @@ class BackendCpuSampler:
         self.sweeps += 1
 
     async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
-        while not stop.is_set():
+        """Sweep every interval until ``stop``; the last sweep begins after it, so nothing burnt
+        before the stop is missed (a sweep under way when it came may have read /proc earlier)."""
+        while True:
+            stopping = stop.is_set()
+            await self.sweep()
+            if stopping:
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-            await self.sweep()
