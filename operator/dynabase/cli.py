@@ -128,7 +128,7 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
 
     import dataclasses
 
-    from dynabase.engine.runtime import EngineSettings, SettingsError, open_engine
+    from dynabase.engine.runtime import EngineSettings, open_engine
 
     declared = _load_declared(args.paths)
     if declared is None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .options import EXIT_INVALID, EXIT_OK, Command, parse_choice, parse_listen
 from .settings import (
+    SettingsError,
     cache_dir,
     from_env,
     parse_duration,
@@ -85,7 +86,7 @@ def _cmd_headless(args: argparse.Namespace) -> int:
     import asyncio
     import datetime as dt
 
-    from dynabase.engine.runtime import EngineSettings, SettingsError, close_engine, start_engine
+    from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
     from dynabase.headless.http import serve
     from dynabase.headless.reconciler import HeadlessReconciler
     from dynabase.headless.source import DirectorySource, GitSource

@@ -26,7 +26,6 @@ from dynabase.settings import SettingsError, data_dir, env_int, env_str, from_en
 from .reconciler import Clock, Engine, utcnow
 from .stores import DirectorySecretStore, EnvironmentPasswords, SecretStore, StatusStore
 
-__all__ = ["EngineSettings", "RailwaySettings", "SettingsError", "close_engine", "open_engine", "start_engine"]
 log = logging.getLogger(__name__)
 
 
