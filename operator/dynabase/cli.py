@@ -12,8 +12,11 @@ from typing import Any
 import yaml
 
 from dynabase import __version__
+from dynabase.options import EXIT_CHANGES, EXIT_INVALID, EXIT_OK, resolve_env_defaults
+from dynabase.servers import add_server_commands, engine_options
+from dynabase.settings import SettingsError, env_str, from_env
 
-EXIT_OK, EXIT_INVALID, EXIT_CHANGES = 0, 1, 2
+__all__ = ["EXIT_CHANGES", "EXIT_INVALID", "EXIT_OK", "build_parser", "main"]
 
 
 def _cmd_crds(args: argparse.Namespace) -> int:
@@ -123,18 +126,22 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
             return EXIT_INVALID
         return EXIT_CHANGES if any(r.kind != "none" for r in reviews) else EXIT_OK
 
-    from dynabase.engine.runtime import EngineSettings, SettingsError, open_engine
+    import dataclasses
+
+    from dynabase.engine.runtime import EngineSettings, open_engine
 
     declared = _load_declared(args.paths)
     if declared is None:
         return EXIT_INVALID
     policies, tenants = declared
     try:
-        settings = EngineSettings.from_env(postgres_dsn=args.postgres_dsn, secrets_dir=args.secrets_dir)
+        settings = EngineSettings.from_env(postgres_dsn=args.postgres_dsn, secrets_dir=args.secrets_dir,
+                                           secrets_store=args.secrets_store)
     except SettingsError as exc:
         print(f"dynabase {args.command}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     dry_run = args.command == "plan"
+    settings = dataclasses.replace(settings, read_only=dry_run)
 
     async def run() -> int:
         async with open_engine(settings) as engine:
@@ -155,132 +162,6 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"dynabase {args.command}: cannot reach Postgres: {exc}", file=sys.stderr)
         return EXIT_INVALID
-
-
-def _cmd_pgbouncer_agent(args: argparse.Namespace) -> int:
-    import asyncio
-    import os
-
-    from dynabase.agent.pgbouncer import PgBouncerAgent, run_agent
-
-    password = os.environ.get("DYNABASE_PGBOUNCER_ADMIN_PASSWORD")
-    redis_url = args.redis_url or os.environ.get("DYNABASE_REDIS_URL")
-    if not password or not redis_url:
-        print("pgbouncer-agent: set DYNABASE_PGBOUNCER_ADMIN_PASSWORD and DYNABASE_REDIS_URL (or --redis-url)",
-              file=sys.stderr)
-        return EXIT_INVALID
-    agent = PgBouncerAgent(
-        redis_url=redis_url, workdir=Path(args.workdir), postgres_host=args.postgres_host,
-        postgres_port=args.postgres_port, admin_password=password, base_port=args.base_port,
-        listen_host=args.listen_host,
-    )
-    asyncio.run(run_agent(agent))
-    return EXIT_OK
-
-
-def _cmd_operator(args: argparse.Namespace) -> int:
-    # kopf imports these client libraries whenever they are installed, only to recognise
-    # their model objects, which the operator never hands it; the kubernetes client alone
-    # is ~20 MB of the operator's memory. Marking them absent makes kopf skip them.
-    for library in ("kubernetes", "kubernetes_asyncio", "pykube"):
-        sys.modules.setdefault(library, None)  # type: ignore[arg-type]
-    from dynabase.kube.handlers import run
-    from dynabase.kube.settings import OperatorSettings
-
-    settings = OperatorSettings.from_env(
-        namespaces=args.namespace or None, drift_interval=args.drift_interval, concurrency=args.concurrency,
-        peering=args.peering, metrics_port=args.metrics_port, liveness_port=args.liveness_port,
-        max_workers=args.max_workers,
-    )
-    run(settings)
-    return EXIT_OK
-
-
-def _cmd_proxy(args: argparse.Namespace) -> int:
-    import os
-
-    from dynabase.proxy.main import ProxySettings, default_replica_id, run
-
-    redis_url = args.redis_url or os.environ.get("DYNABASE_REDIS_URL")
-    if not redis_url:
-        print("proxy: set DYNABASE_REDIS_URL or --redis-url (limits are published there)", file=sys.stderr)
-        return EXIT_INVALID
-    busy_poll = args.busy_poll_us
-    if busy_poll is None:
-        busy_poll = os.environ.get("DYNABASE_PROXY_BUSY_POLL_US", "0")
-    try:
-        busy_poll_us = int(busy_poll)
-        if not 0 <= busy_poll_us <= 10_000:
-            raise ValueError
-    except ValueError:
-        print(f"proxy: busy poll {busy_poll!r} (--busy-poll-us or $DYNABASE_PROXY_BUSY_POLL_US): "
-              "give microseconds from 0 (off) to 10000, e.g. 300", file=sys.stderr)
-        return EXIT_INVALID
-    host, _, port = args.listen.rpartition(":")
-    run(ProxySettings(
-        listen_host=host or "0.0.0.0", listen_port=int(port), pgbouncer_host=args.pgbouncer_host,
-        redis_url=redis_url, agent_id=args.agent_id, replica_id=args.replica_id or default_replica_id(int(port)),
-        metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        pgbouncer_advertise_host=args.pgbouncer_advertise_host or os.environ.get("DYNABASE_PGBOUNCER_ADVERTISE_HOST"),
-        busy_poll_us=busy_poll_us,
-    ))
-    return EXIT_OK
-
-
-def _cmd_headless(args: argparse.Namespace) -> int:
-    import asyncio
-    import datetime as dt
-    import os
-
-    from dynabase.engine.runtime import EngineSettings, SettingsError, close_engine, start_engine
-    from dynabase.headless.http import serve
-    from dynabase.headless.reconciler import HeadlessReconciler
-    from dynabase.headless.source import DirectorySource, GitSource
-    from dynabase.spec.units import Duration
-    from dynabase.stopping import stop_on_signals
-
-    try:
-        settings = EngineSettings.from_env(postgres_dsn=args.postgres_dsn, secrets_dir=args.secrets_dir)
-    except SettingsError as exc:
-        print(f"dynabase headless: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    if "://" in args.source or args.source.startswith("git@"):
-        cache = Path(os.environ.get("DYNABASE_CACHE_DIR", os.path.expanduser("~/.cache/dynabase"))) / "git"
-        source: DirectorySource | GitSource = GitSource(args.source, args.ref, cache, args.subdir)
-    else:
-        source = DirectorySource(Path(args.source))
-    window = dt.timedelta(milliseconds=Duration.parse(args.confirm_deletion).milliseconds)
-
-    async def run() -> None:
-        engine = await start_engine(settings)
-        reconciler = HeadlessReconciler(engine, source, interval=args.interval, confirm_deletion=window,
-                                        lock_dsn=settings.postgres_dsn)
-        runner = await serve(reconciler, args.host, args.port)
-        stop = stop_on_signals()
-        try:
-            await reconciler.run(stop)
-        finally:
-            await runner.cleanup()
-            await close_engine(engine)
-
-    asyncio.run(run())
-    return EXIT_OK
-
-
-def _cmd_webhooks(args: argparse.Namespace) -> int:
-    from dynabase.billing.config import ConfigError
-    from dynabase.billing.main import WebhookSettings, run
-
-    try:
-        settings = WebhookSettings.from_args(
-            config_path=args.config, listen=args.listen, mode=args.mode, namespaces=args.namespace, repo=args.repo,
-            ref=args.ref, path=args.path, postgres_dsn=args.postgres_dsn, ledger_file=args.ledger_file,
-        )
-    except ConfigError as exc:
-        print(f"dynabase webhooks: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    run(settings)
-    return EXIT_OK
 
 
 def _cmd_devstack(args: argparse.Namespace) -> int:
@@ -312,7 +193,6 @@ def _cmd_devstack(args: argparse.Namespace) -> int:
 
 def _cmd_usage(args: argparse.Namespace) -> int:
     import asyncio
-    import os
 
     from dynabase.usage.bill import BillUnavailable
     from dynabase.usage.report import run_report
@@ -322,7 +202,7 @@ def _cmd_usage(args: argparse.Namespace) -> int:
             args.month, args.manifests, output_format=args.format,
             bill_path=Path(args.bill) if args.bill else None, model_path=Path(args.model) if args.model else None,
             metrics_file=Path(args.metrics_file) if args.metrics_file else None,
-            mongo_url=os.environ.get("DYNABASE_MONGO_URL"), redis_url=os.environ.get("DYNABASE_REDIS_URL"),
+            mongo_url=env_str("DYNABASE_MONGO_URL"), redis_url=env_str("DYNABASE_REDIS_URL"),
             railway_service=args.bill_railway, kube_event=args.kube_event,
         ))
     except (ValueError, OSError, BillUnavailable) as exc:
@@ -358,75 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
                        ("apply", "reconcile the manifests once")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("paths", nargs="+", help="manifest files or folders")
-        cmd.add_argument("--postgres-dsn", help="superuser DSN (default: $DYNABASE_POSTGRES_DSN)")
-        cmd.add_argument("--secrets-dir", help="tenant passwords (default: $DYNABASE_SECRETS_DIR)")
+        engine_options(cmd)
         if name == "plan":
             cmd.add_argument("--base", help="compare with the manifests at this git ref (a PR review, Markdown; "
                                             "needs no backends)")
         cmd.set_defaults(func=_cmd_reconcile)
 
-    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
-    op.add_argument("--namespace", action="append", help="watch only these namespaces (repeat); default all")
-    op.add_argument("--drift-interval", type=float, help="seconds between drift passes per tenant (default 60)")
-    op.add_argument("--concurrency", type=int, help="backend connections and parallel tenants (default 8)")
-    op.add_argument("--peering", help="peering name: one active replica among several (default standalone)")
-    op.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090, 0 = off)")
-    op.add_argument("--liveness-port", type=int, help="/healthz port (default 8080, 0 = off)")
-    op.add_argument("--max-workers", type=int,
-                    help="objects handled in parallel (default 1000; 0 = unbounded)")
-    op.set_defaults(func=_cmd_operator)
-
-    hl = sub.add_parser("headless", help="reconcile manifests from a folder or git repository, without Kubernetes")
-    hl.add_argument("--source", required=True, help="a folder, or a git URL")
-    hl.add_argument("--ref", default="main", help="git branch or tag (default main)")
-    hl.add_argument("--subdir", default="", help="folder inside the repository")
-    hl.add_argument("--interval", type=float, default=30.0, help="seconds between passes (default 30)")
-    hl.add_argument("--confirm-deletion", default="10m",
-                    help="how long a tenant must be absent before its deletionPolicy applies (default 10m)")
-    hl.add_argument("--host", default="0.0.0.0")
-    hl.add_argument("--port", type=int, default=8080, help="/healthz /readyz /metrics /status")
-    hl.add_argument("--postgres-dsn", help="default: $DYNABASE_POSTGRES_DSN")
-    hl.add_argument("--secrets-dir", help="tenant passwords (default: $DYNABASE_SECRETS_DIR)")
-    hl.set_defaults(func=_cmd_headless)
-
-    px = sub.add_parser("proxy", help="the tenant proxy in front of PgBouncer")
-    px.add_argument("--listen", default="0.0.0.0:5432", help="HOST:PORT (default 0.0.0.0:5432)")
-    px.add_argument("--pgbouncer-host", default="127.0.0.1")
-    px.add_argument("--pgbouncer-advertise-host",
-                    help="address other proxy replicas use to forward CancelRequests to this PgBouncer "
-                         "(default: $DYNABASE_PGBOUNCER_ADVERTISE_HOST, else --pgbouncer-host)")
-    px.add_argument("--redis-url", help="default: $DYNABASE_REDIS_URL")
-    px.add_argument("--agent-id", help="the pgbouncer-agent beside this proxy (default: any)")
-    px.add_argument("--replica-id", help="default: HOSTNAME:PORT")
-    px.add_argument("--metrics-port", type=int, default=9187, help="0 = off")
-    px.add_argument("--tls-cert", help="terminate TLS with this certificate (SSLRequest answered S)")
-    px.add_argument("--tls-key")
-    px.add_argument("--busy-poll-us", help="after traffic keep polling this many microseconds instead of sleeping: "
-                                           "lower latency on VMs, for CPU (default: $DYNABASE_PROXY_BUSY_POLL_US "
-                                           "or 0 = off)")
-    px.set_defaults(func=_cmd_proxy)
-
-    agent = sub.add_parser("pgbouncer-agent", help="render the published pool layout into local PgBouncers")
-    agent.add_argument("--workdir", required=True, help="config, pid and socket files")
-    agent.add_argument("--redis-url", help="default: $DYNABASE_REDIS_URL")
-    agent.add_argument("--postgres-host", required=True, help="host or unix socket directory of Postgres")
-    agent.add_argument("--postgres-port", type=int, default=5432)
-    agent.add_argument("--listen-host", default="127.0.0.1")
-    agent.add_argument("--base-port", type=int, default=6432, help="the _default pool; tier pools above it")
-    agent.set_defaults(func=_cmd_pgbouncer_agent)
-
-    wh = sub.add_parser("webhooks", help="Stripe subscription events change tenants' declared tiers")
-    wh.add_argument("--config", required=True, help="price/product -> tier mapping (YAML)")
-    wh.add_argument("--listen", default="0.0.0.0:8080", help="HOST:PORT for /stripe/webhook /healthz /metrics")
-    wh.add_argument("--mode", choices=["kube", "git"], default="kube",
-                    help="patch TenantDatabases (kube) or commit to the GitOps repository (git)")
-    wh.add_argument("--namespace", action="append", help="kube: only these namespaces (repeat); default all")
-    wh.add_argument("--repo", help="git: repository URL")
-    wh.add_argument("--ref", default="main", help="git: branch to commit to (default main)")
-    wh.add_argument("--path", default="", help="git: folder of the manifests inside the repository")
-    wh.add_argument("--postgres-dsn", help="ledger in dynabase.stripe_events (default $DYNABASE_POSTGRES_DSN)")
-    wh.add_argument("--ledger-file", help="without a DSN: a JSON file (default $DYNABASE_CACHE_DIR/stripe-events.json)")
-    wh.set_defaults(func=_cmd_webhooks)
+    add_server_commands(sub)
 
     devstack = sub.add_parser("devstack", help="the real local stack on loopback")
     devstack.add_argument("action", choices=["up", "down", "env", "build"])
@@ -462,14 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import os
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     from dynabase import logs
 
-    logs.setup(os.environ.get("DYNABASE_LOG_LEVEL", "WARNING"))
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        logs.setup(from_env("DYNABASE_LOG_LEVEL", _log_level, "WARNING", example="INFO"))
+        resolve_env_defaults(args)
+        return int(args.func(args))
+    except SettingsError as exc:
+        print(f"dynabase {args.command}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":

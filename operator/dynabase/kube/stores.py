@@ -8,9 +8,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from dynabase.kubeapi import MERGE_PATCH, KubeApi, KubeApiError
 from dynabase.spec import GROUP, VERSION, TenantDatabase, TenantDatabaseStatus
-
-from .api import MERGE_PATCH, KubeApi, KubeApiError
 
 PLURAL = "tenantdatabases"
 GENERATED_SUFFIX = "-dynabase-password"
@@ -69,6 +68,10 @@ class KubeSecretStore:
         patch = {"stringData": {key: password}}  # the Secret exists without our key: add it
         await self.api.request("PATCH", f"{_secrets(tenant.namespace)}/{name}", patch, MERGE_PATCH)
         return password
+
+    def restore_hint(self, tenant: TenantDatabase) -> str:
+        name, key = secret_name(tenant)
+        return f"put it in Secret {tenant.namespace}/{name} under key {key!r}"
 
 
 def status_patch(status: TenantDatabaseStatus) -> dict[str, Any]:
