@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 from dynabase.desired.proxy import ProxyTenantLimits
 from dynabase.proxy.metering import Usage
-from dynabase.proxy.server import READY, ClientConnection, Proxy, ProxyConfig, Router, TenantState, Upstream
+from dynabase.proxy.scanner import READY, Upstream
+from dynabase.proxy.server import Proxy
+from dynabase.proxy.session import ClientConnection
+from dynabase.proxy.tenants import ProxyConfig
 
 
 def message(kind: bytes, body: bytes) -> bytes:
@@ -51,11 +54,13 @@ class PathCost:
 
 
 def ready_connection() -> tuple[ClientConnection, Usage]:
-    limits = ProxyTenantLimits("bench/t", "t", "t", "BENCH", "p", 100, None, None, 0, "reject", None, None)
-    usage = Usage("bench/t", "BENCH")
-    proxy = Proxy(ProxyConfig(), Router())
+    proxy = Proxy(ProxyConfig())
+    proxy.tenants.limits = {"t": ProxyTenantLimits("bench/t", "t", "t", "BENCH", "p", 100, None, None, 0, "reject",
+                                                   None, None)}
     conn = ClientConnection(proxy)
-    conn.tenant = TenantState(limits, None, usage)
+    conn.tenant = proxy.tenants.get("t")
+    assert conn.tenant is not None
+    usage = conn.tenant.usage
     conn.state = READY
     conn.transport = NullTransport()  # type: ignore[assignment]
     conn.upstream = Upstream(conn)

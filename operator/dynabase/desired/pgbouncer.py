@@ -19,11 +19,7 @@ from typing import Any
 
 from .effective import PgBouncerEffective
 
-# Where the engine publishes the layout and agents report back (Redis).
-DESIRED_KEY = "dynabase:pgbouncer:desired"
-AGENTS_KEY = "dynabase:pgbouncer:agents"
-CHANNEL = "dynabase:pgbouncer:changed"
-SEQ_KEY = "dynabase:pgbouncer:seq"
+# Where the engine publishes the layout and agents report back: dynabase.keyspace.
 DEFAULT_POOL = "_default"  # always present: a stable admin endpoint and a fallback pool
 
 
