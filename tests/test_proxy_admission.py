@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 
 import pytest
 
@@ -16,28 +15,26 @@ from dynabase import keyspace
 from dynabase.desired.drain import over_cap
 from dynabase.desired.proxy import ProxyTenantLimits
 from dynabase.proxy.admission import HOLD, SharedLimiter, queue_budget
-from dynabase.proxy.coordination import BackendKey, Target
+from dynabase.proxy.coordination import LocalOnly
 from dynabase.proxy.limiter import lease_ahead
 from dynabase.proxy.metering import HourlyMeter, Usage
-from dynabase.proxy.scanner import READY, Upstream
 from dynabase.proxy.server import SWEEP_ERRORS, Proxy
-from dynabase.proxy.session import ClientConnection
 from dynabase.proxy.tenants import ProxyConfig, Tenants
 
-from .test_proxy_stream import Recorder, message
+from .test_proxy_stream import connection, message
 
 
 def limits(qps: int | None = 10, *, over_limit: str = "throttle", queue_ms: int = 2000) -> ProxyTenantLimits:
     return ProxyTenantLimits("t/t", "t", "t", "T", "p", 10, qps, qps, queue_ms, over_limit, None, None)
 
 
-@dataclass
-class ScriptedCoordination:
+class ScriptedCoordination(LocalOnly):
     """Connected replicas whose lease answers the test gives, one call at a time."""
 
-    connected: bool = True
-    asked: list[list[float]] = field(default_factory=list)
-    answers: asyncio.Queue[list[int] | None] = field(default_factory=asyncio.Queue)
+    def __init__(self) -> None:
+        self.connected = True
+        self.asked: list[list[float]] = []
+        self.answers: asyncio.Queue[list[int] | None] = asyncio.Queue()
 
     async def lease(self, database: str, lanes: int, args: list[float]) -> list[int] | None:
         self.asked.append(args)
@@ -45,18 +42,6 @@ class ScriptedCoordination:
         if answer is None:
             self.connected = False
         return answer
-
-    def wake(self, database: str) -> None:
-        pass
-
-    def publish_cancel(self, backend_key: BackendKey, target: Target) -> None:
-        pass
-
-    def forget_cancel(self, backend_key: BackendKey) -> None:
-        pass
-
-    async def find_cancel(self, backend_key: BackendKey) -> Target | None:
-        return None
 
 
 class Waiter:
@@ -138,16 +123,7 @@ async def test_new_limits_release_the_queries_waiting_on_the_old_ones() -> None:
 
 
 async def test_a_held_query_goes_through_the_connection_once_its_lease_answers() -> None:
-    coordination = ScriptedCoordination()
-    proxy = Proxy(ProxyConfig(), Tenants(coordination))
-    proxy.tenants.limits = {"t": limits(qps=10)}
-    conn = ClientConnection(proxy)
-    conn.tenant = proxy.tenants.get("t")
-    conn.state = READY
-    to_client, to_server = Recorder(), Recorder()
-    conn.transport = to_client  # type: ignore[assignment]
-    conn.upstream = Upstream(conn)
-    conn.upstream.transport = to_server  # type: ignore[assignment]
+    conn, _, to_server = connection(10, over_limit="throttle", tenants=Tenants(ScriptedCoordination()))
     query = message(b"Q", 20)
     conn.data_received(query)
     assert bytes(to_server.data) == b"" and conn.held == query  # held, reading paused
