@@ -9,6 +9,7 @@ proxy into a cache outside the checkout (CI clones afresh, the cache stays).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -46,9 +47,17 @@ KUBE_CONTROLLER_MANAGER = Binary(
     "kube-controller-manager", KUBERNETES_VERSION, "TEST_ASSET_KUBE_CONTROLLER_MANAGER"
 )
 KUBE_SCHEDULER = Binary("kube-scheduler", KUBERNETES_VERSION, "TEST_ASSET_KUBE_SCHEDULER")
+# The pod sandbox's process (registry.k8s.io/pause's job), from the Go file beside this
+# module; its version is the source's digest, so an edit builds a new one.
+PAUSE_SOURCE = Path(__file__).resolve().parent / "pause" / "main.go"
+PAUSE = Binary(
+    "pause",
+    hashlib.sha256(PAUSE_SOURCE.read_bytes()).hexdigest()[:12] if PAUSE_SOURCE.exists() else "unknown",
+    "TEST_ASSET_PAUSE",
+)
 CONTROL_PLANE_BINARIES = (KUBE_APISERVER, KUBECTL)
 NODE_BINARIES = (KUBELET, KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER)
-ALL_BINARIES = (ETCD, KUBE_APISERVER, KUBECTL, FERRETDB, *NODE_BINARIES)
+ALL_BINARIES = (ETCD, KUBE_APISERVER, KUBECTL, FERRETDB, *NODE_BINARIES, PAUSE)
 
 
 def cache_dir() -> Path:
@@ -243,10 +252,23 @@ def _build_ferretdb() -> None:
     shutil.rmtree(holder, ignore_errors=True)
 
 
+def _build_pause() -> None:
+    if not PAUSE_SOURCE.exists():
+        raise BinaryUnavailable(f"pause: its source {PAUSE_SOURCE} is missing (a source checkout has it)")
+    work = _fresh_dir(cache_dir() / "build" / f"pause-{PAUSE.version}")
+    shutil.copy2(PAUSE_SOURCE, work / "main.go")
+    _run(["go", "mod", "init", "dynabase.local/pause"], work)
+    out = work / "pause"
+    _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(out), "."], work, {"CGO_ENABLED": "0"})
+    _install(out, PAUSE)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 _BUILDERS = {
     "kube-apiserver": _build_control_plane,
     "kubectl": _build_control_plane,
     **{binary.name: _build_node for binary in NODE_BINARIES},
+    "pause": _build_pause,
     "etcd": _build_etcd,
     "ferretdb": _build_ferretdb,
 }
