@@ -8,6 +8,9 @@ import asyncpg
 
 from dynabase.spec import TenantDatabaseStatus
 
+from .platform_schema import create_once, table_exists
+
+_TABLE = "dynabase.tenant_status"
 _SCHEMA = """
 CREATE SCHEMA IF NOT EXISTS dynabase;
 CREATE TABLE IF NOT EXISTS dynabase.tenant_status (
@@ -25,16 +28,13 @@ class PostgresStatusStore:
 
     async def _ensure(self) -> None:
         if not self._ready:
-            async with self._pool.acquire() as conn:
-                exists = await conn.fetchval("SELECT to_regclass('dynabase.tenant_status') IS NOT NULL")
-                if not exists:
-                    await conn.execute(_SCHEMA)
+            await create_once(self._pool, _TABLE, _SCHEMA)
             self._ready = True
 
     async def load(self, keys: list[str]) -> dict[str, TenantDatabaseStatus]:
         # Reading never creates the table, so `dynabase plan` stays read-only.
         async with self._pool.acquire() as conn:
-            if not await conn.fetchval("SELECT to_regclass('dynabase.tenant_status') IS NOT NULL"):
+            if not await table_exists(conn, _TABLE):
                 return {}
             rows = await conn.fetch(
                 "SELECT tenant_key, status::text FROM dynabase.tenant_status WHERE tenant_key = ANY($1::text[])",

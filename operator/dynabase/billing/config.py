@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
+from dynabase.settings import SettingsError, secret_from_env
 from dynabase.spec.tenant import ORG_ID_PATTERN
 from dynabase.spec.tier import TIER_NAME_PATTERN
 
@@ -137,14 +138,10 @@ class WebhookSecret:
 
 def load_webhook_secret(environ: Mapping[str, str]) -> WebhookSecret:
     """From $DYNABASE_STRIPE_WEBHOOK_SECRET, or the file named by $DYNABASE_STRIPE_WEBHOOK_SECRET_FILE."""
-    inline, file = environ.get(SECRET_ENV), environ.get(f"{SECRET_ENV}_FILE")
-    if inline and file:
-        raise ConfigError(f"set {SECRET_ENV} or {SECRET_ENV}_FILE, not both")
-    if file:
-        try:
-            return WebhookSecret(Path(file).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"{SECRET_ENV}_FILE: cannot read {file}: {exc.strerror}") from exc
-    if inline:
-        return WebhookSecret(inline)
-    raise ConfigError(f"set {SECRET_ENV} (or {SECRET_ENV}_FILE) to the endpoint's signing secret (whsec_...)")
+    try:
+        value = secret_from_env(SECRET_ENV, environ)
+    except SettingsError as exc:
+        raise ConfigError(str(exc)) from None
+    if value is None:
+        raise ConfigError(f"set {SECRET_ENV} (or {SECRET_ENV}_FILE) to the endpoint's signing secret (whsec_...)")
+    return WebhookSecret(value)

@@ -12,6 +12,7 @@ from typing import Literal
 from aiohttp import web
 from kubernetes import client, config
 
+from dynabase.settings import cache_dir
 from dynabase.stopping import stop_on_signals
 
 from .config import BillingConfig, ConfigError, WebhookSecret, load_config, load_webhook_secret
@@ -40,24 +41,17 @@ class WebhookSettings:
     cache_dir: Path = Path(".")
 
     @classmethod
-    def from_args(cls, *, config_path: str, listen: str, mode: Mode, namespaces: list[str] | None, repo: str | None,
-                  ref: str, path: str, postgres_dsn: str | None, ledger_file: str | None) -> WebhookSettings:
-        """Raises ConfigError with a message for a person."""
-        env = os.environ
-        host, _, port = listen.rpartition(":")
-        if not port.isdigit():
-            raise ConfigError(f"--listen {listen!r}: expected HOST:PORT")
+    def from_args(cls, *, config_path: str, listen: tuple[str, int], mode: Mode, namespaces: list[str],
+                  repo: str | None, ref: str, path: str, postgres_dsn: str | None,
+                  ledger_file: str) -> WebhookSettings:
+        """The command's options, their environment defaults already applied; raises ConfigError."""
         if mode == "git" and not repo:
-            raise ConfigError("--mode git needs --repo (the GitOps repository URL)")
-        cache = Path(env.get("DYNABASE_CACHE_DIR", os.path.expanduser("~/.cache/dynabase")))
+            raise ConfigError("--mode git needs --repo or DYNABASE_GITOPS_URL (the GitOps repository URL)")
         return cls(
-            config=load_config(Path(config_path)), secret=load_webhook_secret(env),
-            listen_host=host or "0.0.0.0", listen_port=int(port), mode=mode,
-            namespaces=namespaces or [n for n in env.get("DYNABASE_NAMESPACES", "").split(",") if n],
-            repo=repo or "", branch=ref, subdir=path,
-            ledger_dsn=postgres_dsn or env.get("DYNABASE_POSTGRES_DSN") or None,
-            ledger_file=Path(ledger_file) if ledger_file else cache / "stripe-events.json",
-            cache_dir=cache / "billing-git",
+            config=load_config(Path(config_path)), secret=load_webhook_secret(os.environ),
+            listen_host=listen[0], listen_port=listen[1], mode=mode, namespaces=namespaces,
+            repo=repo or "", branch=ref, subdir=path, ledger_dsn=postgres_dsn or None,
+            ledger_file=Path(ledger_file), cache_dir=cache_dir() / "billing-git",
         )
 
 

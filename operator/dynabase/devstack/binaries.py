@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynabase import settings
+
 KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.16"
 FERRETDB_VERSION = "v1.24.2"
@@ -61,10 +63,7 @@ ALL_BINARIES = (ETCD, KUBE_APISERVER, KUBECTL, FERRETDB, *NODE_BINARIES, PAUSE)
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("DYNABASE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dynabase"
-    )
-    return Path(base)
+    return settings.cache_dir()
 
 
 def cached_path(binary: Binary) -> Path:

@@ -54,7 +54,8 @@ from dynabase.spec.tenant import TierChange
 
 from . import metrics
 from .conditions import Outcome, build_conditions, make_condition
-from .stores import SecretStore, StatusStore, generate_password
+from .passwords import secret_failed, settle_passwords, stored_password
+from .stores import SecretStore, StatusStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -261,7 +262,7 @@ class Engine:
         targets: dict[str, PostgresTarget] = {}
         for result in results:
             if result.decision is not None:
-                targets[result.key] = await self._postgres_target(result, dry_run)
+                targets[result.key] = await self._postgres_target(result)
                 result.password = targets[result.key].password
         for result in deleted_results:
             targets[result.key] = self._deletion_target(result.tenant)
@@ -277,6 +278,8 @@ class Engine:
             for result in [*results, *deleted_results]:
                 result.outcomes.append(Outcome("PostgresReady", False, "ObserveFailed", describe_error(exc)))
             observed = None
+        if observed is not None:  # a role that has a password never gets a generated one
+            await settle_passwords(self.secrets, results, targets, observed, dry_run)
 
         everyone = [*results, *deleted_results]
         proxy_state = await self._proxy_prepare(results, deleted_results, dry_run) if self.proxy else None
@@ -432,16 +435,13 @@ class Engine:
             month[tenant] = month.get(tenant, UsageTotals()) + value
         return month
 
-    async def _postgres_target(self, result: TenantResult, dry_run: bool) -> PostgresTarget:
+    async def _postgres_target(self, result: TenantResult) -> PostgresTarget:
         tenant, limits = result.tenant, result.limits
         assert limits is not None
         state: TenantState = "suspended" if tenant.spec.suspended else "active"
         settings = role_settings(limits.postgres)
         if result.overage is not None and result.overage.restriction == "readOnly":
             settings["default_transaction_read_only"] = "on"
-        password = await self.secrets.get_password(tenant)
-        if password is None and not dry_run:
-            password = await self.secrets.create_password(tenant, generate_password())
         return PostgresTarget(
             key=tenant.key,
             role=tenant.database_name,
@@ -449,7 +449,7 @@ class Engine:
             state=state,
             connection_limit=limits.postgres.connection_limit,
             settings=settings,
-            password=Password(password) if password is not None else None,
+            password=await stored_password(self.secrets, result),
             service_roles=(PGBOUNCER_AUTH_ROLE,),
             cold_after_seconds=(limits.lifecycle.idle_timeout.milliseconds // 1000
                                 if result.cold and limits.lifecycle.idle_timeout else None),
@@ -472,7 +472,8 @@ class Engine:
             if plan is None:
                 continue
             result.plans["postgres"] = render_plan(plan)
-            if targets[result.key].password is None and targets[result.key].state == "active":
+            if targets[result.key].password is None and targets[result.key].state == "active" \
+                    and not secret_failed(result):
                 result.plans["postgres"].append("(a password would be generated into the tenant's Secret)")
         return plans
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+import asyncpg
 
 from dynabase.backends.mongo import MongoBackend
 from dynabase.backends.pgbouncer import PgBouncerBackend
@@ -15,29 +18,16 @@ from dynabase.backends.proxy import ProxyBackend
 from dynabase.backends.railway import RailwayBackend
 from dynabase.backends.railway.client import DEFAULT_URL as RAILWAY_URL
 from dynabase.backends.redis_acl import RedisBackend
+from dynabase.backends.secrets_pg import KEY_VARIABLE, PostgresSecretStore, SecretsKeyring
 from dynabase.backends.status_pg import PostgresStatusStore
 from dynabase.desired.railway import ServiceRef, ServiceTarget
+from dynabase.settings import SettingsError, data_dir, env_int, env_str, from_env, secret_from_env
 
 from .reconciler import Clock, Engine, utcnow
-from .stores import DirectorySecretStore, SecretStore, StatusStore
+from .stores import DirectorySecretStore, EnvironmentPasswords, SecretStore, StatusStore
 
-
-class SettingsError(ValueError):
-    pass
-
-
-def secret_from_env(name: str) -> str | None:
-    """A secret from ``NAME`` or from the file named by ``NAME_FILE`` (mounted secrets, Railway variables)."""
-    value = os.environ.get(name)
-    if value:
-        return value.strip()
-    path = os.environ.get(f"{name}_FILE")
-    if path:
-        try:
-            return Path(path).read_text().strip() or None
-        except OSError as exc:
-            raise SettingsError(f"{name}_FILE={path}: cannot read it ({exc.strerror})") from None
-    return None
+__all__ = ["EngineSettings", "RailwaySettings", "SettingsError", "close_engine", "open_engine", "start_engine"]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,22 +50,15 @@ class RailwaySettings:
         token = account or project
         if not token:
             return None
-        proxy = os.environ.get("DYNABASE_RAILWAY_PROXY_SERVICE")  # projectId/environmentId/serviceName
-        proxy_ref = None
-        if proxy:
-            parts = proxy.split("/")
-            if len(parts) != 3 or not all(parts):
-                raise SettingsError(f"DYNABASE_RAILWAY_PROXY_SERVICE={proxy!r}: expected "
-                                    "projectId/environmentId/serviceName")
-            proxy_ref = ServiceRef(*parts)
         return cls(
             token, "account" if account else "project",
-            url=os.environ.get("DYNABASE_RAILWAY_URL", RAILWAY_URL),
-            hourly_budget=_int_env("DYNABASE_RAILWAY_HOURLY_BUDGET", 1000),
-            pg_host=os.environ.get("DYNABASE_RAILWAY_PGHOST"),
-            pg_port=_int_env("DYNABASE_RAILWAY_PGPORT", 0) or None,
-            proxy_service=proxy_ref,
-            proxy_replicas=_int_env("DYNABASE_RAILWAY_PROXY_REPLICAS", 2),
+            url=env_str("DYNABASE_RAILWAY_URL", RAILWAY_URL) or RAILWAY_URL,
+            hourly_budget=env_int("DYNABASE_RAILWAY_HOURLY_BUDGET", 1000, minimum=1),
+            pg_host=env_str("DYNABASE_RAILWAY_PGHOST"),
+            pg_port=env_int("DYNABASE_RAILWAY_PGPORT", 0, minimum=0, maximum=65535) or None,
+            proxy_service=from_env("DYNABASE_RAILWAY_PROXY_SERVICE", _service_ref, None,
+                                   example="projectId/environmentId/proxy"),
+            proxy_replicas=env_int("DYNABASE_RAILWAY_PROXY_REPLICAS", 2, minimum=0),
         )
 
     def platform_targets(self) -> list[ServiceTarget]:
@@ -84,14 +67,21 @@ class RailwaySettings:
         return [ServiceTarget("platform/proxy", self.proxy_service, self.proxy_replicas, sleep_application=False)]
 
 
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw!r}: expected a whole number") from None
+def _service_ref(text: str) -> ServiceRef:
+    parts = text.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError("expected projectId/environmentId/serviceName")
+    return ServiceRef(*parts)
+
+
+SecretsStoreKind = Literal["postgres", "files"]
+
+NO_SECRETS_KEY = (
+    "tenant passwords need a home that every replica and every redeploy finds. Set DYNABASE_SECRETS_KEY "
+    "(or DYNABASE_SECRETS_KEY_FILE) to 32 random bytes in base64 (`openssl rand -base64 32`) to keep them in "
+    "Postgres, encrypted; or, for a single replica with a persistent volume, DYNABASE_SECRETS_STORE=files "
+    "and DYNABASE_SECRETS_DIR on that volume"
+)
 
 
 @dataclass(frozen=True)
@@ -104,27 +94,65 @@ class EngineSettings:
     tenant_redis_url: str | None = None
     mongo_url: str | None = None  # tenant users and the organizations/tenantUsage collections
     railway: RailwaySettings | None = None
+    secrets_store: SecretsStoreKind = "files"
+    secrets_keyring: SecretsKeyring | None = None  # the postgres store's keys
+    read_only: bool = False  # `dynabase plan`: stores write nothing either
 
     @classmethod
     def from_env(cls, *, postgres_dsn: str | None = None, secrets_dir: str | None = None,
-                 concurrency: int | None = None, redis_url: str | None = None) -> EngineSettings:
-        dsn = postgres_dsn or os.environ.get("DYNABASE_POSTGRES_DSN")
+                 secrets_store: str | None = None, concurrency: int | None = None, redis_url: str | None = None,
+                 headless: bool = False) -> EngineSettings:
+        """Flags given here win over their variables. ``headless`` refuses to keep passwords in
+        files nobody chose: a replica or a redeploy would not find them."""
+        dsn = postgres_dsn or env_str("DYNABASE_POSTGRES_DSN")
         if not dsn:
             raise SettingsError(
                 "no Postgres to reconcile: pass --postgres-dsn or set DYNABASE_POSTGRES_DSN "
                 "(`eval \"$(dynabase devstack env)\"` sets it for the local stack)"
             )
-        directory = secrets_dir or os.environ.get("DYNABASE_SECRETS_DIR") or os.path.expanduser(
-            "~/.local/share/dynabase/secrets"
-        )
+        directory = secrets_dir or env_str("DYNABASE_SECRETS_DIR")
+        store, keyring = _secrets_store(secrets_store, chosen_dir=directory is not None, headless=headless)
+        redis = redis_url or env_str("DYNABASE_REDIS_URL")
         return cls(
-            dsn, Path(directory), concurrency or int(os.environ.get("DYNABASE_CONCURRENCY", "8")),
-            redis_url=redis_url or os.environ.get("DYNABASE_REDIS_URL"),
-            tenant_redis_url=os.environ.get("DYNABASE_TENANT_REDIS_URL") or redis_url
-            or os.environ.get("DYNABASE_REDIS_URL"),
-            mongo_url=os.environ.get("DYNABASE_MONGO_URL"),
-            railway=RailwaySettings.from_env(),
+            dsn, Path(directory) if directory else data_dir() / "secrets",
+            concurrency or env_int("DYNABASE_CONCURRENCY", 8, minimum=1),
+            redis_url=redis, tenant_redis_url=env_str("DYNABASE_TENANT_REDIS_URL") or redis,
+            mongo_url=env_str("DYNABASE_MONGO_URL"), railway=RailwaySettings.from_env(),
+            secrets_store=store, secrets_keyring=keyring,
         )
+
+
+def _secrets_store(flag: str | None, *, chosen_dir: bool,
+                   headless: bool) -> tuple[SecretsStoreKind, SecretsKeyring | None]:
+    """Postgres when a key is set; files when chosen (or for one-off commands); else, in headless mode, refuse."""
+    raw_key = secret_from_env(KEY_VARIABLE)
+    keyring = SecretsKeyring.parse(raw_key) if raw_key else None
+    chosen = flag or from_env("DYNABASE_SECRETS_STORE", _store_kind, None, example="postgres")
+    if chosen == "postgres" and keyring is None:
+        raise SettingsError("DYNABASE_SECRETS_STORE=postgres needs DYNABASE_SECRETS_KEY: " + NO_SECRETS_KEY)
+    if chosen is None:
+        if keyring is None and headless and not chosen_dir:
+            raise SettingsError(NO_SECRETS_KEY)
+        chosen = "postgres" if keyring is not None else "files"
+    return _store_kind(chosen), keyring
+
+
+def _store_kind(text: str) -> SecretsStoreKind:
+    if text == "postgres":
+        return "postgres"
+    if text == "files":
+        return "files"
+    raise ValueError("expected postgres or files")
+
+
+def secret_store(settings: EngineSettings, pool: asyncpg.Pool) -> SecretStore:
+    """Variables first (DYNABASE_PASSWORD_<NAMESPACE>__<NAME>), then the chosen store."""
+    if settings.secrets_store == "postgres":
+        assert settings.secrets_keyring is not None
+        return EnvironmentPasswords(PostgresSecretStore(pool, settings.secrets_keyring, reseal=not settings.read_only))
+    log.warning("tenant passwords kept in files: only this replica and this filesystem know them",
+                extra={"directory": str(settings.secrets_dir)})
+    return EnvironmentPasswords(DirectorySecretStore(settings.secrets_dir))
 
 
 async def start_engine(
@@ -150,7 +178,7 @@ async def start_engine(
         proxy=proxy,
         redis=tenant_redis,
         mongo=mongo,
-        secrets=secrets or DirectorySecretStore(settings.secrets_dir),
+        secrets=secrets or secret_store(settings, postgres.pool),
         status_store=status_store or PostgresStatusStore(postgres.pool),
         clock=clock,
         concurrency=settings.concurrency,

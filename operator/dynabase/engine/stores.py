@@ -1,8 +1,14 @@
 """Where the engine keeps what it does not declare: tenant passwords and status.
 
-The operator keeps them in Kubernetes (Secrets, the status subresource), headless
-mode in files/environment and Postgres; tests use the in-memory versions. The
-engine sees only these protocols.
+The operator keeps them in Kubernetes (Secrets, the status subresource); headless
+mode takes passwords from variables, else from Postgres (encrypted,
+backends/secrets_pg.py) or files, and status from Postgres; tests use the
+in-memory versions. The engine sees only these protocols.
+
+A stored password is never replaced: `create_password` keeps the first one
+written, and the engine generates one only for a role that has no password yet.
+When a role has a password but no store knows it, the tenant reports
+SecretMissing with the store's `restore_hint`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import secrets as _secrets
 from pathlib import Path
 from typing import Protocol
 
+from dynabase.settings import secret_from_env
 from dynabase.spec import TenantDatabase, TenantDatabaseStatus
 
 
@@ -25,6 +32,10 @@ class SecretStore(Protocol):
 
     async def create_password(self, tenant: TenantDatabase, password: str) -> str:
         """Store a generated password; returns the one that is stored (another writer may have won)."""
+        ...
+
+    def restore_hint(self, tenant: TenantDatabase) -> str:
+        """How a person gives back the password of a role whose secret is lost (no secret in it)."""
         ...
 
 
@@ -44,34 +55,55 @@ class MemorySecretStore:
     async def create_password(self, tenant: TenantDatabase, password: str) -> str:
         return self.passwords.setdefault(tenant.key, password)
 
+    def restore_hint(self, tenant: TenantDatabase) -> str:
+        return "this engine keeps passwords in memory only"
+
+
+def _slug(tenant: TenantDatabase) -> str:
+    return f"{tenant.namespace}__{tenant.name}"
+
+
+def password_variable(tenant: TenantDatabase) -> str:
+    """``DYNABASE_PASSWORD_<NAMESPACE>__<NAME>``, upper case, other characters as ``_``."""
+    return "DYNABASE_PASSWORD_" + re.sub(r"[^A-Z0-9_]", "_", _slug(tenant).upper())
+
+
+class EnvironmentPasswords:
+    """Passwords given as variables win over the store beneath (a Railway variable, a restored password).
+
+    ``DYNABASE_PASSWORD_<NAMESPACE>__<NAME>`` (or ``…_FILE``); generated passwords go to ``store``.
+    """
+
+    def __init__(self, store: SecretStore) -> None:
+        self.store = store
+
+    async def get_password(self, tenant: TenantDatabase) -> str | None:
+        return secret_from_env(password_variable(tenant)) or await self.store.get_password(tenant)
+
+    async def create_password(self, tenant: TenantDatabase, password: str) -> str:
+        return await self.store.create_password(tenant, password)
+
+    def restore_hint(self, tenant: TenantDatabase) -> str:
+        return f"set {password_variable(tenant)} to the role's password, or {self.store.restore_hint(tenant)}"
+
 
 class DirectorySecretStore:
     """One 0600 file per tenant (``<namespace>__<name>``), like a mounted Secret volume.
 
-    ``DYNABASE_PASSWORD_<NAMESPACE>__<NAME>`` in the environment wins, so a
-    Railway variable can provide a password without a file.
+    Only the replica and the filesystem that wrote a file know it: for one
+    replica with a persistent volume.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    @staticmethod
-    def _slug(tenant: TenantDatabase) -> str:
-        return f"{tenant.namespace}__{tenant.name}"
-
-    def _env_name(self, tenant: TenantDatabase) -> str:
-        return "DYNABASE_PASSWORD_" + re.sub(r"[^A-Z0-9_]", "_", self._slug(tenant).upper())
-
     async def get_password(self, tenant: TenantDatabase) -> str | None:
-        from_env = os.environ.get(self._env_name(tenant))
-        if from_env:
-            return from_env
-        path = self.directory / self._slug(tenant)
+        path = self.directory / _slug(tenant)
         return path.read_text().strip() if path.exists() else None
 
     async def create_password(self, tenant: TenantDatabase, password: str) -> str:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.directory / self._slug(tenant)
+        path = self.directory / _slug(tenant)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
@@ -79,6 +111,9 @@ class DirectorySecretStore:
         with os.fdopen(fd, "w") as handle:
             handle.write(password + "\n")
         return password
+
+    def restore_hint(self, tenant: TenantDatabase) -> str:
+        return f"restore the file {self.directory / _slug(tenant)}"
 
 
 class MemoryStatusStore:

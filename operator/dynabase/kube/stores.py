@@ -70,6 +70,10 @@ class KubeSecretStore:
         await self.api.request("PATCH", f"{_secrets(tenant.namespace)}/{name}", patch, MERGE_PATCH)
         return password
 
+    def restore_hint(self, tenant: TenantDatabase) -> str:
+        name, key = secret_name(tenant)
+        return f"put it in Secret {tenant.namespace}/{name} under key {key!r}"
+
 
 def status_patch(status: TenantDatabaseStatus) -> dict[str, Any]:
     """Merge patch of the whole status; cleared fields are sent as null to remove them."""

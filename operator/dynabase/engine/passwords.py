@@ -1,0 +1,66 @@
+"""Tenant passwords: read from the secret store, generated only for a role that has none.
+
+A role whose password no store knows keeps it: replacing it would lock out the
+tenant's applications (a redeploy with an empty disk, a lost key, a deleted
+Secret). The tenant reports SecretMissing with how to give the password back;
+nothing is generated and no ``ALTER ROLE … PASSWORD`` is planned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from dynabase.desired.postgres import Password, PostgresObserved, PostgresTarget
+from dynabase.desired.sql import quote_ident
+
+from .conditions import Outcome
+from .stores import SecretStore, generate_password
+
+if TYPE_CHECKING:
+    from .reconciler import TenantResult
+
+SECRET_CONDITION = "SecretReady"
+
+
+def _failed(result: TenantResult, reason: str, message: str) -> None:
+    result.outcomes.append(Outcome(SECRET_CONDITION, False, reason, message))
+
+
+def secret_failed(result: TenantResult) -> bool:
+    return any(o.condition_type == SECRET_CONDITION for o in result.outcomes)
+
+
+async def stored_password(secrets: SecretStore, result: TenantResult) -> Password | None:
+    """The stored password; a store that cannot answer is this tenant's condition, not the pass's."""
+    try:
+        value = await secrets.get_password(result.tenant)
+    except Exception as exc:  # the stores' messages name keys and variables, never a secret
+        _failed(result, "SecretUnavailable", f"{type(exc).__name__}: {exc}")
+        return None
+    return Password(value) if value is not None else None
+
+
+async def settle_passwords(secrets: SecretStore, results: list[TenantResult], targets: dict[str, PostgresTarget],
+                           observed: PostgresObserved, dry_run: bool) -> None:
+    """Give every active tenant without a stored password one, unless its role already has one."""
+    for result in results:
+        target = targets.get(result.key)
+        if target is None or target.password is not None or secret_failed(result):
+            continue
+        role = observed.roles.get(target.role)
+        if role is not None and role.verifier and role.comment == target.marker:
+            _failed(result, "SecretMissing", (
+                f"role {target.role} has a password that no store holds, so none is generated: "
+                f"{secrets.restore_hint(result.tenant)}; or, to give the tenant a new one, "
+                f"ALTER ROLE {quote_ident(target.role)} PASSWORD NULL"))
+            continue
+        if dry_run:
+            continue
+        try:
+            value = await secrets.create_password(result.tenant, generate_password())
+        except Exception as exc:  # as above: this tenant's condition
+            _failed(result, "SecretUnavailable", f"{type(exc).__name__}: {exc}")
+            continue
+        targets[result.key] = dataclasses.replace(target, password=Password(value))
+        result.password = targets[result.key].password
