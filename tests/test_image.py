@@ -50,7 +50,7 @@ USER = "10001:10001"
 GRACE_SECONDS = 10  # what `podman stop` (like Kubernetes and Railway) waits before SIGKILL
 
 
-def _image_unavailable() -> str | None:
+def image_unavailable() -> str | None:
     if shutil.which("podman") is None:
         return "podman not installed (./scripts/setup installs it)"
     if not Path(RUNC).exists():
@@ -64,7 +64,7 @@ def _image_unavailable() -> str | None:
 
 @pytest.fixture(scope="session")
 def image() -> str:
-    reason = _image_unavailable()
+    reason = image_unavailable()
     if reason:
         pytest.skip(f"image tests: {reason}")
     return IMAGE
