@@ -276,7 +276,7 @@ def test_a_deleted_operator_pod_is_replaced_and_the_replacement_converges(cluste
 
 
 def test_in_cluster_login_uses_the_address_the_kubelet_gives(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dynabase.kube.api import in_cluster_server
+    from dynabase.kubeapi import in_cluster_server
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert in_cluster_server("https://kubernetes.default.svc") == "https://kubernetes.default.svc"

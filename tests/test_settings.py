@@ -249,3 +249,18 @@ def test_keys_may_be_urlsafe_or_unpadded_and_the_first_seals() -> None:
     sealed_by, sealed = old.seal("ns/t", "pw")
     assert ring.open("ns/t", sealed_by, sealed) == "pw"  # an older key still opens its rows
     assert ring.seal("ns/t", "pw")[0] == SecretsKeyring.parse(KEY).primary_id != sealed_by
+
+
+def test_without_a_home_the_folders_ask_for_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image's numeric user may have neither HOME nor a passwd entry: never fall back to the working directory."""
+    import pwd
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(uid)
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(SettingsError, match=r"no home folder for ~/\.cache: set HOME, or XDG_CACHE_HOME"):
+        cache_dir()
+    monkeypatch.setenv("XDG_STATE_HOME", "/var/lib/dynabase/state")
+    assert state_dir() == Path("/var/lib/dynabase/state/dynabase")

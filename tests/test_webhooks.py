@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from kubernetes import client, config
 from prometheus_client import REGISTRY
 
 from dynabase.billing.config import BillingConfig, ConfigError, WebhookSecret, load_config, load_webhook_secret
@@ -31,6 +30,7 @@ from dynabase.billing.ledger import EventLedger, FileLedger, PostgresLedger
 from dynabase.billing.processor import WebhookProcessor
 from dynabase.billing.server import WEBHOOK_PATH, webhook_app
 from dynabase.billing.sinks import GitTierSink, KubeTierSink, TierSink
+from dynabase.kubeapi import KubeApi
 from dynabase.spec import TenantDatabase
 from dynabase.spec.documents import load_paths
 
@@ -154,13 +154,16 @@ def namespace(stack: Stack, crds_applied: None) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def kube_api(stack: Stack) -> client.ApiClient:
+async def kube_api(stack: Stack) -> AsyncIterator[KubeApi]:
     stack.need("kube-apiserver")
-    return config.new_client_from_config(config_file=stack.env["KUBECONFIG"])
+    with pytest.MonkeyPatch.context() as patch:  # the adapter logs in from KUBECONFIG, as kopf does
+        patch.setenv("KUBECONFIG", stack.env["KUBECONFIG"])
+        async with KubeApi(connections=4) as api:
+            yield api
 
 
 @pytest.fixture
-async def receiver(kube_api: client.ApiClient, namespace: str, tmp_path: Path) -> AsyncIterator[Receiver]:
+async def receiver(kube_api: KubeApi, namespace: str, tmp_path: Path) -> AsyncIterator[Receiver]:
     r = await start_receiver(FileLedger(tmp_path / "events.json"), KubeTierSink(kube_api, [namespace]))
     try:
         yield r
@@ -304,7 +307,7 @@ async def test_org_without_tenant_gets_404_until_it_exists(stack: Stack, namespa
 
 
 async def test_postgres_ledger_remembers_across_restarts(stack: Stack, namespace: str,
-                                                         kube_api: client.ApiClient) -> None:
+                                                         kube_api: KubeApi) -> None:
     name, org = new_tenant(stack, namespace)
     event = subscription_event(org, "price_pro_monthly")
     for restart in range(2):

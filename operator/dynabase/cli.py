@@ -12,17 +12,11 @@ from typing import Any
 import yaml
 
 from dynabase import __version__
-from dynabase.options import Command, parse_choice, parse_listen, resolve_env_defaults
-from dynabase.settings import (
-    SettingsError,
-    from_env,
-    parse_duration,
-    parse_int,
-    parse_list,
-    parse_port,
-)
+from dynabase.options import EXIT_CHANGES, EXIT_INVALID, EXIT_OK, resolve_env_defaults
+from dynabase.servers import add_server_commands, engine_options
+from dynabase.settings import SettingsError, env_str, from_env
 
-EXIT_OK, EXIT_INVALID, EXIT_CHANGES = 0, 1, 2
+__all__ = ["EXIT_CHANGES", "EXIT_INVALID", "EXIT_OK", "build_parser", "main"]
 
 
 def _cmd_crds(args: argparse.Namespace) -> int:
@@ -134,7 +128,7 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
 
     import dataclasses
 
-    from dynabase.engine.runtime import EngineSettings, SettingsError, open_engine
+    from dynabase.engine.runtime import EngineSettings, open_engine
 
     declared = _load_declared(args.paths)
     if declared is None:
@@ -170,110 +164,6 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
         return EXIT_INVALID
 
 
-def _cmd_pgbouncer_agent(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from dynabase.agent.pgbouncer import PgBouncerAgent, run_agent
-    from dynabase.settings import secret_from_env
-
-    password = secret_from_env("DYNABASE_PGBOUNCER_ADMIN_PASSWORD")
-    if not password:
-        print("dynabase pgbouncer-agent: set DYNABASE_PGBOUNCER_ADMIN_PASSWORD (or …_FILE), the password "
-              "the agent gives PgBouncer's admin console", file=sys.stderr)
-        return EXIT_INVALID
-    agent = PgBouncerAgent(
-        redis_url=args.redis_url, workdir=Path(args.workdir), postgres_host=args.postgres_host,
-        postgres_port=args.postgres_port, admin_password=password, base_port=args.base_port,
-        listen_host=args.listen_host,
-    )
-    asyncio.run(run_agent(agent))
-    return EXIT_OK
-
-
-def _cmd_operator(args: argparse.Namespace) -> int:
-    # kopf imports these client libraries whenever they are installed, only to recognise
-    # their model objects, which the operator never hands it. Marking them absent makes kopf skip them.
-    for library in ("kubernetes", "kubernetes_asyncio", "pykube"):
-        sys.modules.setdefault(library, None)  # type: ignore[arg-type]
-    from dynabase.kube.handlers import run
-    from dynabase.kube.settings import OperatorSettings
-
-    run(OperatorSettings(
-        namespaces=args.namespace, drift_interval=args.drift_interval, concurrency=args.concurrency,
-        peering=args.peering, metrics_port=args.metrics_port, liveness_port=args.liveness_port,
-        max_workers=args.max_workers, api_connections=args.api_connections,
-    ))
-    return EXIT_OK
-
-
-def _cmd_proxy(args: argparse.Namespace) -> int:
-    from dynabase.proxy.main import ProxySettings, default_replica_id, run
-
-    host, port = args.listen
-    run(ProxySettings(
-        listen_host=host, listen_port=port, pgbouncer_host=args.pgbouncer_host,
-        redis_url=args.redis_url, agent_id=args.agent_id, replica_id=args.replica_id or default_replica_id(port),
-        metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        pgbouncer_advertise_host=args.pgbouncer_advertise_host, busy_poll_us=args.busy_poll_us,
-    ))
-    return EXIT_OK
-
-
-def _cmd_headless(args: argparse.Namespace) -> int:
-    import asyncio
-    import datetime as dt
-
-    from dynabase.engine.runtime import EngineSettings, SettingsError, close_engine, start_engine
-    from dynabase.headless.http import serve
-    from dynabase.headless.reconciler import HeadlessReconciler
-    from dynabase.headless.source import DirectorySource, GitSource
-    from dynabase.settings import cache_dir
-    from dynabase.stopping import stop_on_signals
-
-    try:
-        settings = EngineSettings.from_env(postgres_dsn=args.postgres_dsn, secrets_dir=args.secrets_dir,
-                                           secrets_store=args.secrets_store, headless=True)
-    except SettingsError as exc:
-        print(f"dynabase headless: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    if "://" in args.source or args.source.startswith("git@"):
-        source: DirectorySource | GitSource = GitSource(args.source, args.ref, cache_dir() / "git", args.subdir)
-    else:
-        source = DirectorySource(Path(args.source))
-
-    async def run() -> None:
-        engine = await start_engine(settings)
-        reconciler = HeadlessReconciler(engine, source, interval=args.interval,
-                                        confirm_deletion=dt.timedelta(seconds=args.confirm_deletion),
-                                        lock_dsn=settings.postgres_dsn)
-        runner = await serve(reconciler, args.host, args.port)
-        stop = stop_on_signals()
-        try:
-            await reconciler.run(stop)
-        finally:
-            await runner.cleanup()
-            await close_engine(engine)
-
-    asyncio.run(run())
-    return EXIT_OK
-
-
-def _cmd_webhooks(args: argparse.Namespace) -> int:
-    from dynabase.billing.config import ConfigError
-    from dynabase.billing.main import WebhookSettings, run
-
-    try:
-        settings = WebhookSettings.from_args(
-            config_path=args.config, listen=args.listen, mode=args.mode, namespaces=args.namespace, repo=args.repo,
-            ref=args.ref, path=args.path, postgres_dsn=args.postgres_dsn, ledger_file=args.ledger_file,
-        )
-    except ConfigError as exc:
-        print(f"dynabase webhooks: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    run(settings)
-    return EXIT_OK
-
-
 def _cmd_devstack(args: argparse.Namespace) -> int:
     from dynabase.devstack import binaries
     from dynabase.devstack.stack import Devstack, DevstackError, default_root, resolve_services
@@ -303,7 +193,6 @@ def _cmd_devstack(args: argparse.Namespace) -> int:
 
 def _cmd_usage(args: argparse.Namespace) -> int:
     import asyncio
-    import os
 
     from dynabase.usage.bill import BillUnavailable
     from dynabase.usage.report import run_report
@@ -313,7 +202,7 @@ def _cmd_usage(args: argparse.Namespace) -> int:
             args.month, args.manifests, output_format=args.format,
             bill_path=Path(args.bill) if args.bill else None, model_path=Path(args.model) if args.model else None,
             metrics_file=Path(args.metrics_file) if args.metrics_file else None,
-            mongo_url=os.environ.get("DYNABASE_MONGO_URL"), redis_url=os.environ.get("DYNABASE_REDIS_URL"),
+            mongo_url=env_str("DYNABASE_MONGO_URL"), redis_url=env_str("DYNABASE_REDIS_URL"),
             railway_service=args.bill_railway, kube_event=args.kube_event,
         ))
     except (ValueError, OSError, BillUnavailable) as exc:
@@ -329,133 +218,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dynabase.demo import run_demo
 
     return int(run_demo(Path(args.dir) if args.dir else None, keep=args.keep))
-
-
-def _engine_options(cmd: argparse.ArgumentParser) -> None:
-    """Read by EngineSettings.from_env (the operator builds one too, without flags)."""
-    cmd.add_argument("--postgres-dsn", help="superuser DSN [$DYNABASE_POSTGRES_DSN; required]")
-    cmd.add_argument("--secrets-store", choices=["postgres", "files"],
-                     help="where generated tenant passwords are kept: postgres (encrypted with "
-                          "$DYNABASE_SECRETS_KEY, shared by every replica) or files [$DYNABASE_SECRETS_STORE; "
-                          "default postgres when a key is set, else files]")
-    cmd.add_argument("--secrets-dir", help="the files store's folder [$DYNABASE_SECRETS_DIR; default "
-                                           "$XDG_DATA_HOME/dynabase/secrets]")
-
-
-def _operator_parser(sub: Any) -> None:
-    op = Command(sub.add_parser("operator", help="run the Kubernetes operator (kopf)"))
-    op.option("--namespace", env="DYNABASE_NAMESPACES", parse=parse_list, action="append", default=[],
-              default_text="all", example="team-a,team-b",
-              help="watch only these namespaces (repeat; the variable is comma separated)")
-    op.option("--drift-interval", env="DYNABASE_DRIFT_INTERVAL", parse=parse_duration, default=60.0,
-              default_text="60s", help="time between drift passes per tenant (seconds, or 30s, 5m)")
-    op.option("--concurrency", env="DYNABASE_CONCURRENCY", parse=_positive_int, default=8,
-              help="backend connections and parallel tenants")
-    op.option("--peering", env="DYNABASE_PEERING", help="peering name: one active replica among several "
-                                                        "(unset: standalone)")
-    op.option("--metrics-port", env="DYNABASE_METRICS_PORT", parse=parse_port, default=9090,
-              help="Prometheus /metrics port (0 = off)")
-    op.option("--liveness-port", env="DYNABASE_LIVENESS_PORT", parse=parse_port, default=8080,
-              help="/healthz port (0 = off)")
-    op.option("--max-workers", env="DYNABASE_MAX_WORKERS", parse=_whole_number, default=1000,
-              help="objects handled in parallel (0 = unbounded)")
-    op.option("--api-connections", env="DYNABASE_API_CONNECTIONS", parse=_positive_int, default=16,
-              help="apiserver connections besides the watches")
-    op.done(_cmd_operator)
-
-
-def _headless_parser(sub: Any) -> None:
-    hl = Command(sub.add_parser("headless", help="reconcile manifests from a folder or git repository, "
-                                                 "without Kubernetes"))
-    hl.option("--source", env="DYNABASE_GITOPS_URL", required=True, help="a folder, or a git URL")
-    hl.option("--ref", env="DYNABASE_GITOPS_REF", default="main", help="git branch or tag")
-    hl.option("--subdir", env="DYNABASE_GITOPS_PATH", default="", default_text="the root",
-              help="folder of the manifests in the repository")
-    hl.option("--interval", env="DYNABASE_INTERVAL", parse=parse_duration, default=30.0, default_text="30s",
-              help="time between passes (seconds, or 30s, 5m)")
-    hl.option("--confirm-deletion", env="DYNABASE_CONFIRM_DELETION", parse=parse_duration, default=600.0,
-              default_text="10m", help="how long a tenant must be absent before its deletionPolicy applies")
-    hl.option("--host", env="DYNABASE_LISTEN_HOST", default="0.0.0.0", help="address of the HTTP endpoints")
-    hl.option("--port", env="PORT", parse=parse_port, default=8080, help="/healthz /readyz /metrics /status")
-    _engine_options(hl.parser)
-    hl.done(_cmd_headless)
-
-
-def _proxy_parser(sub: Any) -> None:
-    px = Command(sub.add_parser("proxy", help="the tenant proxy in front of PgBouncer"))
-    px.option("--listen", env="DYNABASE_PROXY_LISTEN", parse=parse_listen, default=("0.0.0.0", 5432),
-              default_text="0.0.0.0:5432", example="0.0.0.0:5432", help="HOST:PORT clients connect to")
-    px.option("--pgbouncer-host", env="DYNABASE_PGBOUNCER_HOST", default="127.0.0.1",
-              help="where this replica's PgBouncers listen")
-    px.option("--pgbouncer-advertise-host", env="DYNABASE_PGBOUNCER_ADVERTISE_HOST", default_text="--pgbouncer-host",
-              help="address other proxy replicas use to forward CancelRequests to this PgBouncer")
-    px.option("--redis-url", env="DYNABASE_REDIS_URL", required=True, help="where the limits are published")
-    px.option("--agent-id", env="DYNABASE_AGENT_ID", default_text="any",
-              help="the pgbouncer-agent beside this proxy")
-    px.option("--replica-id", env="DYNABASE_REPLICA_ID", default_text="HOSTNAME:PORT", help="this replica's name")
-    px.option("--metrics-port", env="DYNABASE_PROXY_METRICS_PORT", parse=parse_port, default=9187,
-              help="Prometheus /metrics port (0 = off)")
-    px.option("--tls-cert", env="DYNABASE_PROXY_TLS_CERT", help="terminate TLS with this certificate "
-                                                                "(SSLRequest answered S)")
-    px.option("--tls-key", env="DYNABASE_PROXY_TLS_KEY", help="the certificate's key file")
-    px.option("--busy-poll-us", env="DYNABASE_PROXY_BUSY_POLL_US", parse=_busy_poll, default=0,
-              default_text="0 = off", example="300",
-              help="after traffic keep polling this many microseconds instead of sleeping: lower latency "
-                   "on VMs, for CPU")
-    px.done(_cmd_proxy)
-
-
-def _agent_parser(sub: Any) -> None:
-    from dynabase.settings import state_dir
-
-    agent = Command(sub.add_parser("pgbouncer-agent", help="render the published pool layout into local PgBouncers"))
-    agent.option("--workdir", env="DYNABASE_PGBOUNCER_WORKDIR", fallback=lambda: str(state_dir() / "pgbouncer"),
-                 default_text="$XDG_STATE_HOME/dynabase/pgbouncer", help="config, pid and socket files")
-    agent.option("--redis-url", env="DYNABASE_REDIS_URL", required=True, help="where the layout is published")
-    agent.option("--postgres-host", env="DYNABASE_PGBOUNCER_UPSTREAM_HOST", required=True,
-                 help="host or unix socket directory of Postgres")
-    agent.option("--postgres-port", env="DYNABASE_PGBOUNCER_UPSTREAM_PORT", parse=parse_port, default=5432,
-                 help="Postgres port")
-    agent.option("--listen-host", env="DYNABASE_PGBOUNCER_LISTEN_HOST", default="127.0.0.1",
-                 help="where the PgBouncers listen")
-    agent.option("--base-port", env="DYNABASE_PGBOUNCER_BASE_PORT", parse=parse_port, default=6432,
-                 help="the _default pool; tier pools above it")
-    agent.done(_cmd_pgbouncer_agent)
-
-
-def _webhooks_parser(sub: Any) -> None:
-    from dynabase.settings import cache_dir
-
-    wh = Command(sub.add_parser("webhooks", help="Stripe subscription events change tenants' declared tiers"))
-    wh.option("--config", env="DYNABASE_WEBHOOKS_CONFIG", required=True, help="price/product -> tier mapping (YAML)")
-    wh.option("--listen", env="DYNABASE_WEBHOOKS_LISTEN", parse=parse_listen, example="0.0.0.0:8080",
-              fallback=lambda: ("0.0.0.0", from_env("PORT", parse_port, 8080, example="8080")),
-              default_text="0.0.0.0:$PORT, else 0.0.0.0:8080", help="HOST:PORT for /stripe/webhook /healthz /metrics")
-    wh.option("--mode", env="DYNABASE_WEBHOOKS_MODE", parse=parse_choice("kube", "git"), default="kube",
-              example="git", help="patch TenantDatabases (kube) or commit to the GitOps repository (git)")
-    wh.option("--namespace", env="DYNABASE_NAMESPACES", parse=parse_list, action="append", default=[],
-              default_text="all", example="team-a,team-b", help="kube: only these namespaces (repeat)")
-    wh.option("--repo", env="DYNABASE_GITOPS_URL", help="git: repository URL")
-    wh.option("--ref", env="DYNABASE_GITOPS_REF", default="main", help="git: branch to commit to")
-    wh.option("--path", env="DYNABASE_GITOPS_PATH", default="", help="git: folder of the manifests in the repository")
-    wh.option("--postgres-dsn", env="DYNABASE_POSTGRES_DSN", default_text="a file ledger",
-              help="remember processed events in dynabase.stripe_events")
-    wh.option("--ledger-file", env="DYNABASE_WEBHOOKS_LEDGER_FILE",
-              fallback=lambda: str(cache_dir() / "stripe-events.json"),
-              default_text="$DYNABASE_CACHE_DIR/stripe-events.json", help="without a DSN: a JSON file")
-    wh.done(_cmd_webhooks)
-
-
-def _positive_int(text: str) -> int:
-    return parse_int(text, minimum=1)
-
-
-def _whole_number(text: str) -> int:
-    return parse_int(text, minimum=0)
-
-
-def _busy_poll(text: str) -> int:
-    return parse_int(text, minimum=0, maximum=10_000)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -476,17 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
                        ("apply", "reconcile the manifests once")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("paths", nargs="+", help="manifest files or folders")
-        _engine_options(cmd)
+        engine_options(cmd)
         if name == "plan":
             cmd.add_argument("--base", help="compare with the manifests at this git ref (a PR review, Markdown; "
                                             "needs no backends)")
         cmd.set_defaults(func=_cmd_reconcile)
 
-    _operator_parser(sub)
-    _headless_parser(sub)
-    _proxy_parser(sub)
-    _agent_parser(sub)
-    _webhooks_parser(sub)
+    add_server_commands(sub)
 
     devstack = sub.add_parser("devstack", help="the real local stack on loopback")
     devstack.add_argument("action", choices=["up", "down", "env", "build"])
@@ -522,14 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import os
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     from dynabase import logs
 
-    logs.setup(os.environ.get("DYNABASE_LOG_LEVEL", "WARNING"))
     args = build_parser().parse_args(argv)
     try:
+        logs.setup(from_env("DYNABASE_LOG_LEVEL", _log_level, "WARNING", example="INFO"))
         resolve_env_defaults(args)
         return int(args.func(args))
     except SettingsError as exc:

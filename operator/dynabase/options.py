@@ -17,6 +17,8 @@ from typing import Any
 
 from .settings import SettingsError, env_text, from_env
 
+EXIT_OK, EXIT_INVALID, EXIT_CHANGES = 0, 1, 2  # EXIT_CHANGES: `plan` found something to do
+
 
 @dataclass(frozen=True)
 class EnvDefault:

@@ -171,9 +171,13 @@ def secret_from_env(name: str, environ: Environ | None = None) -> str | None:
 def _xdg(variable: str, fallback: str, environ: Environ | None) -> Path:
     # The XDG spec: a relative (or empty) value is invalid and must be ignored, never the working directory.
     base = env_text(variable, environ)
-    if base is None or not os.path.isabs(base):
-        base = os.path.expanduser(fallback)
-    return Path(base)
+    if base is not None and os.path.isabs(base):
+        return Path(base)
+    home = env_text("HOME", environ) if environ is not None else None
+    expanded = fallback.replace("~", home, 1) if home else os.path.expanduser(fallback)
+    if not os.path.isabs(expanded):  # no HOME and no passwd entry (an image's numeric user)
+        raise SettingsError(f"no home folder for {fallback}: set HOME, or {variable} to an absolute path")
+    return Path(expanded)
 
 
 def cache_dir(environ: Environ | None = None) -> Path:

@@ -21,6 +21,8 @@ from dynabase.desired.postgres import (
 )
 from dynabase.desired.sql import quote_ident
 
+from .platform_schema import SCHEMA_LOCK
+
 log = logging.getLogger(__name__)
 
 PGBOUNCER_AUTH_ROLE = "dynabase_pgbouncer"
@@ -112,13 +114,25 @@ class PostgresBackend:
         return self._pool
 
     async def bootstrap(self) -> None:
-        """Platform objects the tenants rely on; observed first, written only when missing."""
+        """Platform objects the tenants rely on; observed first, written only when missing.
+
+        Several engines (replicas, a `dynabase apply` beside headless mode) may bootstrap
+        at once: the platform schema lock makes the check and the creation one step.
+        """
         async with self.pool.acquire() as conn:
-            self.counter.reads += 1
-            has_role = await conn.fetchval("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1", PGBOUNCER_AUTH_ROLE)
-            if not has_role:
-                self.counter.writes += 1
-                await conn.execute(f"CREATE ROLE {quote_ident(PGBOUNCER_AUTH_ROLE)} LOGIN NOINHERIT")
+            await conn.execute("SELECT pg_advisory_lock($1)", SCHEMA_LOCK)
+            try:
+                self.counter.reads += 1
+                has_role = await conn.fetchval("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1",
+                                               PGBOUNCER_AUTH_ROLE)
+                if not has_role:
+                    self.counter.writes += 1
+                    await conn.execute(f"CREATE ROLE {quote_ident(PGBOUNCER_AUTH_ROLE)} LOGIN NOINHERIT")
+                await self._bootstrap_template()
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK)
+
+    async def _bootstrap_template(self) -> None:
         template = await asyncpg.connect(self._dsn, database="template1")
         try:
             self.counter.reads += 1

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Literal
 
 from aiohttp import web
-from kubernetes import client, config
 
+from dynabase.kubeapi import KubeApi
 from dynabase.settings import cache_dir
 from dynabase.stopping import stop_on_signals
 
@@ -55,19 +55,10 @@ class WebhookSettings:
         )
 
 
-def kube_api_client() -> client.ApiClient:
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        # KUBECONFIG as it is now: the client library reads it once, at import.
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
-    return client.ApiClient(client.Configuration.get_default_copy())
-
-
 def make_sink(settings: WebhookSettings) -> TierSink:
     if settings.mode == "git":
         return GitTierSink(settings.repo, settings.branch, settings.subdir, settings.cache_dir)
-    return KubeTierSink(kube_api_client(), settings.namespaces)
+    return KubeTierSink(KubeApi(connections=4), settings.namespaces)
 
 
 async def open_ledger(settings: WebhookSettings) -> EventLedger:
@@ -90,6 +81,7 @@ async def serve(settings: WebhookSettings, stop: asyncio.Event) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()
+        await sink.close()
         await ledger.close()
 
 

@@ -11,11 +11,9 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-
+from dynabase.kubeapi import KubeApi, KubeApiError
 from dynabase.spec import GROUP, VERSION
 from dynabase.spec.documents import iter_manifest_files, parse_documents
 
@@ -24,7 +22,6 @@ from .manifest_edit import EditError, set_tier
 
 log = logging.getLogger(__name__)
 PLURAL = "tenantdatabases"
-MERGE_PATCH = "application/merge-patch+json"
 
 
 class SinkOutcome(enum.Enum):
@@ -51,6 +48,8 @@ class TierSink(Protocol):
 
     def describe(self) -> str: ...
 
+    async def close(self) -> None: ...
+
 
 def spec_patch(spec: Mapping[str, Any], request: TierChangeRequest) -> dict[str, str]:
     """Only the fields that differ: an unchanged spec gets no write (and no new generation)."""
@@ -65,24 +64,20 @@ def spec_patch(spec: Mapping[str, Any], request: TierChangeRequest) -> dict[str,
 class KubeTierSink:
     """Patches `spec.tier` of every TenantDatabase whose `spec.orgId` is the org's, in the watched namespaces."""
 
-    def __init__(self, api: client.ApiClient, namespaces: Sequence[str] = ()) -> None:
-        self.custom = client.CustomObjectsApi(api)
+    def __init__(self, api: KubeApi, namespaces: Sequence[str] = ()) -> None:
+        self.api = api
         self.namespaces = list(namespaces)  # empty = all namespaces
 
     def describe(self) -> str:
         return f"kubernetes ({', '.join(self.namespaces) or 'all namespaces'})"
 
-    def _tenants_of(self, org_id: str) -> list[dict[str, Any]]:
+    async def _tenants_of(self, org_id: str) -> list[dict[str, Any]]:
         # No field selector on spec.orgId without selectableFields; a list per event is cheap at webhook rates.
-        if self.namespaces:
-            lists = [self.custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL) for ns in self.namespaces]
-        else:
-            lists = [self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)]
-        items = [item for listed in lists for item in cast(dict[str, Any], listed).get("items", [])]
+        items = await self.api.list_objects(GROUP, VERSION, PLURAL, self.namespaces)
         return [item for item in items if (item.get("spec") or {}).get("orgId") == org_id]
 
-    def _apply(self, request: TierChangeRequest) -> SinkResult:
-        tenants = self._tenants_of(request.org_id)
+    async def _apply(self, request: TierChangeRequest) -> SinkResult:
+        tenants = await self._tenants_of(request.org_id)
         if not tenants:
             raise TenantNotFound(f"no TenantDatabase with orgId {request.org_id} in {self.describe()}")
         changed, targets = False, []
@@ -92,17 +87,19 @@ class KubeTierSink:
             patch = spec_patch(tenant.get("spec") or {}, request)
             if not patch:
                 continue
-            self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, {"spec": patch}, _content_type=MERGE_PATCH,
-            )
+            await self.api.merge_patch(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}",
+                                       {"spec": patch})
             changed = True
         return SinkResult(SinkOutcome.CHANGED if changed else SinkOutcome.UNCHANGED, tuple(targets))
 
     async def apply(self, request: TierChangeRequest) -> SinkResult:
         try:
-            return await asyncio.to_thread(self._apply, request)
-        except ApiException as exc:
+            return await self._apply(request)
+        except KubeApiError as exc:
             raise SinkError(f"kubernetes API: {exc.status} {exc.reason}") from exc
+
+    async def close(self) -> None:
+        await self.api.close()
 
 
 @dataclass(frozen=True)
@@ -203,3 +200,6 @@ class GitTierSink:
     async def apply(self, request: TierChangeRequest) -> SinkResult:
         async with self._lock:
             return await asyncio.to_thread(self._apply, request)
+
+    async def close(self) -> None:
+        """The working clone stays in the cache for the next start."""

@@ -26,7 +26,6 @@ from dynabase.settings import SettingsError, data_dir, env_int, env_str, from_en
 from .reconciler import Clock, Engine, utcnow
 from .stores import DirectorySecretStore, EnvironmentPasswords, SecretStore, StatusStore
 
-__all__ = ["EngineSettings", "RailwaySettings", "SettingsError", "close_engine", "open_engine", "start_engine"]
 log = logging.getLogger(__name__)
 
 
@@ -150,8 +149,9 @@ def secret_store(settings: EngineSettings, pool: asyncpg.Pool) -> SecretStore:
     if settings.secrets_store == "postgres":
         assert settings.secrets_keyring is not None
         return EnvironmentPasswords(PostgresSecretStore(pool, settings.secrets_keyring, reseal=not settings.read_only))
-    log.warning("tenant passwords kept in files: only this replica and this filesystem know them",
-                extra={"directory": str(settings.secrets_dir)})
+    if not settings.read_only:
+        log.warning("tenant passwords kept in files: only this replica and this filesystem know them",
+                    extra={"directory": str(settings.secrets_dir)})
     return EnvironmentPasswords(DirectorySecretStore(settings.secrets_dir))
 
 

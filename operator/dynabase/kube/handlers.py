@@ -22,11 +22,11 @@ from pydantic import ValidationError
 
 from dynabase.engine.reconciler import Engine, TenantResult, describe_error
 from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
+from dynabase.kubeapi import KubeApi, kopf_login
 from dynabase.spec import GROUP, VERSION, TenantDatabase, TierPolicy
 from dynabase.spec.tenant import database_name_from
 
 from . import memory
-from .api import KubeApi, kopf_login
 from .settings import OperatorSettings
 from .stores import KubeSecretStore, KubeStatusStore
 

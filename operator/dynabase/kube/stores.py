@@ -8,9 +8,8 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from dynabase.kubeapi import MERGE_PATCH, KubeApi, KubeApiError
 from dynabase.spec import GROUP, VERSION, TenantDatabase, TenantDatabaseStatus
-
-from .api import MERGE_PATCH, KubeApi, KubeApiError
 
 PLURAL = "tenantdatabases"
 GENERATED_SUFFIX = "-dynabase-password"

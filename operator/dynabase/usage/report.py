@@ -3,7 +3,6 @@ the real bill (see ``dynabase.desired.cost`` for the arithmetic)."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import datetime as dt
 import io
@@ -324,7 +323,7 @@ async def run_report(month: str, manifests: Sequence[str], *, output_format: str
         if kube_event:
             from .alerts import post_event
 
-            await asyncio.to_thread(post_event, next(iter(sorted(policies))), "CalibrationVariance", alert)
+            await post_event(next(iter(sorted(policies))), "CalibrationVariance", alert)
     if output_format == "json":
         return render_json(report, month, source, notes), messages
     if output_format == "csv":

@@ -1,16 +1,21 @@
-"""The few apiserver calls the operator makes itself, over aiohttp with kopf's credentials.
+"""The one Kubernetes client: the apiserver calls of the operator, the webhooks and the usage alerts.
 
-kopf already speaks to the apiserver with aiohttp; the stores' Secret and status calls
-use the same library and the same login (kubeconfig or in-cluster service account)
-instead of the synchronous kubernetes client, whose import, worker threads and
-connection pool cost the operator process most of its memory.
+It speaks HTTP with aiohttp and logs in the way kopf does (the in-cluster
+service account, else the kubeconfig), so the synchronous ``kubernetes``
+package is not needed: its import, worker threads and connection pool cost the
+operator most of its memory. Like kopf's own login, a kubeconfig's static
+credentials are supported (token, client certificate, basic auth), not exec
+plugins; in a cluster the service account is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import os
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -25,6 +30,7 @@ class KubeApiError(Exception):
     def __init__(self, status: int, method: str, path: str, reason: str) -> None:
         super().__init__(f"{method} {path}: HTTP {status} {reason}")
         self.status = status
+        self.reason = reason
 
 
 def connection_info(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
@@ -34,7 +40,8 @@ def connection_info(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
         return dataclasses.replace(account, server=in_cluster_server(account.server))
     info = kopf.login_with_kubeconfig(settings=settings)
     if info is None:
-        raise kopf.LoginError("no service account token and no kubeconfig to reach the apiserver")
+        raise kopf.LoginError("no service account token and no kubeconfig (KUBECONFIG, ~/.kube/config) "
+                              "to reach the apiserver")
     return info
 
 
@@ -64,14 +71,17 @@ def session(info: kopf.ConnectionInfo, connections: int) -> aiohttp.ClientSessio
 
 
 def kopf_login(settings: kopf.OperatorSettings, connections: int) -> kopf.AiohttpSession:
+    """The operator's login handler: kopf's watches and patches over a bounded session."""
     info = connection_info(settings)
     return kopf.AiohttpSession(aiohttp_session=session(info, connections), server=info.server,
                                default_namespace=info.default_namespace, priority=info.priority)
 
 
 class KubeApi:
-    def __init__(self, settings: kopf.OperatorSettings, connections: int = 8) -> None:
-        self._settings = settings
+    """JSON requests to the apiserver; logs in lazily and once more after a 401 (a rotated token)."""
+
+    def __init__(self, settings: kopf.OperatorSettings | None = None, connections: int = 8) -> None:
+        self._settings = settings or kopf.OperatorSettings()
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
         self._server = ""
@@ -90,7 +100,6 @@ class KubeApi:
             async with self._session.request(method, self._server + path, data=data,
                                              headers={"Content-Type": content_type}) as response:
                 if response.status == 401 and attempt == 1:
-                    # A rotated service account token: log in again once.
                     await self.close()
                     continue
                 if response.status >= 400:
@@ -99,10 +108,38 @@ class KubeApi:
                 return result
         raise AssertionError("unreachable")  # the second attempt returns or raises
 
+    async def list_objects(self, group: str, version: str, plural: str,
+                           namespaces: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Custom objects in these namespaces (empty: in all of them)."""
+        base = f"/apis/{group}/{version}"
+        paths = [f"{base}/namespaces/{ns}/{plural}" for ns in namespaces] or [f"{base}/{plural}"]
+        return [item for path in paths for item in (await self.request("GET", path)).get("items", [])]
+
+    async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("PATCH", path, patch, MERGE_PATCH)
+
+    async def post_warning(self, involved: dict[str, str], namespace: str, reason: str, message: str,
+                           component: str) -> None:
+        """A Warning Event about ``involved`` (apiVersion, kind, name[, namespace]), as kubectl describe shows."""
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": reason, "message": message[:1024],
+            "metadata": {"name": f"{involved['name']}.{uuid.uuid4().hex[:12]}", "namespace": namespace},
+            "involvedObject": involved, "source": {"component": component},
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        await self.request("POST", f"/api/v1/namespaces/{namespace}/events", event)
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def __aenter__(self) -> KubeApi:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
 
 
 async def _reason(response: aiohttp.ClientResponse) -> str:
