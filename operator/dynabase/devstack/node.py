@@ -33,13 +33,10 @@ from pathlib import Path
 import yaml
 
 from . import binaries, pki
+from .containerd import CNI_BIN_DIR, RUNC, Containerd
 from .stack import Devstack, DevstackError, Service, free_port
 
 NODE_NAME = "devstack-node"
-PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
-K8S_NAMESPACE = "k8s.io"  # containerd's namespace for the CRI
-RUNC = "/usr/sbin/runc"  # crun refuses hybrid cgroups (shared/notes/containers.md)
-CNI_BIN_DIR = "/usr/lib/cni"  # Debian's containernetworking-plugins
 # The kubelet sets these to its own values unless protectKernelDefaults (then it refuses to start).
 KERNEL_TUNABLES = ("vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
                    "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes")
@@ -98,7 +95,7 @@ class Node:
         self.apiserver_port = api.port
         self.kubectl_path: str = api.extra["kubectl"]
         self.admin_kubeconfig: str = api.extra["kubeconfig"]
-        self.socket = self.root / "containerd.sock"
+        self.runtime = Containerd(stack, self.root)
         self.state_file = self.root / "state.json"
         self.services: dict[str, Service] = {}
         self.tunables: dict[str, str] = {}
@@ -120,7 +117,7 @@ class Node:
             self.tunables = {name: Path("/proc/sys", name).read_text().strip() for name in KERNEL_TUNABLES}
             self.cgroups_before = set(_kubepods_cgroups())
             self._save()
-        starters = {"containerd": self._start_containerd,
+        starters = {"containerd": self.runtime.start,
                     "kube-controller-manager": self._start_controller_manager,
                     "kube-scheduler": self._start_scheduler, "kubelet": self._start_kubelet}
         try:
@@ -136,15 +133,8 @@ class Node:
             raise
 
     def load_image(self, image: str) -> None:
-        """An image from podman's local storage into containerd's, for imagePullPolicy: Never."""
-        archive = self.root / "images" / (image.replace("/", "_").replace(":", "_") + ".tar")
-        archive.parent.mkdir(exist_ok=True)
-        started = time.monotonic()
-        _check(["podman", "save", "--quiet", "--format", "docker-archive", "-o", str(archive), image],
-               f"podman save {image}")
-        self._import(archive)
-        archive.unlink()
-        _progress(f"image {image} loaded into containerd ({time.monotonic() - started:.1f}s)")
+        """An image from podman's local storage into the node's containerd (imagePullPolicy: Never)."""
+        self.runtime.load_image(image)
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None,
                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -164,10 +154,10 @@ class Node:
         containerd = self.services.pop("containerd", None)
         if containerd is not None:
             if self.stack._alive(containerd.pid):
-                self._stop_tasks()
+                self.runtime.stop_tasks()
             self.stack._stop(containerd)
             _progress("containerd: stopped")
-        self._kill_shims()
+        self.runtime.kill_shims()
         self._unmount_all()
         self._remove_new_cgroups()
         self._remove_log_links()
@@ -177,95 +167,6 @@ class Node:
         self.tunables = {}
         if self.root.exists():
             self._save()
-
-    # -- containerd -----------------------------------------------------------
-
-    def ctr(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ctr", "--address", str(self.socket), "-n", K8S_NAMESPACE, *args],
-                              capture_output=True, text=True, check=False, timeout=300)
-
-    def _import(self, archive: Path) -> None:
-        proc = self.ctr("images", "import", str(archive))
-        if proc.returncode != 0:
-            raise NodeError(f"ctr images import {archive.name}: {proc.stderr.strip()}")
-
-    def _start_containerd(self) -> Service:
-        binary = shutil.which("containerd") or "containerd"
-        cni = self.root / "cni"
-        cni.mkdir(exist_ok=True)
-        # Every pod here uses the host network; the bridge is what any other pod would get.
-        (cni / "10-devstack.conflist").write_text(json.dumps({
-            "cniVersion": "0.4.0", "name": "devstack",
-            "plugins": [{"type": "bridge", "bridge": "dynabase-cni0", "isGateway": True, "ipMasq": False,
-                         "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/24"}]]}},
-                        {"type": "portmap", "capabilities": {"portMappings": True}}],
-        }, indent=2))
-        config = self.root / "containerd.toml"
-        cri = 'plugins."io.containerd.grpc.v1.cri"'
-        config.write_text(f"""version = 2
-root = "{self.root / 'containerd'}"
-state = "{self.root / 'containerd-state'}"
-[grpc]
-  address = "{self.socket}"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{self.root / 'containerd-opt'}"
-[{cri}]
-  sandbox_image = "{PAUSE_IMAGE}"
-  # Lowering a process's oom_score_adj needs CAP_SYS_RESOURCE, which this kind of VM withholds.
-  restrict_oom_score_adj = true
-  [{cri}.cni]
-    bin_dir = "{CNI_BIN_DIR}"
-    conf_dir = "{cni}"
-  [{cri}.containerd.runtimes.runc]
-    runtime_type = "io.containerd.runc.v2"
-    [{cri}.containerd.runtimes.runc.options]
-      BinaryName = "{RUNC}"
-""")
-        pid, log = self.stack._spawn("containerd", [binary, "--config", str(config)], cwd=self.root)
-        self.stack._wait("containerd", pid, log, lambda: self.ctr("version").returncode == 0)
-        self._import(self._pause_archive())
-        return Service("containerd", pid, 0, log, {"socket": str(self.socket)})
-
-    def _pause_archive(self) -> Path:
-        """The sandbox image: the pause binary committed FROM scratch."""
-        binary = binaries.ensure(binaries.PAUSE)
-        archive = self.root / "images" / "pause.tar"
-        archive.parent.mkdir(exist_ok=True)
-        container = _check(["buildah", "from", "scratch"], "buildah from scratch").strip()
-        try:
-            _check(["buildah", "copy", "--quiet", container, str(binary), "/pause"], "buildah copy")
-            _check(["buildah", "config", "--entrypoint", '["/pause"]', "--user", "65535:65535", container],
-                   "buildah config")
-            _check(["buildah", "commit", "--quiet", container, f"docker-archive:{archive}:{PAUSE_IMAGE}"],
-                   "buildah commit")
-        finally:
-            subprocess.run(["buildah", "rm", container], capture_output=True, check=False)
-        return archive
-
-    def _stop_tasks(self) -> None:
-        """Pods' processes are the shims' children, not containerd's: stop them first."""
-        remaining = self.ctr("tasks", "ls", "-q").stdout.split()
-        for task in remaining:
-            self.ctr("tasks", "kill", "--signal", "SIGKILL", task)
-        deadline = time.monotonic() + 30
-        while remaining and time.monotonic() < deadline:
-            for task in remaining:
-                self.ctr("tasks", "delete", task)  # refused while the task still runs
-            remaining = self.ctr("tasks", "ls", "-q").stdout.split()
-            if remaining:
-                time.sleep(0.2)
-        for container in self.ctr("containers", "ls", "-q").stdout.split():
-            self.ctr("containers", "delete", container)
-
-    def _kill_shims(self) -> None:
-        """Shims serve this node's containerd only (they carry its socket on their command line)."""
-        for proc_dir in Path("/proc").iterdir():
-            if not proc_dir.name.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                argv = (proc_dir / "cmdline").read_bytes().split(b"\0")
-                if b"containerd-shim" in argv[0] and str(self.socket).encode() in argv:
-                    os.kill(int(proc_dir.name), 9)
 
     # -- control-plane components ---------------------------------------------
 
@@ -327,7 +228,7 @@ state = "{self.root / 'containerd-state'}"
             "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1",
             "healthzPort": healthz,
-            "containerRuntimeEndpoint": f"unix://{self.socket}",
+            "containerRuntimeEndpoint": f"unix://{self.runtime.socket}",
             "cgroupDriver": "cgroupfs",  # PID 1 is not systemd here
             "failCgroupV1": False,  # this kind of VM mounts cgroup v1 controllers (hybrid)
             "failSwapOn": False,
@@ -370,8 +271,21 @@ state = "{self.root / 'containerd-state'}"
                     subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
 
     def _remove_new_cgroups(self) -> None:
-        for path in sorted(set(_kubepods_cgroups()) - self.cgroups_before, key=lambda p: len(p.parts),
-                           reverse=True):
+        """The pods' cgroups, after killing what is left in them (a containerd that died took no tasks down)."""
+        ours = sorted(set(_kubepods_cgroups()) - self.cgroups_before, key=lambda p: len(p.parts), reverse=True)
+        deadline = time.monotonic() + 10
+        for path in ours:
+            while time.monotonic() < deadline:
+                try:
+                    pids = (path / "cgroup.procs").read_text().split()
+                except OSError:
+                    break
+                if not pids:
+                    break
+                for pid in pids:
+                    with contextlib.suppress(OSError):
+                        os.kill(int(pid), 9)
+                time.sleep(0.05)
             with contextlib.suppress(OSError):
                 path.rmdir()
 
@@ -404,13 +318,6 @@ def _kubepods_cgroups() -> list[Path]:
         if top.is_dir():
             found.extend([top, *(p for p in top.rglob("*") if p.is_dir())])
     return found
-
-
-def _check(args: list[str], what: str) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True, check=False, timeout=600)
-    if proc.returncode != 0:
-        raise NodeError(f"{what} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return proc.stdout
 
 
 def _progress(message: str) -> None:
