@@ -40,7 +40,6 @@ POSTGRES_SOCKET = "/run/postgresql"  # where the agent's pod sees the devstack's
 class Cluster:
     stack: Stack
     node: devstack_node.Node
-    overlay: Path
     proxy_port: int
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None) -> Any:
@@ -110,12 +109,11 @@ def overlay(stack: Stack, directory: Path, *, apiserver_port: int, proxy_port: i
 
     operator_health, operator_metrics = free_port(), free_port()
     agent_base, proxy_metrics = free_port(), free_port()
-    host_network = {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"}
     patches = [
         ("dynabase-operator", [
             {"op": "replace", "path": "/spec/replicas", "value": 1},  # one host, one health port
             {"op": "add", "path": "/spec/template/spec/hostNetwork", "value": True},
-            {"op": "add", "path": "/spec/template/spec/dnsPolicy", "value": host_network["dnsPolicy"]},
+            {"op": "add", "path": "/spec/template/spec/dnsPolicy", "value": "ClusterFirstWithHostNet"},
             {"op": "add", "path": "/spec/template/spec/containers/0/imagePullPolicy", "value": "Never"},
             {"op": "add", "path": "/spec/template/spec/containers/0/env", "value": env_list({
                 "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(apiserver_port),
@@ -127,7 +125,7 @@ def overlay(stack: Stack, directory: Path, *, apiserver_port: int, proxy_port: i
         ("dynabase-proxy", [
             {"op": "replace", "path": "/spec/replicas", "value": 1},
             {"op": "add", "path": "/spec/template/spec/hostNetwork", "value": True},
-            {"op": "add", "path": "/spec/template/spec/dnsPolicy", "value": host_network["dnsPolicy"]},
+            {"op": "add", "path": "/spec/template/spec/dnsPolicy", "value": "ClusterFirstWithHostNet"},
             {"op": "add", "path": "/spec/template/spec/volumes/-",
              "value": {"name": "postgres-socket", "hostPath": {
                  "path": pg.extra["socket_dir"], "type": "Directory"}}},
@@ -176,7 +174,7 @@ def cluster(stack: Stack, crds_applied: None, tmp_path_factory: pytest.TempPathF
     proxy_port = free_port()
     kustomization = overlay(stack, tmp_path_factory.mktemp("overlay") / "devstack",
                             apiserver_port=node.apiserver_port, proxy_port=proxy_port)
-    result = Cluster(stack, node, kustomization, proxy_port)
+    result = Cluster(stack, node, proxy_port)
     started = time.monotonic()
     try:
         # The README's commands, with this overlay; applied before the node runs, so no pod ever
