@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .effective import RedisEffective
-
-# Commands a tenant never gets: keyspace-wide ones ignore key patterns (KEYS, SCAN,
-# RANDOMKEY), and the rest would cross tenants or harm the server.
-DENIED = ("-@dangerous", "-keys", "-scan", "-randomkey", "-select", "-swapdb", "-flushall", "-flushdb",
-          "-config", "-acl", "-debug", "-shutdown", "-module", "-monitor", "-client", "-cluster", "-migrate")
-# Over quota: no writes, except deleting keys, which is how a tenant gets back under.
-READ_ONLY = ("-@write", "+del", "+unlink")
+from .redis_commands import TenantCommands
 
 
 def acl_username(database: str) -> str:
@@ -27,8 +22,9 @@ def password_hash(password: str) -> str:
     return hashlib.sha256(password.encode()).hexdigest()
 
 
-def command_rules(read_only: bool) -> list[str]:
-    return ["+@all", *DENIED, *(READ_ONLY if read_only else ())]
+def command_rules(read_only: bool, commands: TenantCommands) -> list[str]:
+    """The allowlist learned from the server; over quota only its read commands (and DEL/UNLINK)."""
+    return commands.rules(read_only)
 
 
 @dataclass(frozen=True)
@@ -44,10 +40,11 @@ class RedisTarget:
     def username(self) -> str:
         return acl_username(self.database)
 
-    def setuser_args(self) -> list[str]:
+    def setuser_args(self, rules: Sequence[str]) -> list[str]:
+        """ACL SETUSER arguments; `rules` from command_rules for this target's read_only."""
         prefix = key_prefix(self.database)
         return ["reset", "on" if self.enabled else "off", f"#{self.password_sha256}", f"~{prefix}*",
-                "resetchannels", f"&{prefix}*", *command_rules(self.read_only)]
+                "resetchannels", f"&{prefix}*", *rules]
 
 
 @dataclass(frozen=True)
