@@ -11,6 +11,7 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from dynabase.backends.redis_acl import RedisBackend
-from dynabase.desired.redis import password_hash
+from dynabase.desired.redis import ObservedAcl, acl_drift, password_hash
 from dynabase.desired.redis_commands import (
     CONNECTION,
     READ_ONLY_WRITES,
@@ -220,10 +221,21 @@ def test_a_command_redis_cannot_confine_is_denied_by_construction() -> None:
 # -- tenants attacking each other ------------------------------------------------------------
 
 
-async def test_quiet_passes_write_nothing_in_either_variant(env: Tenants) -> None:
+def acl_calls(admin: redis.Redis, command: str) -> int:
+    return int((admin.info("commandstats").get(f"cmdstat_acl|{command}") or {}).get("calls", 0))
+
+
+async def test_quiet_passes_write_nothing_in_either_variant_and_read_little(env: Tenants) -> None:
     await env.write(env.globex, read_only=True)
     targets = [env.acme.target, env.globex.target]
     assert await converge(env.backend, targets) == 0
+    getusers, setusers = acl_calls(env.admin, "getuser"), acl_calls(env.admin, "setuser")
+    assert await converge(env.backend, targets) == 0
+    # Nobody else changed an ACL user since: no ACL GETUSER either (each costs Redis a millisecond or more).
+    assert (acl_calls(env.admin, "getuser"), acl_calls(env.admin, "setuser")) == (getusers, setusers)
+    env.admin.execute_command("ACL", "SETUSER", env.acme.target.username, "+keys")  # by hand
+    assert await converge(env.backend, targets) == 1
+    denied(lambda: env.connect(env.acme).keys("*"))
     fresh = RedisBackend(env.url)
     try:  # another operator process: learns the same canonical form (from Redis), writes nothing
         assert await converge(fresh, targets) == 0
@@ -291,3 +303,13 @@ async def test_a_restarted_redis_is_relearned_and_a_quiet_pass_still_writes_noth
         client.close()
     finally:
         await backend.close()
+
+
+def test_drift_names_what_differs_in_a_few_words() -> None:
+    tenant = new_tenant("drift")
+    wanted = "-@all +get +set +hset +xadd"
+    observed = ObservedAcl(("on",), (tenant.target.password_sha256,), "+@all -keys", f"~{tenant.prefix}*",
+                           f"&{tenant.prefix}*")
+    assert acl_drift(tenant.target, observed, wanted) == [
+        "commands differ from the allowlist (has +@all -keys; lacks -@all +get +set and 2 more)"]
+    assert acl_drift(tenant.target, replace(observed, commands=wanted), wanted) == []

@@ -71,8 +71,20 @@ def acl_drift(target: RedisTarget, observed: ObservedAcl | None, canonical_comma
     if observed.channels != f"&{prefix}*":
         why.append(f"channels are {observed.channels!r}")
     if observed.commands != canonical_commands:
-        why.append(f"commands are {observed.commands!r}")
+        why.append(f"commands differ from the allowlist ({_rule_diff(observed.commands, canonical_commands)})")
     return why
+
+
+def _rule_diff(observed: str, wanted: str) -> str:
+    """A short account of how two ACL command descriptions differ (the full ones run to hundreds of rules)."""
+    has, want = observed.split(), wanted.split()
+    extra, missing = [r for r in has if r not in want], [r for r in want if r not in has]
+
+    def some(rules: list[str]) -> str:
+        return " ".join(rules[:3]) + (f" and {len(rules) - 3} more" if len(rules) > 3 else "")
+
+    parts = ([f"has {some(extra)}"] if extra else []) + ([f"lacks {some(missing)}"] if missing else [])
+    return "; ".join(parts) or "same rules in another order"
 
 
 @dataclass(frozen=True)
