@@ -7,6 +7,7 @@ arguments it takes for keys.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import shutil
 import subprocess
@@ -313,3 +314,23 @@ def test_drift_names_what_differs_in_a_few_words() -> None:
     assert acl_drift(tenant.target, observed, wanted) == [
         "commands differ from the allowlist (has +@all -keys; lacks -@all +get +set and 2 more)"]
     assert acl_drift(tenant.target, replace(observed, commands=wanted), wanted) == []
+
+
+async def test_operators_probing_at_once_each_learn_their_own_canonical_form(private_redis: PrivateRedis) -> None:
+    """Two operator processes on a fresh Redis probe the read-write and read-only rules at the same moment."""
+    first, second = RedisBackend(private_redis.url), RedisBackend(private_redis.url)
+    admin = redis.Redis.from_url(private_redis.url, decode_responses=True)
+    try:
+        expected = (await first.canonical_commands(False), await first.canonical_commands(True))
+        assert expected[0] != expected[1]
+        for _ in range(10):
+            admin.unlink(*admin.keys("dynabase:redis:acl-canonical:*"))
+            first.forget_commands()
+            second.forget_commands()
+            got = await asyncio.gather(first.canonical_commands(False), second.canonical_commands(True))
+            assert tuple(got) == expected
+        assert not [u for u in admin.acl_users() if u.startswith("dynabase_probe")]
+    finally:
+        admin.close()
+        await first.close()
+        await second.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,8 @@ CANONICAL_TTL_SECONDS = 30 * 86400
 # own writes, the users observed before are as they were: no ACL GETUSER needed (which,
 # for an allowlist of ~200 commands, costs Redis 7.0 a millisecond or more per user).
 ACL_WRITE_STATS = ("cmdstat_acl|setuser", "cmdstat_acl|deluser", "cmdstat_acl|load")
-PROBE_USER = "dynabase_probe"
+# One probe user per probe: two operator processes probing at once must not read each other's rules.
+PROBE_USER = "dynabase_probe_{nonce}"
 
 
 @dataclass
@@ -113,9 +115,12 @@ class RedisBackend:
         key = CANONICAL_KEY.format(run_id=self._run_id, variant=variant)
         cached = await self._redis.get(key)
         if cached is None:
-            await self._cmd("ACL", "SETUSER", PROBE_USER, "reset", "off", *rules)
-            info = await self._cmd("ACL", "GETUSER", PROBE_USER)
-            await self._cmd("ACL", "DELUSER", PROBE_USER)
+            probe = PROBE_USER.format(nonce=secrets.token_hex(6))
+            await self._cmd("ACL", "SETUSER", probe, "reset", "off", *rules)
+            try:
+                info = await self._cmd("ACL", "GETUSER", probe)
+            finally:
+                await self._cmd("ACL", "DELUSER", probe)
             self._own_acl_writes += 2
             cached = str(_as_dict(info)["commands"])
             await self._redis.set(key, cached, ex=CANONICAL_TTL_SECONDS)
