@@ -94,12 +94,13 @@ def denied(call: Callable[[], Any]) -> None:
         call()
 
 
-async def converge(backend: RedisBackend, targets: list[RedisTarget]) -> int:
-    """The engine's Redis pass, reduced to ACLs: observe, compare with the canonical form, write on drift."""
+async def converge(backend: RedisBackend, targets: list[RedisTarget]) -> list[str]:
+    """The engine's Redis pass, reduced to ACLs: observe, compare with the canonical form, write on drift.
+    Returns what was written, and why."""
     observed = await backend.observe([t.username for t in targets])
-    writes = 0
+    written = []
     for target in targets:
-        if acl_drift(target, observed[target.username], await backend.canonical_commands(target.read_only)):
+        if why := acl_drift(target, observed[target.username], await backend.canonical_commands(target.read_only)):
             await backend.apply(target)
-            writes += 1
-    return writes
+            written.append(f"{target.username}: {'; '.join(why)}")
+    return written

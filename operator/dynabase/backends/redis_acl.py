@@ -23,11 +23,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from dynabase.desired.redis import ObservedAcl, RedisTarget, command_rules
+from dynabase.desired.redis import ObservedAcl, RedisTarget, command_rules, comparable_commands
 from dynabase.desired.redis_commands import TenantCommands, parse_command_info
 
-# Redis 7.0 describes a user's commands from its bitmap, in an order that changes with
-# each server process: the canonical text is only valid for one run_id.
+# How a server describes the same rules depends on its command table (which categories it
+# names): learned per server process.
 CANONICAL_KEY = "dynabase:redis:acl-canonical:{run_id}:{variant}"
 CANONICAL_TTL_SECONDS = 30 * 86400
 # The commands that change ACL users. While the server's count of them moved only by our
@@ -122,7 +122,7 @@ class RedisBackend:
             finally:
                 await self._cmd("ACL", "DELUSER", probe)
             self._own_acl_writes += 2
-            cached = str(_as_dict(info)["commands"])
+            cached = comparable_commands(str(_as_dict(info)["commands"]))
             await self._redis.set(key, cached, ex=CANONICAL_TTL_SECONDS)
         self._canonical[read_only] = str(cached)
         return str(cached)
@@ -225,7 +225,7 @@ def _observed_acl(info: dict[str, Any]) -> ObservedAcl:
     return ObservedAcl(
         flags=tuple(info.get("flags") or ()),
         passwords=tuple(info.get("passwords") or ()),
-        commands=str(info.get("commands", "")),
+        commands=comparable_commands(str(info.get("commands", ""))),
         keys=str(info.get("keys", "")),
         channels=str(info.get("channels", "")),
     )

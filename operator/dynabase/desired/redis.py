@@ -47,8 +47,21 @@ class RedisTarget:
                 "resetchannels", f"&{prefix}*", *rules]
 
 
+def comparable_commands(description: str) -> str:
+    """ACL GETUSER's `commands` in a form that is equal exactly when the rights are: for comparing, never for
+    writing back. Redis 7.0 describes a user from its command bitmap: first categories, in a fixed order, then
+    single commands in the order of its command table's hash dict, which differs between processes and changes
+    as that dict rehashes. Those single-command rules never act on each other (a container is followed by its
+    own subcommands), so they are sorted; later versions give our rules back as written (all `+`, any order)."""
+    tokens = description.split()
+    lead = next((i for i, token in enumerate(tokens) if "@" not in token), len(tokens))
+    return " ".join(tokens[:lead] + sorted(tokens[lead:]))
+
+
 @dataclass(frozen=True)
 class ObservedAcl:
+    """One ACL user as observed; `commands` in comparable_commands' form."""
+
     flags: tuple[str, ...]
     passwords: tuple[str, ...]
     commands: str
