@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .effective import RedisEffective
-
-# Commands a tenant never gets: keyspace-wide ones ignore key patterns (KEYS, SCAN,
-# RANDOMKEY), and the rest would cross tenants or harm the server.
-DENIED = ("-@dangerous", "-keys", "-scan", "-randomkey", "-select", "-swapdb", "-flushall", "-flushdb",
-          "-config", "-acl", "-debug", "-shutdown", "-module", "-monitor", "-client", "-cluster", "-migrate")
-# Over quota: no writes, except deleting keys, which is how a tenant gets back under.
-READ_ONLY = ("-@write", "+del", "+unlink")
+from .redis_commands import TenantCommands
 
 
 def acl_username(database: str) -> str:
@@ -27,8 +22,9 @@ def password_hash(password: str) -> str:
     return hashlib.sha256(password.encode()).hexdigest()
 
 
-def command_rules(read_only: bool) -> list[str]:
-    return ["+@all", *DENIED, *(READ_ONLY if read_only else ())]
+def command_rules(read_only: bool, commands: TenantCommands) -> list[str]:
+    """The allowlist learned from the server; over quota only its read commands (and DEL/UNLINK)."""
+    return commands.rules(read_only)
 
 
 @dataclass(frozen=True)
@@ -44,14 +40,28 @@ class RedisTarget:
     def username(self) -> str:
         return acl_username(self.database)
 
-    def setuser_args(self) -> list[str]:
+    def setuser_args(self, rules: Sequence[str]) -> list[str]:
+        """ACL SETUSER arguments; `rules` from command_rules for this target's read_only."""
         prefix = key_prefix(self.database)
         return ["reset", "on" if self.enabled else "off", f"#{self.password_sha256}", f"~{prefix}*",
-                "resetchannels", f"&{prefix}*", *command_rules(self.read_only)]
+                "resetchannels", f"&{prefix}*", *rules]
+
+
+def comparable_commands(description: str) -> str:
+    """ACL GETUSER's `commands` in a form that is equal exactly when the rights are: for comparing, never for
+    writing back. Redis 7.0 describes a user from its command bitmap: first categories, in a fixed order, then
+    single commands in the order of its command table's hash dict, which differs between processes and changes
+    as that dict rehashes. Those single-command rules never act on each other (a container is followed by its
+    own subcommands), so they are sorted; later versions give our rules back as written (all `+`, any order)."""
+    tokens = description.split()
+    lead = next((i for i, token in enumerate(tokens) if "@" not in token), len(tokens))
+    return " ".join(tokens[:lead] + sorted(tokens[lead:]))
 
 
 @dataclass(frozen=True)
 class ObservedAcl:
+    """One ACL user as observed; `commands` in comparable_commands' form."""
+
     flags: tuple[str, ...]
     passwords: tuple[str, ...]
     commands: str
@@ -74,8 +84,20 @@ def acl_drift(target: RedisTarget, observed: ObservedAcl | None, canonical_comma
     if observed.channels != f"&{prefix}*":
         why.append(f"channels are {observed.channels!r}")
     if observed.commands != canonical_commands:
-        why.append(f"commands are {observed.commands!r}")
+        why.append(f"commands differ from the allowlist ({_rule_diff(observed.commands, canonical_commands)})")
     return why
+
+
+def _rule_diff(observed: str, wanted: str) -> str:
+    """A short account of how two ACL command descriptions differ (the full ones run to hundreds of rules)."""
+    has, want = observed.split(), wanted.split()
+    extra, missing = [r for r in has if r not in want], [r for r in want if r not in has]
+
+    def some(rules: list[str]) -> str:
+        return " ".join(rules[:3]) + (f" and {len(rules) - 3} more" if len(rules) > 3 else "")
+
+    parts = ([f"has {some(extra)}"] if extra else []) + ([f"lacks {some(missing)}"] if missing else [])
+    return "; ".join(parts) or "same rules in another order"
 
 
 @dataclass(frozen=True)
