@@ -24,6 +24,7 @@ from dynabase import settings
 KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.16"
 FERRETDB_VERSION = "v1.24.2"
+STRIPE_MOCK_VERSION = "v0.203.0"
 
 
 class BinaryUnavailable(RuntimeError):
@@ -41,7 +42,9 @@ KUBE_APISERVER = Binary("kube-apiserver", KUBERNETES_VERSION, "TEST_ASSET_KUBE_A
 KUBECTL = Binary("kubectl", KUBERNETES_VERSION, "TEST_ASSET_KUBECTL")
 ETCD = Binary("etcd", ETCD_VERSION, "TEST_ASSET_ETCD")
 FERRETDB = Binary("ferretdb", FERRETDB_VERSION, "TEST_ASSET_FERRETDB")
-ALL_BINARIES = (ETCD, KUBE_APISERVER, KUBECTL, FERRETDB)
+# Stripe's API from its OpenAPI spec, validating every request (the billing close's tests).
+STRIPE_MOCK = Binary("stripe-mock", STRIPE_MOCK_VERSION, "TEST_ASSET_STRIPE_MOCK")
+ALL_BINARIES = (ETCD, KUBE_APISERVER, KUBECTL, FERRETDB, STRIPE_MOCK)
 
 
 def cache_dir() -> Path:
@@ -227,11 +230,21 @@ def _build_ferretdb() -> None:
     shutil.rmtree(holder, ignore_errors=True)
 
 
+def _build_stripe_mock() -> None:
+    """`go install` into a private GOBIN: the module is a plain main package (spec and fixtures embedded)."""
+    work = _fresh_dir(cache_dir() / "build" / f"stripe-mock-{STRIPE_MOCK_VERSION}")
+    _run(["go", "install", "-trimpath", "-ldflags", "-s -w", f"github.com/stripe/stripe-mock@{STRIPE_MOCK_VERSION}"],
+         work, {"CGO_ENABLED": "0", "GOBIN": str(work), "GOFLAGS": ""})
+    _install(work / "stripe-mock", STRIPE_MOCK)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 _BUILDERS = {
     "kube-apiserver": _build_kubernetes,
     "kubectl": _build_kubernetes,
     "etcd": _build_etcd,
     "ferretdb": _build_ferretdb,
+    "stripe-mock": _build_stripe_mock,
 }
 
 
