@@ -52,6 +52,7 @@ class StripeRecorder:
         self.upstream_port = upstream_port
         self.requests: list[Recorded] = []
         self.behaviour = Behaviour()
+        self.item_created = threading.Event()  # set when stripe-mock has created an invoice item
         self._lock = threading.Lock()
         recorder = self
 
@@ -96,6 +97,8 @@ class StripeRecorder:
         with self._lock:
             self.requests.append(record)
             created = sum(r.creates_item and r.status == 200 for r in self.requests)
+        if created:
+            self.item_created.set()
         if (record.creates_item and behaviour.kill_after_items is not None and behaviour.victim is not None
                 and created == behaviour.kill_after_items):
             # stripe-mock has created the item; the client dies before it hears so.

@@ -34,6 +34,8 @@ from dynabase.billing.sinks import SinkOutcome, SinkResult
 from dynabase.cli import main
 from dynabase.desired.charges import month_bounds, month_hours
 from dynabase.desired.cost import CostModel, FittedModel, UsageTotals, estimate
+from dynabase.desired.sql import quote_ident
+from dynabase.devstack.stack import free_port
 from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
 from dynabase.headless.month_end import MonthEndClose
 from dynabase.proxy.metering import USAGE_KEY, encode, usage_field
@@ -108,6 +110,7 @@ class Tenant:
     hours: list[tuple[int, str, float, float]] = field(default_factory=list)
     history: list[tuple[str | None, str, dt.datetime]] = field(default_factory=list)
     customer: str | None = None
+    declared: bool = True  # False: metered, then deleted
 
     @property
     def key(self) -> str:
@@ -134,7 +137,7 @@ class Month:
     @property
     def manifests(self) -> Path:
         path = self.workdir / f"{self.name}.yaml"
-        path.write_text(POLICY + "".join(t.manifest() for t in self.tenants))
+        path.write_text(POLICY + "".join(t.manifest() for t in self.tenants if t.declared))
         return path
 
     def seed(self) -> FittedModel:
@@ -189,8 +192,10 @@ class Month:
 def month_of(stack: Stack, dsn: str, tmp_path: Path) -> Iterator[Any]:
     made: list[Month] = []
 
-    def make(name: str, tenants: list[Tenant], factors: dict[str, float] | None = None) -> Month:
-        month = Month(name, tenants, dsn, stack.env["DYNABASE_REDIS_URL"], tmp_path, factors or {})
+    def make(name: str, tenants: list[Tenant], factors: dict[str, float] | None = None,
+             redis_db: int = 0) -> Month:
+        redis_url = stack.env["DYNABASE_REDIS_URL"].rsplit("/", 1)[0] + f"/{redis_db}"
+        month = Month(name, tenants, dsn, redis_url, tmp_path, factors or {})
         made.append(month)
         return month
 
@@ -239,6 +244,7 @@ def test_close_sends_each_overage_once_prorated_and_a_rerun_sends_nothing(
         Tenant("free-over", "FREE", [(8, "FREE", query_hours(9), 0)]),  # FREE sells no overage
         Tenant("no-customer", "STARTER", [(9, "STARTER", query_hours(30), 0)]),
         Tenant("refused", "STARTER", [(11, "STARTER", query_hours(27), 0)], customer="cus_gone"),
+        Tenant("deleted", "STARTER", [(12, "STARTER", query_hours(40), 0)], declared=False),
     ]
     month = month_of("2002-01", tenants)
     model = month.seed()
@@ -249,8 +255,11 @@ def test_close_sends_each_overage_once_prorated_and_a_rerun_sends_nothing(
     assert first["modelVersion"] == model.version and not first["closed"]
     assert outcomes(first) == {"bill/pro-over": "sent", "bill/moved": "sent", "bill/within": "no overage",
                                "bill/free-over": "no overage", "bill/no-customer": "pending: no Stripe customer",
-                               "bill/refused": "pending: Stripe refused"}
-    assert "pending: bill/no-customer" in err and "org-no-customer" in err and "No such customer" in err
+                               "bill/refused": "pending: Stripe refused",
+                               "bill/deleted": "not invoiced: no longer declared, no organisation"}
+    assert "bill/no-customer: pending: no Stripe customer" in err and "org-no-customer" in err
+    assert "bill/refused: pending: Stripe refused: HTTP 400" in err and "No such customer" in err
+    assert "bill/deleted: not invoiced" in err and "invoice it by hand" in err
     items = {r.tenant: r for r in stripe.items()}
     assert sorted(items) == ["bill/moved", "bill/pro-over", "bill/refused"]
     assert first["requests"] == len(stripe.requests) == 3
@@ -285,7 +294,9 @@ def test_close_sends_each_overage_once_prorated_and_a_rerun_sends_nothing(
     stripe.reset()
     code, third, err = close_cli(month, stripe, monkeypatch, capsys)
     assert code == 0 and third["closed"] and third["requests"] == 0 and stripe.requests == [], err
-    assert Counter(outcomes(third).values()) == {"already sent": 4, "no overage": 2}
+    assert Counter(outcomes(third).values()) == {"already sent": 4, "no overage": 2,
+                                                 "not invoiced: no longer declared, no organisation": 1}
+    assert month.entries()["bill/deleted"].amount_cents == 225  # (40 - 25) x $0.15, recorded for a person
 
 
 async def record_customer(dsn: str, org: str, customer: str) -> None:
@@ -604,3 +615,132 @@ def test_close_refuses_what_it_cannot_do(month_of: Any, stripe: StripeRecorder, 
         main(["billing", "close", "--month", "2002-13", "--kube"])
     assert "expected YYYY-MM" in capsys.readouterr().err
     assert stripe.requests == []
+
+
+# -- in a cluster: the CronJob's way -------------------------------------------------------------
+
+BILLING_SA = "system:serviceaccount:dynabase-system:dynabase-billing"
+
+
+@pytest.mark.kube
+def test_cronjob_closes_from_the_clusters_declarations_and_status(
+        stack: Stack, crds_applied: None, month_of: Any, stripe: StripeRecorder, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    stack.need("kube-apiserver")
+    stack.kubectl("apply", "-k", str(ROOT / "manifests"))
+    cronjob = json.loads(stack.kubectl("get", "cronjob", "dynabase-billing-close", "-n", "dynabase-system",
+                                       "-o", "json").stdout)
+    assert cronjob["spec"]["schedule"] == "15 1 * * *" and cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "billing", "close", "--kube"]
+    for verb, resource, allowed in (("list", "tenantdatabases.dynabase.io", "yes"),
+                                    ("get", "tierpolicies.dynabase.io", "yes"),
+                                    ("patch", "tenantdatabases.dynabase.io", "no"),
+                                    ("get", "secrets", "no")):
+        answer = stack.kubectl("auth", "can-i", verb, resource, "--as", BILLING_SA, "-A", check=False).stdout
+        assert answer.strip() == allowed, (verb, resource)
+
+    # The month's tenants as the cluster has them: the tier history is in each object's status.
+    namespace, policy = f"bill-{uuid.uuid4().hex[:6]}", f"billing-{uuid.uuid4().hex[:6]}"
+    start = month_bounds("2002-09")[0]
+    moved = Tenant("moved", "PRO", [(10, "STARTER", query_hours(20), 0), (300, "PRO", query_hours(100), 0)],
+                   customer="cus_kube")
+    month = month_of("2002-09", [moved])
+    month.seed()
+    stack.kubectl("create", "namespace", namespace)
+    stack.kubectl("apply", "-f", "-", input=POLICY.replace("name: default", f"name: {policy}")
+                  + f"---\napiVersion: dynabase.io/v1alpha1\nkind: TenantDatabase\n"
+                    f"metadata: {{name: moved, namespace: {namespace}}}\n"
+                    f"spec: {{orgId: org-moved, tier: PRO, tierPolicyRef: {policy}}}\n")
+    history = [{"from": "STARTER", "to": "PRO", "at": (start + dt.timedelta(days=10)).isoformat()}]
+    stack.kubectl("patch", "tdb", "moved", "-n", namespace, "--subresource=status", "--type=merge",
+                  "-p", json.dumps({"status": {"appliedTier": "PRO", "history": history}}))
+    # The usage was metered under bill/moved; in the cluster the tenant is <namespace>/moved.
+    client = redis.Redis.from_url(month.redis_url, decode_responses=True)
+    first = month_hours("2002-09").start
+    for offset, tier, seconds, queries in moved.hours:
+        client.hset(USAGE_KEY.format(hour=first + offset), usage_field(f"{namespace}/moved", "r1"),
+                    encode({"queries": queries, "query_seconds": seconds, "connections": 1.0}, tier))
+        client.hdel(USAGE_KEY.format(hour=first + offset), usage_field(moved.key, "r1"))
+    client.close()
+
+    monkeypatch.setenv("KUBECONFIG", stack.env["KUBECONFIG"])
+    monkeypatch.setenv("DYNABASE_STRIPE_API_KEY", API_KEY)
+    monkeypatch.setenv("DYNABASE_REDIS_URL", month.redis_url)
+    monkeypatch.delenv("DYNABASE_MONGO_URL", raising=False)
+    try:
+        code = main(["billing", "close", "--month", "2002-09", "--kube", "--namespace", namespace,
+                     "--postgres-dsn", month.dsn, "--stripe-api-base", stripe.url, "--format", "json"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert outcomes(json.loads(out.out)) == {f"{namespace}/moved": "sent"}
+        # Prorated from the object's status: 240 of 720 hours on STARTER -> (20 - 25/3) over at $0.15.
+        assert [(r.form["customer"], r.form["amount"]) for r in stripe.items()] == [
+            ("cus_kube", str(round((20 - 25 * 240 / 720) * 0.15 * 100)))]
+    finally:
+        stack.kubectl("delete", "namespace", namespace, "--wait=false")
+        stack.kubectl("delete", "tierpolicy", policy)
+
+
+# -- headless mode, end to end --------------------------------------------------------------------
+
+
+def test_headless_mode_closes_the_previous_month_after_its_first_pass(
+        stack: Stack, month_of: Any, stripe: StripeRecorder, tmp_path: Path) -> None:
+    from dynabase.desired.charges import previous_month
+
+    now = dt.datetime.now(dt.UTC)
+    last = previous_month(now)
+    if now < month_bounds(last)[1] + dt.timedelta(hours=1, minutes=5):
+        pytest.skip(f"{last} ended less than an hour ago: headless mode closes it from 01:00 UTC")
+    suffix = uuid.uuid4().hex[:6]
+    tenant = Tenant(f"hl-{suffix}", "STARTER", [(2, "STARTER", query_hours(27), 0)], customer="cus_headless")
+    # Redis database 1: the engine's PgBouncer layout and this month's usage stay out of the devstack's own.
+    month = month_of(last, [tenant], redis_db=1)
+    month.seed()
+    database = load_declared([str(month.manifests)])[1][0].database_name
+    source = tmp_path / "gitops"
+    source.mkdir()
+    (source / "tenants.yaml").write_text(month.manifests.read_text())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT)]),
+           "DYNABASE_POSTGRES_DSN": month.dsn, "DYNABASE_REDIS_URL": month.redis_url,
+           "DYNABASE_SECRETS_STORE": "files", "DYNABASE_SECRETS_DIR": str(tmp_path / "secrets"),
+           "DYNABASE_STRIPE_API_KEY": API_KEY, "DYNABASE_STRIPE_API_BASE": stripe.url, "HOME": str(tmp_path)}
+    env.pop("DYNABASE_MONGO_URL", None)
+    created = stripe.item_created
+    headless = subprocess.Popen([sys.executable, "-m", "dynabase.cli", "headless", "--source", str(source),
+                                 "--host", "127.0.0.1", "--port", str(free_port()), "--interval", "1h"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert created.wait(timeout=120), "headless mode sent nothing to Stripe"
+        assert wait_closed(month) == last
+    finally:
+        headless.terminate()
+        output, _ = headless.communicate(timeout=30)
+        asyncio.run(drop_tenant(month.dsn, database))
+    assert [(r.tenant, r.form["customer"], r.form["amount"]) for r in stripe.items()] == [
+        (tenant.key, "cus_headless", "30")]  # (27 - 25) x $0.15
+    assert API_KEY not in output
+
+
+def wait_closed(month: Month) -> str:
+    """The month as the ledger records it closed (the close marks it right after the last item)."""
+    async def closed() -> str:
+        ledger = await PostgresCloseLedger.open(month.dsn)
+        try:
+            while not await ledger.closed(month.name):
+                await asyncio.sleep(0.05)
+            return month.name
+        finally:
+            await ledger.close()
+    return asyncio.run(asyncio.wait_for(closed(), 60))
+
+
+async def drop_tenant(dsn: str, name: str) -> None:
+    """What headless mode created for the tenant: its database and role."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+        await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(name)}")
+    finally:
+        await conn.close()

@@ -10,6 +10,7 @@ import pytest
 
 from dynabase.desired.charges import (
     TenantMonth,
+    completed_history,
     metered_hours,
     month_bounds,
     month_hours,
@@ -240,6 +241,16 @@ def test_tier_hours_follow_the_history() -> None:
     assert tier_hours([], "PRO", START, END) == {"PRO": 744.0}
     # History cut to its last entries: the first one still says where the month began.
     assert tier_hours([change("FREE", "PRO", at(11))], None, START, END) == pytest.approx({"FREE": 240, "PRO": 504})
+
+
+def test_a_creation_after_metered_hours_does_not_erase_them() -> None:
+    first = month_hours(OCTOBER).start
+    hours = metered_hours([{"tenant": "ns/a", "hour": first + 3, "tier": "STARTER", "query_seconds": 1.0}])
+    # The status store was empty until the 20th: the engine recorded a "creation" then.
+    history = completed_history([change(None, "STARTER", at(20))], hours)
+    assert tier_hours(history, None, START, END) == {"STARTER": 744.0}
+    unmetered = completed_history([change(None, "STARTER", at(20))], [])
+    assert tier_hours(unmetered, None, START, END) == pytest.approx({"STARTER": 12 * 24})
 
 
 def test_usage_goes_to_the_tier_recorded_with_its_hour() -> None:

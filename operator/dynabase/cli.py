@@ -222,7 +222,7 @@ def _cmd_billing_close(args: argparse.Namespace) -> int:
 
     import psycopg
 
-    from dynabase.billing.close import StripeSettings, pending_tenants, render, run_close
+    from dynabase.billing.close import StripeSettings, needs_attention, render, run_close
     from dynabase.billing.close_ledger import CloseBusy
     from dynabase.billing.config import API_KEY_ENV, ConfigError, load_api_key
     from dynabase.desired.charges import previous_month
@@ -258,8 +258,8 @@ def _cmd_billing_close(args: argparse.Namespace) -> int:
         print(f"billing close: {exc}", file=sys.stderr)
         return EXIT_INVALID
     print(render(result, args.format))
-    for pending in pending_tenants(result):
-        print(f"pending: {pending.tenant}: {pending.outcome.value}: {pending.detail}", file=sys.stderr)
+    for noted in needs_attention(result):
+        print(f"{noted.tenant}: {noted.outcome.value}: {noted.detail}", file=sys.stderr)
     return EXIT_OK if result.closed or args.dry_run else EXIT_INVALID
 
 

@@ -56,6 +56,7 @@ class Outcome(enum.Enum):
     ALREADY_SENT = "already sent"
     FOUND = "found at Stripe"  # an earlier attempt's item, beyond Stripe's key window
     NOTHING = "no overage"
+    UNBILLABLE = "not invoiced: no longer declared, no organisation"
     NO_CUSTOMER = "pending: no Stripe customer"
     FAILED = "pending: Stripe refused"
     WOULD_SEND = "would send"  # --dry-run
@@ -180,6 +181,9 @@ def _settled(entry: Entry) -> TenantOutcome:
     if entry.state == "sent":
         return TenantOutcome(entry.tenant, entry.org_id, Outcome.ALREADY_SENT, entry.amount_cents,
                              entry.stripe_id or "")
+    if entry.state == "unbillable":
+        return TenantOutcome(entry.tenant, None, Outcome.UNBILLABLE, entry.amount_cents,
+                             "metered this month but no TenantDatabase declares it now; invoice it by hand")
     return TenantOutcome(entry.tenant, entry.org_id, Outcome.NOTHING, 0)
 
 
@@ -215,6 +219,8 @@ async def dry_run(month: str, pricing: MonthPricing, ledger: PostgresCloseLedger
         entry = recorded.get(charged.tenant)
         if entry is not None and entry.state != "pending":
             result.outcomes.append(_settled(entry))
+        elif charged.org_id is None and charged.overage_cents > 0:
+            result.outcomes.append(TenantOutcome(charged.tenant, None, Outcome.UNBILLABLE, charged.overage_cents))
         elif (entry.amount_cents if entry else charged.overage_cents) > 0:
             result.outcomes.append(TenantOutcome(charged.tenant, charged.org_id, Outcome.WOULD_SEND,
                                                  entry.amount_cents if entry else charged.overage_cents,
@@ -259,5 +265,6 @@ def render(result: CloseResult, output_format: str) -> str:
     return json.dumps(result.document(), indent=2) if output_format == "json" else result.render()
 
 
-def pending_tenants(result: CloseResult) -> Sequence[TenantOutcome]:
-    return [o for o in result.outcomes if o.outcome in (Outcome.NO_CUSTOMER, Outcome.FAILED)]
+def needs_attention(result: CloseResult) -> Sequence[TenantOutcome]:
+    """Pending tenants, and overage nobody can be invoiced for."""
+    return [o for o in result.outcomes if o.outcome in (Outcome.NO_CUSTOMER, Outcome.FAILED, Outcome.UNBILLABLE)]

@@ -2,7 +2,8 @@
 overage reaches Stripe exactly once whatever crashes or re-runs.
 
 States: ``nothing`` (no overage: closed without a request), ``pending`` (an amount
-to send) and ``sent`` (Stripe's item id recorded). A row's amount, description and
+to send), ``sent`` (Stripe's item id recorded) and ``unbillable`` (overage of a
+tenant no longer declared: no organisation to invoice, listed for a person). A row's amount, description and
 idempotency key are fixed when it is first written; a re-run sends the same
 request with the same key. ``attempted_at`` is written (and committed) before a
 request leaves, so a crash between Stripe's answer and ``sent`` is known to be
@@ -33,7 +34,7 @@ CREATE TABLE IF NOT EXISTS dynabase.billing_close (
     month text NOT NULL REFERENCES dynabase.billing_months (month),
     tenant text NOT NULL,
     org_id text,
-    state text NOT NULL CHECK (state IN ('nothing', 'pending', 'sent')),
+    state text NOT NULL CHECK (state IN ('nothing', 'pending', 'sent', 'unbillable')),
     idempotency_key text NOT NULL UNIQUE,
     amount_cents bigint NOT NULL CHECK (amount_cents >= 0),
     currency text NOT NULL,
@@ -148,7 +149,7 @@ class PostgresCloseLedger:
                     "INSERT INTO dynabase.billing_close (month, tenant, org_id, state, idempotency_key, amount_cents, "
                     "currency, description, detail, model_version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                     "ON CONFLICT (month, tenant) DO NOTHING",
-                    [(month, c.tenant, c.org_id, "pending" if c.amount_cents > 0 else "nothing", c.idempotency_key,
+                    [(month, c.tenant, c.org_id, _first_state(c), c.idempotency_key,
                       c.amount_cents, c.currency, c.description, json.dumps(c.detail), c.model_version)
                      for c in charges],
                 )
@@ -181,6 +182,12 @@ class PostgresCloseLedger:
 
     async def close(self) -> None:
         await self._conn.close()
+
+
+def _first_state(charge: Charge) -> str:
+    if charge.amount_cents <= 0:
+        return "nothing"
+    return "pending" if charge.org_id else "unbillable"
 
 
 def _entry(row: dict[str, Any]) -> Entry:

@@ -263,6 +263,20 @@ class _Billings:
         return BillingEffective()
 
 
+def completed_history(history: Sequence[TierChange], hours: Sequence[MeteredHour]) -> list[TierChange]:
+    """A creation (a change from no tier) later than the tenant's first metered hour is not when
+    it began — its status was lost, or first written later: before it, the tenant was on the tier
+    that earliest hour recorded."""
+    changes = sorted(history, key=lambda change: change.at)
+    if not changes or changes[0].from_tier is not None or not hours:
+        return changes
+    earliest = min(hours, key=lambda h: h.hour)
+    if earliest.hour * SECONDS_PER_HOUR >= changes[0].at.timestamp():
+        return changes
+    began = changes[0].model_copy(update={"from_tier": earliest.tier or changes[0].to_tier})
+    return [began, *changes[1:]]
+
+
 def price_month(month: str, policies: Mapping[str, TierPolicy], tenants: Sequence[TenantDatabase],
                 statuses: Mapping[str, TenantDatabaseStatus], rollups: Sequence[Mapping[str, object]],
                 model: FittedModel, source: str) -> MonthPricing:
@@ -284,7 +298,7 @@ def price_month(month: str, policies: Mapping[str, TierPolicy], tenants: Sequenc
     for key in sorted(set(declared) | set(metered)):
         tenant, hours = declared.get(key), sorted(metered.get(key, []), key=lambda h: h.hour)
         status = statuses.get(key) or (tenant.status if tenant is not None else None)
-        history = list(status.history) if status is not None else []
+        history = completed_history(status.history if status is not None else [], hours)
         recorded = next((h.tier for h in reversed(hours) if h.tier), None)
         fallback = (status.applied_tier if status is not None else None) or recorded or (
             tenant.spec.tier if tenant is not None else None)
