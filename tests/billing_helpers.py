@@ -127,8 +127,9 @@ class Month:
         path.write_text(POLICY + "".join(t.manifest() for t in self.tenants if t.declared))
         return path
 
-    def seed(self) -> FittedModel:
-        """Usage into Redis as the proxies write it, status history, customers and the model into Postgres."""
+    def seed(self, *, store_model: bool = True) -> FittedModel:
+        """Usage into Redis as the proxies write it, status history, customers and (unless told not to)
+        MODEL as the stored version in force from the month's start, into Postgres."""
         first = month_hours(self.name).start
         client = redis.Redis.from_url(self.redis_url, decode_responses=True)
         for t in self.tenants:
@@ -136,9 +137,9 @@ class Month:
                 values = {"queries": queries, "query_seconds": seconds, "connections": 1.0}
                 client.hset(USAGE_KEY.format(hour=first + offset), usage_field(t.key, "r1"), encode(values, tier))
         client.close()
-        return asyncio.run(self._seed_postgres())
+        return asyncio.run(self._seed_postgres(store_model))
 
-    async def _seed_postgres(self) -> FittedModel:
+    async def _seed_postgres(self, store_model: bool) -> FittedModel:
         pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2)
         ledger = await PostgresLedger.open(self.dsn)
         try:
@@ -150,6 +151,8 @@ class Month:
                         "history": [{"from": a, "to": b, "at": when.isoformat()} for a, b, when in t.history]}))
                 if t.customer:
                     await ledger.record_customer(t.org, t.customer, 1)
+            if not store_model:
+                return FittedModel()
             return await PostgresCostModels(pool).write(MODEL, self.factors, "test fit",
                                                         effective_from=month_bounds(self.name)[0])
         finally:

@@ -9,8 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
+from dynabase.backends.cost_models import PostgresCostModels
 from dynabase.cli import main
 from dynabase.desired.charges import month_bounds
 from dynabase.desired.cost import CostModel
@@ -101,3 +103,50 @@ async def engine_judgment(month: Month, policies: Any, declared: list[TenantData
         out[tenant.key] = tenant.overage.ratio * tenant.limits.billing.included_vcpu_hours
     return out
 
+
+
+def test_write_model_imports_a_file_then_calibrates_without_repricing_the_month(
+        month_of: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    month = month_of("2002-10", [Tenant("w", "PRO", [(3, "PRO", 36_000.0, 0)])])
+    month.seed(store_model=False)
+    (tmp_path / "model.json").write_text(json.dumps({"cpuPerQuerySecond": 0.5, "tenantFactors": {"bill/w": 2.0}}))
+    # The month's CPU: 0.5 x 36,000 s x 2 = 10 vCPU-hours estimated; the bill says 12.
+    (tmp_path / "bill.json").write_text(json.dumps({"2002-10": {"cpuVcpuSeconds": 12 * 3600, "memoryGbSeconds": 0,
+                                                                "costUSD": 30}}))
+    monkeypatch.setenv("DYNABASE_POSTGRES_DSN", month.dsn)
+    monkeypatch.setenv("DYNABASE_REDIS_URL", month.redis_url)
+    monkeypatch.delenv("DYNABASE_MONGO_URL", raising=False)
+
+    def report(*extra: str) -> tuple[dict[str, Any], str]:
+        assert main(["usage", "report", "--month", "2002-10", "--manifests", str(month.manifests), "--format",
+                     "json", *extra]) == 0
+        out = capsys.readouterr()
+        return json.loads(out.out), out.err
+
+    imported, err = report("--model", str(tmp_path / "model.json"), "--write-model")
+    assert imported["model"] == {"version": 0, "source": f"file {tmp_path / 'model.json'}"}
+    assert "wrote cost model version 1" in err and imported["rows"][0]["vcpu_hours"] == 10.0
+    calibrated, err = report("--model", str(tmp_path / "model.json"), "--bill", str(tmp_path / "bill.json"),
+                             "--write-model")
+    assert calibrated["calibration"]["factor"] == 1.2 and "wrote cost model version 2" in err
+    assert calibrated["rows"][0]["vcpu_hours"] == 10.0  # billed as judged; calibrated 12 is the bill's view
+    assert calibrated["rows"][0]["vcpu_hours_calibrated"] == 12.0
+
+    async def stored() -> tuple[Any, Any]:
+        pool = await asyncpg.create_pool(month.dsn, min_size=1, max_size=1)
+        try:
+            models = PostgresCostModels(pool)
+            return await models.current(), await models.in_force(month_bounds("2002-10")[1])
+        finally:
+            await pool.close()
+
+    newest, for_the_month = asyncio.run(stored())
+    assert newest.version == 2 and newest.model.cpu_per_query_second == pytest.approx(0.6)
+    assert dict(newest.tenant_factors) == {"bill/w": 2.0} and "calibrated to the 2002-10 bill" in newest.source
+    # Written now: in force from now on, never for the month it was calibrated on.
+    assert for_the_month.version == 0
+    without_file, _ = report()
+    assert without_file["model"]["version"] == 0 and without_file["rows"][0]["vcpu_hours"] == pytest.approx(
+        round(0.42 * 36_000 / 3600, 4))
+    assert main(["usage", "report", "--month", "2002-10", "--manifests", str(month.manifests), "--write-model"]) == 1
+    assert "--write-model needs --model FILE (an import) or a bill" in capsys.readouterr().err
