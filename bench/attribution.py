@@ -36,6 +36,7 @@ from dynabase.desired.mongo import rollup
 from dynabase.desired.sql import quote_ident
 from dynabase.devstack.stack import free_port
 from dynabase.engine.runtime import close_engine
+from dynabase.keyspace import USAGE_PATTERN, decode_usage, usage_hour
 from dynabase.spec import TenantDatabase, TierPolicy
 from dynabase.usage.report import model_document
 from dynabase.usage.sampler import BackendCpuSampler
@@ -111,8 +112,8 @@ def metered(redis_url: str) -> dict[str, UsageTotals]:
     """The proxies' counters summed over all hours, by database (tenant key bench/<db with ->)."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     docs = []
-    for key in client.scan_iter("dynabase:usage:*"):
-        docs += rollup(int(key.rsplit(":", 1)[1]), client.hgetall(key)).values()
+    for key in client.scan_iter(USAGE_PATTERN):
+        docs += rollup(usage_hour(key), decode_usage(client.hgetall(key))).values()
     by_tenant = usage_by_tenant(docs)
     return {db: by_tenant.get(tenant(db).key, (UsageTotals(), None))[0] for db in WORKLOADS}
 

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import glob
-import json
 import os
 import resource
 import shutil
@@ -45,6 +44,7 @@ from dynabase.backends.proxy import ProxyBackend
 from dynabase.devstack.stack import free_port
 from dynabase.engine.reconciler import Engine
 from dynabase.engine.stores import MemorySecretStore, MemoryStatusStore
+from dynabase.keyspace import USAGE_PATTERN, decode_usage
 from dynabase.spec import TenantDatabase, TierPolicy
 from dynabase.usage.sampler import user_system_ticks
 
@@ -280,10 +280,10 @@ def main() -> None:
             time.sleep(2.5)  # a flush or two
             client = redis.Redis.from_url(env["DYNABASE_REDIS_URL"], decode_responses=True)
             counted = 0
-            for key in client.scan_iter("dynabase:usage:*"):
-                for name, value in client.hgetall(key).items():
-                    if name.startswith("bench/bench-limited|"):
-                        counted += int(json.loads(value)["queries"])
+            for key in client.scan_iter(USAGE_PATTERN):
+                for sample in decode_usage(client.hgetall(key)):
+                    if sample.tenant == "bench/bench-limited":
+                        counted += int(sample.counters["queries"])
             print(f"\n== metering: proxies counted {counted} queries for the limited tenant; "
                   f"pgbench completed {admitted} transactions (+ its own connection checks)", flush=True)
             proxy_path.report(proxy_path.measure())

@@ -1,6 +1,8 @@
 """The proxy's per-message Python work, without sockets: one connection in the
-READY state fed pgbench-like round trips (simple and extended protocol), and the
-share of it that is metering (the usage counters the hot path increments).
+READY state fed pgbench-like round trips (simple and extended protocol, and simple
+for a tenant with a QPS limit too high to bite, so every query goes through
+admission), and the share of it that is metering (the usage counters the hot path
+increments).
 
     python -m bench.proxy_path
 
@@ -16,7 +18,10 @@ from dataclasses import dataclass
 
 from dynabase.desired.proxy import ProxyTenantLimits
 from dynabase.proxy.metering import Usage
-from dynabase.proxy.server import READY, ClientConnection, Proxy, ProxyConfig, Router, TenantState, Upstream
+from dynabase.proxy.scanner import READY, Upstream
+from dynabase.proxy.server import Proxy
+from dynabase.proxy.session import ClientConnection
+from dynabase.proxy.tenants import ProxyConfig
 
 
 def message(kind: bytes, body: bytes) -> bytes:
@@ -50,12 +55,17 @@ class PathCost:
     metering_ns: float  # the usage counter increments of one query
 
 
-def ready_connection() -> tuple[ClientConnection, Usage]:
-    limits = ProxyTenantLimits("bench/t", "t", "t", "BENCH", "p", 100, None, None, 0, "reject", None, None)
-    usage = Usage("bench/t", "BENCH")
-    proxy = Proxy(ProxyConfig(), Router())
+UNBITING_QPS = 10**9  # a limit every query is checked against and none reaches
+
+
+def ready_connection(qps: int | None = None) -> tuple[ClientConnection, Usage]:
+    proxy = Proxy(ProxyConfig())  # on its own: a limit is decided from the local share
+    proxy.tenants.limits = {"t": ProxyTenantLimits("bench/t", "t", "t", "BENCH", "p", 100, qps, qps, 0, "reject",
+                                                   None, None)}
     conn = ClientConnection(proxy)
-    conn.tenant = TenantState(limits, None, usage)
+    conn.tenant = proxy.tenants.get("t")
+    assert conn.tenant is not None
+    usage = conn.tenant.usage
     conn.state = READY
     conn.transport = NullTransport()  # type: ignore[assignment]
     conn.upstream = Upstream(conn)
@@ -63,8 +73,8 @@ def ready_connection() -> tuple[ClientConnection, Usage]:
     return conn, usage
 
 
-def time_round_trips(request: bytes, reply: bytes, rounds: int) -> float:
-    conn, _ = ready_connection()
+def time_round_trips(request: bytes, reply: bytes, rounds: int, qps: int | None = None) -> float:
+    conn, _ = ready_connection(qps)
     assert conn.upstream is not None
     from_client, from_server = conn.data_received, conn.upstream.data_received
     started = time.perf_counter_ns()
@@ -94,9 +104,11 @@ def time_metering(request: bytes, reply: bytes, rounds: int) -> float:
 
 def measure(rounds: int = 200_000) -> list[PathCost]:
     out = []
-    for mode, request, reply in (("simple", QUERY, SIMPLE_REPLY), ("extended", EXTENDED, EXTENDED_REPLY)):
-        time_round_trips(request, reply, rounds // 10)  # warm up
-        best = min(time_round_trips(request, reply, rounds) for _ in range(3))
+    modes = (("simple", QUERY, SIMPLE_REPLY, None), ("extended", EXTENDED, EXTENDED_REPLY, None),
+             ("limited", QUERY, SIMPLE_REPLY, UNBITING_QPS))
+    for mode, request, reply, qps in modes:
+        time_round_trips(request, reply, rounds // 10, qps)  # warm up
+        best = min(time_round_trips(request, reply, rounds, qps) for _ in range(3))
         metering = min(time_metering(request, reply, rounds) for _ in range(3))
         out.append(PathCost(mode, best, metering))
     return out

@@ -27,7 +27,8 @@ from dynabase.billing.ledger import PostgresLedger
 from dynabase.cli import main
 from dynabase.desired.charges import month_bounds, month_hours
 from dynabase.desired.cost import CostModel, FittedModel, UsageTotals, estimate
-from dynabase.proxy.metering import USAGE_KEY, encode, usage_field
+from dynabase.keyspace import encode_usage as encode
+from dynabase.keyspace import usage_field, usage_key
 from dynabase.spec import TenantDatabaseStatus
 
 from .conftest import ROOT, Stack
@@ -135,7 +136,7 @@ class Month:
         for t in self.tenants:
             for offset, tier, seconds, queries in t.hours:
                 values = {"queries": queries, "query_seconds": seconds, "connections": 1.0}
-                client.hset(USAGE_KEY.format(hour=first + offset), usage_field(t.key, "r1"), encode(values, tier))
+                client.hset(usage_key(first + offset), usage_field(t.key, "r1"), encode(values, tier))
         client.close()
         return asyncio.run(self._seed_postgres(store_model))
 
@@ -161,7 +162,7 @@ class Month:
 
     def clear_usage(self) -> None:
         client = redis.Redis.from_url(self.redis_url)
-        client.delete(*[USAGE_KEY.format(hour=h) for h in month_hours(self.name)])
+        client.delete(*[usage_key(h) for h in month_hours(self.name)])
         client.close()
 
     def vcpu_hours(self, t: Tenant, model: CostModel = MODEL) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from dynabase.desired.proxy import ACTIVITY_KEY
+from dynabase.keyspace import ACTIVITY_KEY
 
 WAIT_SECONDS = 15.0  # a safety net for a writer that never comes, not a measure of speed
 

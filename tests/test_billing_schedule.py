@@ -28,7 +28,8 @@ from dynabase.desired.charges import month_bounds, month_hours
 from dynabase.desired.sql import quote_ident
 from dynabase.devstack.stack import free_port
 from dynabase.headless.month_end import MonthEndClose
-from dynabase.proxy.metering import USAGE_KEY, encode, usage_field
+from dynabase.keyspace import encode_usage as encode
+from dynabase.keyspace import usage_field, usage_key
 from dynabase.usage.month import MonthReader, RedisRollups, load_declared
 
 from .billing_helpers import (  # noqa: F401
@@ -135,9 +136,9 @@ def test_cronjob_closes_from_the_clusters_declarations_and_status(
     client = redis.Redis.from_url(month.redis_url, decode_responses=True)
     first = month_hours("2002-09").start
     for offset, tier, seconds, queries in moved.hours:
-        client.hset(USAGE_KEY.format(hour=first + offset), usage_field(f"{namespace}/moved", "r1"),
+        client.hset(usage_key(first + offset), usage_field(f"{namespace}/moved", "r1"),
                     encode({"queries": queries, "query_seconds": seconds, "connections": 1.0}, tier))
-        client.hdel(USAGE_KEY.format(hour=first + offset), usage_field(moved.key, "r1"))
+        client.hdel(usage_key(first + offset), usage_field(moved.key, "r1"))
     client.close()
 
     monkeypatch.setenv("KUBECONFIG", stack.env["KUBECONFIG"])

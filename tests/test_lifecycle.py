@@ -19,9 +19,10 @@ import redis.asyncio as aioredis
 
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.proxy import ProxyBackend
-from dynabase.desired.proxy import ACTIVITY_KEY, LIMITS_KEY, WAKE_CHANNEL, ProxyTenantLimits
+from dynabase.desired.proxy import ProxyTenantLimits
 from dynabase.engine.reconciler import Engine, TenantResult
 from dynabase.engine.runtime import close_engine
+from dynabase.keyspace import ACTIVITY_KEY, LIMITS_KEY, WAKE_CHANNEL
 from dynabase.proxy.server import COLD_STARTS, Proxy
 from dynabase.spec import TenantDatabase, TierPolicy
 

@@ -43,8 +43,8 @@ from dynabase.devstack.stack import free_port
 from dynabase.headless import http as headless_http
 from dynabase.headless.reconciler import HeadlessReconciler
 from dynabase.headless.source import DirectorySource
+from dynabase.keyspace import usage_field, usage_key
 from dynabase.proxy.main import ProxySettings, serve
-from dynabase.proxy.metering import USAGE_KEY, usage_field
 from dynabase.proxy.server import Proxy
 from dynabase.usage import metrics as usage_metrics
 from dynabase.usage.report import run_report
@@ -330,7 +330,7 @@ async def exposition(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
         """The proxy's usage flush of this hour holds query time of the tenant."""
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)
         try:
-            text = await client.hget(USAGE_KEY.format(hour=int(time.time()) // 3600),
+            text = await client.hget(usage_key(int(time.time()) // 3600),
                                      usage_field(tenant, settings.replica_id))
         finally:
             await client.aclose()
@@ -377,7 +377,7 @@ async def exposition(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
             ovr = await proxied("ovr")
             await ovr.execute("SELECT pg_sleep(0.05)")  # more than its tiny month's allowance
             await ovr.close()
-        async with key_writes(redis_url, USAGE_KEY.format(hour=int(time.time()) // 3600)) as usage_hash:
+        async with key_writes(redis_url, usage_key(int(time.time()) // 3600)) as usage_hash:
             await usage_hash.until(lambda: metered(OVER_ALLOWANCE), f"the usage of {OVER_ALLOWANCE}")
 
         await idle_in_postgres(stack.env["DYNABASE_POSTGRES_DSN"], dbs["nap"], 1.0)

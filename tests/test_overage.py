@@ -17,11 +17,11 @@ import redis.asyncio as aioredis
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.desired.effective import BillingEffective
 from dynabase.desired.overage import decide_overage
-from dynabase.desired.proxy import LIMITS_KEY
 from dynabase.engine import metrics
 from dynabase.engine.reconciler import Engine, TenantResult
 from dynabase.engine.runtime import close_engine
-from dynabase.proxy.metering import USAGE_KEY, encode, usage_field
+from dynabase.keyspace import LIMITS_KEY, usage_field, usage_key
+from dynabase.keyspace import encode_usage as encode
 from dynabase.spec import TenantDatabase, TierPolicy
 from dynabase.spec.tenant import UsageStatus
 
@@ -99,7 +99,7 @@ async def env(stack: Stack) -> AsyncIterator[dict[str, Any]]:
 
     async def metered(t: TenantDatabase, query_seconds: float) -> None:
         """Usage as a proxy replica flushes it: 0.42 vCPU-s per query-second in the default model."""
-        key = USAGE_KEY.format(hour=int(clock.now.timestamp()) // 3600)
+        key = usage_key(int(clock.now.timestamp()) // 3600)
         field = usage_field(t.key, "r1")
         await redis.hset(key, field, encode({"queries": 100, "query_seconds": query_seconds, "connections": 1},
                                             t.spec.tier))
@@ -186,7 +186,7 @@ async def test_month_to_date_usage_sums_the_months_hours_and_only_them(env: dict
     field = usage_field(t.key, "r1")
 
     def hour(moment: dt.datetime) -> str:
-        return USAGE_KEY.format(hour=int(moment.timestamp()) // 3600)
+        return usage_key(int(moment.timestamp()) // 3600)
 
     # 30 + 30 query-seconds this month (0.42 vCPU-s each: 25.2 of 36 included, under 80 %),
     # 1000 in February that must not count.

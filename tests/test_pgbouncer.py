@@ -12,8 +12,9 @@ import psycopg
 import pytest
 
 from dynabase.backends.pgbouncer import PgBouncerBackend
-from dynabase.desired.pgbouncer import AGENTS_KEY, PgBouncerDesired, PoolSettings, TenantRoute
+from dynabase.desired.pgbouncer import PgBouncerDesired, PoolSettings, TenantRoute
 from dynabase.engine.reconciler import Engine
+from dynabase.keyspace import AGENTS_KEY
 
 from .conftest import Stack
 from .engine_helpers import FakeClock, example_policy, make_engine, make_tenant, unique

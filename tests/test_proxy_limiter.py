@@ -56,9 +56,9 @@ def test_a_pressed_replica_grows_its_batch_fast() -> None:
 
 def test_slots_are_paced_by_the_burst_tolerance_and_lost_when_they_pass() -> None:
     assert (lanes_for(10, 3), lanes_for(200, 50), lanes_for(200, 200), lanes_for(5000, 5000)) == (1, 3, 8, 8)
-    limiter = TenantLimiter(qps=8, burst=8)
-    # One lane of 8 q/s with two slots of tolerance (in binary fractions, so the sums are exact):
-    limiter.lanes, limiter.step, limiter.tolerance, limiter.slack = 1, 0.125, 0.25, 0.0625
+    # One lane of 8 q/s with two slots of tolerance (in binary fractions, so the sums are exact).
+    limiter = TenantLimiter(qps=8, burst=3)
+    assert limiter.lanes == 1
     limiter.credit([(1, 8, 1.0)])  # slots 1.0 ... 1.875
     assert limiter.take(0.5, 0.0) is None  # the first slot (1.0) is due at 0.75
     assert limiter.holds(0.5)
@@ -73,31 +73,33 @@ def test_slots_are_paced_by_the_burst_tolerance_and_lost_when_they_pass() -> Non
 
 
 def test_the_earliest_slot_of_any_lane_goes_first_and_a_lane_continued_is_one_entry() -> None:
-    limiter = TenantLimiter(qps=100, burst=32)  # two lanes, 0.02 s apart each...
+    # Two lanes of 64 q/s (slots 1/64 s apart on each) with a tolerance of 32 slots, 0.25 s:
+    # a slot is due 0.25 s before its time. Binary fractions, so the sums are exact.
+    limiter = TenantLimiter(qps=128, burst=34)
     assert limiter.lanes == 2
-    limiter.tolerance = 0.0  # ...here with no tolerance
-    limiter.credit([(1, 2, 0.0), (2, 2, 0.01)])
-    limiter.credit([(1, 2, 0.04)])  # straight after lane 1's: continues it
+    tick = 1 / 128
+    limiter.credit([(1, 2, 1.0), (2, 2, 1.0 + tick)])  # lane 1: 1, 1 + 2 ticks; lane 2: 1 + 1 tick, 1 + 3 ticks
+    limiter.credit([(1, 2, 1.0 + 4 * tick)])  # straight after lane 1's: continues it
     assert len(limiter.slots) == 2
-    assert [limiter.take(t, 0.0) for t in (0.0, 0.01, 0.02, 0.03, 0.04)] == [0.0] * 5
-    assert limiter.remaining(0.04) == 1  # lane 1 at 0.06
-    assert limiter.take(0.04, 0.0) is None
-    assert limiter.take(0.04, 0.05) == pytest.approx(0.02)
-    assert not limiter.holds(0.07)
+    # Each is taken the moment it is due: only the earliest slot of either lane is.
+    assert [limiter.take(1.0 + k * tick - 0.25, 0.0) for k in range(5)] == [0.0] * 5
+    now = 1.0 + 4 * tick - 0.25
+    assert limiter.remaining(now) == 1  # lane 1 at 1 + 6 ticks
+    assert limiter.take(now, 0.0) is None
+    assert limiter.take(now, 0.05) == 2 * tick
+    assert not limiter.holds(now)
 
 
 def test_lease_replies_are_placed_on_the_local_clock() -> None:
     assert lease_reply([3, 10, 0, 5, 12, 2500], 100.0) == ([(3, 10, 100.0), (5, 12, 100.0025)], 0.0)
     assert lease_reply([0, 400_000], 100.0) == ([], 0.4)
     limiter = TenantLimiter(qps=100, burst=20)  # one lane, tolerance 0.19 s
-    limiter.settle([(1, 3, 0.0)], 0.0, want=50, now=0.0, ahead=0.5)  # far short: the schedule is full
-    assert limiter.next_free == pytest.approx(0.345)  # half the booking window (47 missing slots: 0.47 s)
-    limiter.settle([(1, 3, 0.0)], 0.0, want=10, now=0.0, ahead=0.5)
-    assert limiter.next_free == pytest.approx(0.07)  # the 7 missing slots come free within 0.07 s
-    limiter.settle([], 0.4, want=50, now=1.0, ahead=0.5)
-    assert limiter.next_free == 1.4  # refused: when a lane has room
-    limiter.settle([(2, 40, 1.0)], 0.0, want=50, now=1.0, ahead=0.5)
-    assert limiter.next_free == 0.0
+    # far short: the schedule is full; ask again after half the booking window (47 missing slots: 0.47 s)
+    assert limiter.settle([(1, 3, 0.0)], 0.0, want=50, now=0.0, ahead=0.5) == pytest.approx(0.345)
+    # the 7 missing slots come free within 0.07 s
+    assert limiter.settle([(1, 3, 0.0)], 0.0, want=10, now=0.0, ahead=0.5) == pytest.approx(0.07)
+    assert limiter.settle([], 0.4, want=50, now=1.0, ahead=0.5) == 1.4  # refused: when a lane has room
+    assert limiter.settle([(2, 40, 1.0)], 0.0, want=50, now=1.0, ahead=0.5) == 0.0
 
 
 Lease = Callable[..., list[int]]
@@ -111,17 +113,19 @@ def _simulate(lease: Lease, key: str, seed: int | None, *, qps: int, burst: int,
     of leases, and how many queries one shared GCRA would have admitted."""
     rng = random.Random(seed)
     limiters = [TenantLimiter(qps, burst, replicas) for _ in range(replicas)]
+    next_free = [0.0] * replicas  # per replica: when to lease again after a short answer
     ideal, ideal_admitted = Gcra(qps, burst), 0
     phase_end, rate, owed = [0.0] * replicas, [0.0] * replicas, [0.0] * replicas
     admitted: list[float] = []
     leases = 0
 
-    def ask(limiter: TenantLimiter, now: float) -> None:
+    def ask(i: int, now: float) -> None:
         nonlocal leases
+        limiter = limiters[i]
         want = limiter.lease_size(now)
         reply = lease(keys=[key], args=limiter.lease_args(1_000_000_000_000 + round(now * 1_000_000), want, ahead))
         leases += 1
-        limiter.settle(*lease_reply(reply, now), want, now, ahead)
+        next_free[i] = limiter.settle(*lease_reply(reply, now), want, now, ahead)
 
     for ms in range(seconds * 1000):
         now = ms / 1000
@@ -136,14 +140,14 @@ def _simulate(lease: Lease, key: str, seed: int | None, *, qps: int, burst: int,
                 owed[i] -= 1
                 ideal_admitted += ideal.reserve(now, 0.0) is not None
                 ok = limiter.take(now, 0.0) is not None
-                if not ok and not limiter.holds(now) and now >= limiter.next_free:
-                    ask(limiter, now)
+                if not ok and not limiter.holds(now) and now >= next_free[i]:
+                    ask(i, now)
                     ok = limiter.take(now, 0.0) is not None
                 if not ok:
                     continue
                 admitted.append(now)
-                if limiter.low(now) and now >= limiter.next_free:
-                    ask(limiter, now)
+                if limiter.low(now) and now >= next_free[i]:
+                    ask(i, now)
     return admitted, leases, ideal_admitted
 
 
@@ -167,7 +171,7 @@ def lease(stack: Stack) -> Iterator[tuple[Lease, str]]:
         client.close()
 
 
-REJECT, THROTTLE = lease_ahead(False, 0.0), lease_ahead(True, 30.0)
+REJECT, THROTTLE = lease_ahead(0.0), lease_ahead(30.0)  # queue budgets: refused at once, throttled 30 s
 CASES = [(200, 200, seed) for seed in range(6)] + [(200, 50, 0), (200, 50, 24), (50, 5, 3)]
 
 
@@ -187,11 +191,11 @@ def test_the_schedule_is_kept_until_its_last_booking_passes(lease: tuple[Lease, 
     script, key = lease
     far, near = TenantLimiter(qps=200, burst=200), TenantLimiter(qps=200, burst=200)
     now_us = 1_000_000_000_000
-    far.use = 1
+    far.lease_size(0.0)  # a first lease: from one lane
     reply = script(keys=[key], args=far.lease_args(now_us, 400, ahead=6.0))  # one lane, booked 7 s ahead
     grants, _ = lease_reply(reply, 0.0)
     assert grants == [(1, 175, 0.0)]  # 40 ms apart, up to the tolerance (0.96 s) + 6 s
-    near.use = 1
+    near.lease_size(0.0)
     reply = script(keys=[key], args=near.lease_args(now_us, 1, ahead=6.0))  # another lane, one slot
     grants, _ = lease_reply(reply, 0.0)
     assert len(grants) == 1 and grants[0][0] != 1

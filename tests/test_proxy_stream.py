@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynabase.desired.proxy import ProxyTenantLimits
-from dynabase.proxy.limiter import TenantLimiter
-from dynabase.proxy.metering import Usage
-from dynabase.proxy.server import READY, ClientConnection, Proxy, ProxyConfig, Router, TenantState, Upstream
+from dynabase.proxy.scanner import READY, Upstream
+from dynabase.proxy.server import Proxy
+from dynabase.proxy.session import ClientConnection
+from dynabase.proxy.tenants import ProxyConfig, Tenants
 
 
 class Recorder:
@@ -43,10 +44,15 @@ def message(kind: bytes, size: int) -> bytes:
     return kind + struct.pack("!I", size + 4) + bytes(range(256)) * (size // 256) + bytes(size % 256)
 
 
-def connection(qps: int | None = None) -> tuple[ClientConnection, Recorder, Recorder]:
-    limits = ProxyTenantLimits("t/t", "t", "t", "T", "p", 10, qps, qps, 0, "reject", None, None)
-    conn = ClientConnection(Proxy(ProxyConfig(), Router()))
-    conn.tenant = TenantState(limits, TenantLimiter(qps, qps) if qps else None, Usage("t/t", "T"))
+def connection(qps: int | None = None, *, over_limit: str = "reject",
+               tenants: Tenants | None = None) -> tuple[ClientConnection, Recorder, Recorder]:
+    """A READY connection of tenant "t" (``tenants``: its registry; by default the proxy is on
+    its own, so limits are enforced locally)."""
+    proxy = Proxy(ProxyConfig(), tenants)
+    proxy.tenants.limits = {"t": ProxyTenantLimits("t/t", "t", "t", "T", "p", 10, qps, qps, 2000, over_limit,
+                                                   None, None)}
+    conn = ClientConnection(proxy)
+    conn.tenant = proxy.tenants.get("t")
     conn.state = READY
     to_client, to_server = Recorder(), Recorder()
     conn.transport = to_client  # type: ignore[assignment]

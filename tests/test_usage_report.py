@@ -18,7 +18,8 @@ import redis
 from dynabase.backends.mongo import MongoBackend
 from dynabase.cli import main
 from dynabase.desired.sql import quote_ident
-from dynabase.proxy.metering import USAGE_KEY, encode, usage_field
+from dynabase.keyspace import encode_usage as encode
+from dynabase.keyspace import usage_field, usage_key
 from dynabase.usage.report import month_hours
 from dynabase.usage.sampler import BackendCpuSampler
 
@@ -79,7 +80,7 @@ def redis_usage(stack: Stack) -> Iterator[None]:
     client = redis.Redis.from_url(stack.env["DYNABASE_REDIS_URL"], decode_responses=True)
     keys = []
     for hour, fields in hash_fields().items():
-        key = USAGE_KEY.format(hour=hour)
+        key = usage_key(hour)
         client.hset(key, mapping=fields)
         keys.append(key)
     yield

@@ -96,11 +96,11 @@ async def _show_proxy(env: dict[str, str], port: int, seconds: float = 5.0) -> N
     import asyncpg
     import redis.asyncio as aioredis
 
-    from dynabase.desired.proxy import LIMITS_KEY, ProxyTenantLimits
+    from dynabase.keyspace import LIMITS_KEY, decode_limits
 
     redis = aioredis.Redis.from_url(env["DYNABASE_REDIS_URL"], decode_responses=True)
     try:
-        published = {name: ProxyTenantLimits.from_json(str(await redis.hget(LIMITS_KEY, name)))
+        published = {name: decode_limits(str(await redis.hget(LIMITS_KEY, name)))
                      for name in ("acme", "globex")}
     finally:
         await redis.aclose()

@@ -10,8 +10,10 @@ plugins; in a cluster the service account is used.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -33,11 +35,26 @@ class KubeApiError(Exception):
 
 def connection_info(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
     """In-cluster service account first, else the kubeconfig: the same order as kopf's own login."""
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    account = kopf.login_with_service_account(settings=settings)
+    if account is not None:
+        return dataclasses.replace(account, server=in_cluster_server(account.server))
+    info = kopf.login_with_kubeconfig(settings=settings)
     if info is None:
         raise kopf.LoginError("no service account token and no kubeconfig (KUBECONFIG, ~/.kube/config) "
                               "to reach the apiserver")
     return info
+
+
+def in_cluster_server(default: str) -> str:
+    """The apiserver address the kubelet gives every pod, as client-go's in-cluster config reads it.
+
+    kopf's own login names https://kubernetes.default.svc, which needs cluster DNS; a host-network
+    pod, or a cluster without kube-proxy and DNS, is reachable only through these variables.
+    """
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return default
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
 def session(info: kopf.ConnectionInfo, connections: int) -> aiohttp.ClientSession:

@@ -21,24 +21,16 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import redis.asyncio as aioredis
 
-from dynabase.desired.pgbouncer import (
-    AGENTS_KEY,
-    CHANNEL,
-    DEFAULT_POOL,
-    DESIRED_KEY,
-    AgentConfig,
-    PgBouncerDesired,
-    PoolSettings,
-    render_ini,
-)
+from dynabase.desired.pgbouncer import DEFAULT_POOL, AgentConfig, PgBouncerDesired, PoolSettings, render_ini
 from dynabase.desired.scram import scram_verifier
+from dynabase.keyspace import AGENTS_KEY, LAYOUT_CHANNEL, LAYOUT_KEY, AgentReport, PoolReport, encode_agent_report
 from dynabase.stopping import stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -56,13 +48,6 @@ class PoolProcess:
     port: int
     ini: Path
     process: subprocess.Popen[bytes] | None = None
-
-
-@dataclass
-class PoolReport:
-    port: int
-    ok: bool
-    mismatches: list[str] = field(default_factory=list)
 
 
 class PgBouncerAgent:
@@ -241,22 +226,18 @@ class PgBouncerAgent:
         return reports
 
     async def sync_once(self) -> None:
-        text = await self.redis.get(DESIRED_KEY)
+        text = await self.redis.get(LAYOUT_KEY)
         desired = PgBouncerDesired.from_json(str(text)) if text else PgBouncerDesired()
         version = desired.version
         reports = await asyncio.to_thread(self.converge, desired)
         self.version = version
-        await self.redis.hset(AGENTS_KEY, self.agent_id, json.dumps({
-            "version": version,
-            "seq": desired.seq,
-            "at": time.time(),
-            "pools": {k: {"port": r.port, "ok": r.ok, "mismatches": r.mismatches} for k, r in reports.items()},
-        }))
+        report = AgentReport(self.agent_id, version, time.time(), desired.seq, reports)
+        await self.redis.hset(AGENTS_KEY, self.agent_id, encode_agent_report(report))
 
     async def run(self, stop: asyncio.Event, *, interval: float = 1.0) -> None:
         self._prepare()
         pubsub = self.redis.pubsub()
-        await pubsub.subscribe(CHANNEL)
+        await pubsub.subscribe(LAYOUT_CHANNEL)
         try:
             while not stop.is_set():
                 try:

@@ -17,6 +17,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure
 
 from dynabase.desired.mongo import ORG_DB, ORGS, USAGE, org_changed, rollup
+from dynabase.keyspace import decode_usage
 
 
 @dataclass
@@ -144,7 +145,7 @@ class MongoBackend:
 
     async def write_usage(self, hour: int, fields: dict[str, str]) -> int:
         """Idempotent: each document is replaced by the sum of absolute counters, so retries never add up."""
-        docs = rollup(hour, fields)
+        docs = rollup(hour, decode_usage(fields))
         for doc in docs.values():
             await self.client[ORG_DB][USAGE].replace_one({"_id": doc["_id"]}, doc, upsert=True)
         return len(docs)

@@ -8,33 +8,15 @@ comes from the agents, which compare PgBouncer's live SHOW output with it.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from dynabase.desired.pgbouncer import AGENTS_KEY, CHANNEL, DEFAULT_POOL, DESIRED_KEY, SEQ_KEY, PgBouncerDesired
+from dynabase.desired.pgbouncer import DEFAULT_POOL, PgBouncerDesired
+from dynabase.keyspace import AGENTS_KEY, LAYOUT_CHANNEL, LAYOUT_KEY, LAYOUT_SEQ_KEY, AgentReport, decode_agent_report
 
 AGENT_STALE_SECONDS = 30.0
-
-
-@dataclass
-class AgentReport:
-    agent_id: str
-    version: str
-    at: float
-    seq: int
-    pools: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def pool_ok(self, pool: str) -> tuple[bool, str]:
-        report = self.pools.get(pool)
-        if report is None:
-            return False, f"agent {self.agent_id} runs no pool {pool}"
-        if not report.get("ok"):
-            return False, f"agent {self.agent_id} pool {pool}: " + "; ".join(report.get("mismatches", []))
-        return True, ""
 
 
 @dataclass
@@ -55,29 +37,22 @@ class PgBouncerBackend:
         await self._redis.aclose()
 
     async def observe(self) -> PgBouncerObserved:
-        published_text = await self._redis.get(DESIRED_KEY)
+        published_text = await self._redis.get(LAYOUT_KEY)
         published = PgBouncerDesired.from_json(str(published_text)) if published_text else None
         return PgBouncerObserved(published, await self._agents())
 
     async def _agents(self) -> list[AgentReport]:
         raw = await self._redis.hgetall(AGENTS_KEY)
         now = time.time()
-        reports = []
-        for agent_id, text in raw.items():
-            data = json.loads(text)
-            if now - float(data.get("at", 0)) <= AGENT_STALE_SECONDS:
-                reports.append(
-                    AgentReport(str(agent_id), data.get("version", ""), float(data["at"]), int(data.get("seq", 0)),
-                                data.get("pools", {}))
-                )
-        return reports
+        reports = [decode_agent_report(str(agent_id), str(text)) for agent_id, text in raw.items()]
+        return [r for r in reports if now - r.at <= AGENT_STALE_SECONDS]
 
     async def publish(self, desired: PgBouncerDesired, version: str) -> int:
         """Publish a layout; returns its sequence number."""
-        seq = int(await self._redis.incr(SEQ_KEY))
+        seq = int(await self._redis.incr(LAYOUT_SEQ_KEY))
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(DESIRED_KEY, desired.to_json(version, seq))
-            pipe.publish(CHANNEL, version)
+            pipe.set(LAYOUT_KEY, desired.to_json(version, seq))
+            pipe.publish(LAYOUT_CHANNEL, version)
             await pipe.execute()
         self.writes += 1
         return seq
@@ -89,8 +64,8 @@ class PgBouncerBackend:
             return None
         route = observed.published.routes.get(database)
         pool = route.pool if route else DEFAULT_POOL
-        port = observed.agents[0].pools.get(pool, {}).get("port")
-        return (pool, int(port)) if port else None
+        report = observed.agents[0].pools.get(pool)
+        return (pool, report.port) if report else None
 
     async def wait_confirmed(self, seq: int) -> list[AgentReport]:
         """Agents' reports once all live agents applied publication ``seq`` or a newer one."""

@@ -1,4 +1,5 @@
-"""Proxy backend: publish each tenant's proxy limits to Redis (hash + channel).
+"""Proxy backend: publish each tenant's proxy limits to Redis (hash + channel), and read
+what the proxies write back (activity, wake-ups, usage).
 
 Observe reads the whole hash once per pass; apply writes only the fields that
 differ and announces them, so a pass without drift makes no Redis writes.
@@ -8,11 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 
 import redis.asyncio as aioredis
 
-from dynabase.desired.proxy import ACTIVITY_KEY, LIMITS_CHANNEL, LIMITS_KEY, WAKE_CHANNEL, ProxyTenantLimits
+from dynabase.desired.proxy import ProxyTenantLimits
+from dynabase.keyspace import (
+    ACTIVITY_KEY,
+    LIMITS_CHANNEL,
+    LIMITS_KEY,
+    WAKE_CHANNEL,
+    UsageSample,
+    decode_limits_table,
+    decode_usage,
+    encode_changed,
+    encode_limits,
+    usage_key,
+)
+
+log = logging.getLogger(__name__)
 
 
 class ProxyBackend:
@@ -28,13 +44,10 @@ class ProxyBackend:
 
     async def observe(self) -> dict[str, ProxyTenantLimits]:
         raw = await self._redis.hgetall(LIMITS_KEY)
-        out: dict[str, ProxyTenantLimits] = {}
-        for database, text in raw.items():
-            try:
-                out[str(database)] = ProxyTenantLimits.from_json(str(text))
-            except (TypeError, ValueError):
-                continue  # unreadable entry: rewritten by this pass
-        return out
+        table, unreadable = decode_limits_table({str(k): str(v) for k, v in raw.items()})
+        for database, why in unreadable.items():  # rewritten by this pass
+            log.warning("unreadable proxy limits in Redis", extra={"database": database, "error": why})
+        return table
 
     async def activity(self, databases: list[str]) -> dict[str, float]:
         """Epoch of each of these tenant databases' last query through any proxy replica."""
@@ -58,43 +71,42 @@ class ProxyBackend:
                     elif message["type"] == "message":
                         on_wake(str(message["data"]))
             except (aioredis.RedisError, OSError):
+                self.wakes_subscribed.clear()
                 await asyncio.sleep(1.0)
             finally:
                 self.wakes_subscribed.clear()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def usage_hours(self, hours: list[int]) -> dict[int, dict[str, str]]:
-        """The proxies' usage hashes of these hours, in one round trip."""
+    async def usage_hours(self, hours: Iterable[int]) -> dict[int, list[UsageSample]]:
+        """The proxies' counters of these hours (a month is ~744) in one pipelined round trip."""
+        hours = list(hours)
         if not hours:
             return {}
         async with self._redis.pipeline(transaction=False) as pipe:
             for hour in hours:
-                pipe.hgetall(f"dynabase:usage:{hour}")
+                pipe.hgetall(usage_key(hour))
             answers = await pipe.execute()
-        return {hour: {str(k): str(v) for k, v in raw.items()} for hour, raw in zip(hours, answers, strict=True)}
+        return {hour: decode_usage({str(k): str(v) for k, v in raw.items()})
+                for hour, raw in zip(hours, answers, strict=True)}
 
     async def usage_fields(self, hour: int) -> dict[str, str]:
-        """The proxies' cumulative counters for one hour: "<tenant>|<replica>" -> JSON."""
-        raw = await self._redis.hgetall(f"dynabase:usage:{hour}")
+        """One hour's usage hash as stored (MongoBackend.write_usage decodes it)."""
+        raw = await self._redis.hgetall(usage_key(hour))
         return {str(k): str(v) for k, v in raw.items()}
 
-    async def usage_fields_for_hours(self, hours: range) -> dict[int, dict[str, str]]:
-        """usage_fields of many hours (a month is ~744) in one pipelined round trip; empty hours left out."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for hour in hours:
-                pipe.hgetall(f"dynabase:usage:{hour}")
-            replies = await pipe.execute()
-        return {hour: {str(k): str(v) for k, v in raw.items()} for hour, raw in zip(hours, replies, strict=True) if raw}
+    async def usage_fields_for_hours(self, hours: Iterable[int]) -> dict[int, list[UsageSample]]:
+        """usage_hours without the empty hours."""
+        return {hour: samples for hour, samples in (await self.usage_hours(hours)).items() if samples}
 
     async def apply(self, changed: dict[str, ProxyTenantLimits], removed: list[str]) -> None:
         if not changed and not removed:
             return
         async with self._redis.pipeline(transaction=True) as pipe:
             if changed:
-                pipe.hset(LIMITS_KEY, mapping={k: v.to_json() for k, v in changed.items()})
+                pipe.hset(LIMITS_KEY, mapping={k: encode_limits(v) for k, v in changed.items()})
             if removed:
                 pipe.hdel(LIMITS_KEY, *removed)
-            pipe.publish(LIMITS_CHANNEL, ",".join([*changed, *removed]))
+            pipe.publish(LIMITS_CHANNEL, encode_changed([*changed, *removed]))
             await pipe.execute()
         self.writes += 1

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
 
 from dynabase.spec.limits import ALL_FIELDS
 from dynabase.spec.units import ByteSize, Duration
@@ -51,17 +52,23 @@ def org_changed(current: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
     return {k: v for k, v in current.items() if k != "updatedAt"} != wanted
 
 
-def rollup(hour: int, fields: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Sum the replicas' cumulative per-hour counters into one document per tenant."""
-    import json
+class MeteredHour(Protocol):
+    """One proxy replica's counters for one tenant and hour (dynabase.keyspace.UsageSample)."""
 
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def tier(self) -> str | None: ...
+    @property
+    def counters(self) -> Mapping[str, float]: ...
+
+
+def rollup(hour: int, samples: Iterable[MeteredHour]) -> dict[str, dict[str, Any]]:
+    """Sum the replicas' cumulative per-hour counters into one document per tenant."""
     out: dict[str, dict[str, Any]] = {}
-    for name, text in fields.items():
-        tenant, _, _replica = name.rpartition("|")
-        values = json.loads(text)
-        doc = out.setdefault(tenant, {"_id": f"{tenant}|{hour}", "tenant": tenant, "hour": hour,
-                                      "tier": values.get("tier")})
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                doc[key] = round(doc.get(key, 0) + value, 6)
+    for sample in samples:
+        doc = out.setdefault(sample.tenant, {"_id": f"{sample.tenant}|{hour}", "tenant": sample.tenant,
+                                             "hour": hour, "tier": sample.tier})
+        for key, value in sample.counters.items():
+            doc[key] = round(doc.get(key, 0) + value, 6)
     return out

@@ -22,11 +22,7 @@ from dynabase.spec.limits import FIELDS
 
 from .effective import PgBouncerEffective
 
-# Where the engine publishes the layout and agents report back (Redis).
-DESIRED_KEY = "dynabase:pgbouncer:desired"
-AGENTS_KEY = "dynabase:pgbouncer:agents"
-CHANNEL = "dynabase:pgbouncer:changed"
-SEQ_KEY = "dynabase:pgbouncer:seq"
+# Where the engine publishes the layout and agents report back: dynabase.keyspace.
 DEFAULT_POOL = "_default"  # always present: a stable admin endpoint and a fallback pool
 
 

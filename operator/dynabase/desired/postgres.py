@@ -15,6 +15,7 @@ from typing import Literal
 from dynabase.spec.limits import FIELDS
 from dynabase.spec.units import ByteSize, Duration
 
+from . import drain
 from .effective import PostgresEffective
 from .scram import scram_verifier, verifier_matches
 from .sql import quote_ident, quote_literal
@@ -238,15 +239,15 @@ def _terminate(role: str) -> Statement:
 
 # Both count and choose when they run, not from the observation, so they never end
 # more than the excess at that moment; each runs on its own after the role change.
-_DRAIN_SQL = """
+_DRAIN_SQL = f"""
 SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM (
   SELECT pid FROM pg_catalog.pg_stat_activity
   WHERE usename = $1 AND backend_type = 'client backend'
-  ORDER BY state = 'idle' DESC, backend_start DESC
+  ORDER BY {drain.ORDER_SQL}
   LIMIT greatest(0, (SELECT count(*) FROM pg_catalog.pg_stat_activity
                      WHERE usename = $1 AND backend_type = 'client backend') - $2)
 ) AS excess
-"""
+"""  # noqa: S608 - ORDER BY is a constant (desired/drain.py), not input
 # A session that woke the tenant a moment ago is never idle for that long, so it is safe.
 _END_IDLE_SQL = """
 SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity

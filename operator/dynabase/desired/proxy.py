@@ -1,21 +1,14 @@
 """What the proxy enforces per tenant, as published by the engine. Pure.
 
-The engine writes one hash field per tenant (keyed by database name) and
-announces changes on a channel; every proxy replica keeps a local copy.
+The engine writes one entry per tenant database to Redis and every proxy replica
+keeps a copy (names and JSON: dynabase.keyspace).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from .effective import EffectiveLimits
-
-LIMITS_KEY = "dynabase:proxy:limits"
-LIMITS_CHANNEL = "dynabase:proxy:limits:changed"
-ROUTES_KEY = "dynabase:proxy:routes"  # database -> PgBouncer pool name
-ACTIVITY_KEY = "dynabase:proxy:activity"  # sorted set: database scored by the epoch of its last query
-WAKE_CHANNEL = "dynabase:proxy:wake"  # a proxy announces a connection to a Cold tenant here
 
 
 @dataclass(frozen=True)
@@ -26,8 +19,8 @@ class ProxyTenantLimits:
     tier: str
     pool: str
     max_connections: int
-    qps: int | None
-    burst: int | None
+    qps: int | None  # None: unlimited
+    burst: int | None  # set whenever qps is (the effective limits default it to qps)
     queue_timeout_ms: int
     over_limit: str
     statement_timeout_ms: int | None
@@ -35,15 +28,10 @@ class ProxyTenantLimits:
     enabled: bool = True
     cold: bool = False  # scaled to zero: the next connection announces a wake-up
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str) -> ProxyTenantLimits:
-        # Fields unknown to this version are ignored, so an older proxy keeps working
-        # while a newer engine publishes (rolling upgrades).
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+    def __post_init__(self) -> None:
+        if self.qps is not None and self.burst is None:
+            raise ValueError(f"proxy limits for {self.database}: qps {self.qps} without a burst; "
+                             "effective limits default burst to qps, so publish those")
 
 
 def proxy_limits(tenant_key: str, database: str, pool: str, limits: EffectiveLimits,

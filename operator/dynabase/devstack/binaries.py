@@ -9,6 +9,7 @@ proxy into a cache outside the checkout (CI clones afresh, the cache stays).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -42,9 +43,26 @@ KUBE_APISERVER = Binary("kube-apiserver", KUBERNETES_VERSION, "TEST_ASSET_KUBE_A
 KUBECTL = Binary("kubectl", KUBERNETES_VERSION, "TEST_ASSET_KUBECTL")
 ETCD = Binary("etcd", ETCD_VERSION, "TEST_ASSET_ETCD")
 FERRETDB = Binary("ferretdb", FERRETDB_VERSION, "TEST_ASSET_FERRETDB")
+# A single-node cluster from real parts (devstack/node.py): the pods' kubelet and the
+# controllers and scheduler that Deployments and ServiceAccount tokens need.
+KUBELET = Binary("kubelet", KUBERNETES_VERSION, "TEST_ASSET_KUBELET")
+KUBE_CONTROLLER_MANAGER = Binary(
+    "kube-controller-manager", KUBERNETES_VERSION, "TEST_ASSET_KUBE_CONTROLLER_MANAGER"
+)
+KUBE_SCHEDULER = Binary("kube-scheduler", KUBERNETES_VERSION, "TEST_ASSET_KUBE_SCHEDULER")
+# The pod sandbox's process (registry.k8s.io/pause's job), from the Go file beside this
+# module; its version is the source's digest, so an edit builds a new one.
+PAUSE_SOURCE = Path(__file__).resolve().parent / "pause" / "main.go"
+PAUSE = Binary(
+    "pause",
+    hashlib.sha256(PAUSE_SOURCE.read_bytes()).hexdigest()[:12] if PAUSE_SOURCE.exists() else "unknown",
+    "TEST_ASSET_PAUSE",
+)
+CONTROL_PLANE_BINARIES = (KUBE_APISERVER, KUBECTL)
+NODE_BINARIES = (KUBELET, KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER)
 # Stripe's API from its OpenAPI spec, validating every request (the billing close's tests).
 STRIPE_MOCK = Binary("stripe-mock", STRIPE_MOCK_VERSION, "TEST_ASSET_STRIPE_MOCK")
-ALL_BINARIES = (ETCD, KUBE_APISERVER, KUBECTL, FERRETDB, STRIPE_MOCK)
+ALL_BINARIES = (ETCD, KUBE_APISERVER, KUBECTL, FERRETDB, *NODE_BINARIES, PAUSE, STRIPE_MOCK)
 
 
 def cache_dir() -> Path:
@@ -137,8 +155,8 @@ def _install(built: Path, binary: Binary) -> None:
     _log(f"installed {target}")
 
 
-def _build_kubernetes() -> None:
-    """kube-apiserver and kubectl through a wrapper module.
+def _build_kubernetes(commands: tuple[Binary, ...], work_name: str) -> None:
+    """Commands of k8s.io/kubernetes through a wrapper module.
 
     k8s.io/kubernetes points its staging modules at ./staging with replace
     directives, which only apply in the main module; the wrapper repeats them
@@ -146,7 +164,7 @@ def _build_kubernetes() -> None:
     """
     version = KUBERNETES_VERSION
     staging_version = "v0." + version.split(".", 1)[1]
-    work = _fresh_dir(cache_dir() / "build" / f"kubernetes-{version}")
+    work = _fresh_dir(cache_dir() / "build" / f"{work_name}-{version}")
     _run(["go", "mod", "init", "dynabase.local/kubebuild"], work)
     info = json.loads(_run(["go", "mod", "download", "-json", f"k8s.io/kubernetes@{version}"], work))
     upstream = json.loads(_run(["go", "mod", "edit", "-json", info["GoMod"]], work))
@@ -157,11 +175,7 @@ def _build_kubernetes() -> None:
             module = replace["Old"]["Path"]
             edits.append(f"-replace={module}={module}@{staging_version}")
     _run(["go", "mod", "edit", *edits], work)
-    _run(
-        ["go", "get", f"k8s.io/kubernetes/cmd/kube-apiserver@{version}",
-         f"k8s.io/kubernetes/cmd/kubectl@{version}"],
-        work,
-    )
+    _run(["go", "get", *(f"k8s.io/kubernetes/cmd/{b.name}@{version}" for b in commands)], work)
     prefix = "k8s.io/component-base/version"
     minor = version.split(".")[1]
     ldflags = " ".join(
@@ -174,7 +188,9 @@ def _build_kubernetes() -> None:
             f"-X k8s.io/client-go/pkg/version.gitVersion={version}",
         ]
     )
-    for binary in (KUBE_APISERVER, KUBECTL):
+    for binary in commands:
+        if find(binary) is not None:
+            continue
         out = work / binary.name
         _run(
             ["go", "build", "-p", "2", "-trimpath", "-ldflags", ldflags, "-o", str(out),
@@ -184,6 +200,14 @@ def _build_kubernetes() -> None:
         )
         _install(out, binary)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _build_control_plane() -> None:
+    _build_kubernetes(CONTROL_PLANE_BINARIES, "kubernetes")
+
+
+def _build_node() -> None:
+    _build_kubernetes(NODE_BINARIES, "kubernetes-node")
 
 
 def _build_etcd() -> None:
@@ -230,6 +254,18 @@ def _build_ferretdb() -> None:
     shutil.rmtree(holder, ignore_errors=True)
 
 
+def _build_pause() -> None:
+    if not PAUSE_SOURCE.exists():
+        raise BinaryUnavailable(f"pause: its source {PAUSE_SOURCE} is missing (a source checkout has it)")
+    work = _fresh_dir(cache_dir() / "build" / f"pause-{PAUSE.version}")
+    shutil.copy2(PAUSE_SOURCE, work / "main.go")
+    _run(["go", "mod", "init", "dynabase.local/pause"], work)
+    out = work / "pause"
+    _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(out), "."], work, {"CGO_ENABLED": "0"})
+    _install(out, PAUSE)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def _build_stripe_mock() -> None:
     """`go install` into a private GOBIN: the module is a plain main package (spec and fixtures embedded)."""
     work = _fresh_dir(cache_dir() / "build" / f"stripe-mock-{STRIPE_MOCK_VERSION}")
@@ -240,8 +276,10 @@ def _build_stripe_mock() -> None:
 
 
 _BUILDERS = {
-    "kube-apiserver": _build_kubernetes,
-    "kubectl": _build_kubernetes,
+    "kube-apiserver": _build_control_plane,
+    "kubectl": _build_control_plane,
+    **{binary.name: _build_node for binary in NODE_BINARIES},
+    "pause": _build_pause,
     "etcd": _build_etcd,
     "ferretdb": _build_ferretdb,
     "stripe-mock": _build_stripe_mock,

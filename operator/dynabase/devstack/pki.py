@@ -27,6 +27,7 @@ class KubePKI:
     admin_key: Path
     sa_public: Path
     sa_private: Path
+    ca_key: Path  # kept so devstack/node.py can sign its components' client certificates
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -58,6 +59,20 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurve
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + _VALIDITY)
+    )
+
+
+def at(directory: Path) -> KubePKI:
+    """The certificate files that ``create`` writes into ``directory``."""
+    return KubePKI(
+        ca_cert=directory / "ca.crt",
+        serving_cert=directory / "apiserver.crt",
+        serving_key=directory / "apiserver.key",
+        admin_cert=directory / "admin.crt",
+        admin_key=directory / "admin.key",
+        sa_public=directory / "sa.pub",
+        sa_private=directory / "sa.key",
+        ca_key=directory / "ca.key",
     )
 
 
@@ -116,16 +131,9 @@ def create(directory: Path) -> KubePKI:
     )
 
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pki = KubePKI(
-        ca_cert=directory / "ca.crt",
-        serving_cert=directory / "apiserver.crt",
-        serving_key=directory / "apiserver.key",
-        admin_cert=directory / "admin.crt",
-        admin_key=directory / "admin.key",
-        sa_public=directory / "sa.pub",
-        sa_private=directory / "sa.key",
-    )
+    pki = at(directory)
     _write_cert(pki.ca_cert, ca_cert)
+    _write_key(pki.ca_key, ca_key)
     _write_cert(pki.serving_cert, serving_cert)
     _write_key(pki.serving_key, serving_key)
     _write_cert(pki.admin_cert, admin_cert)
@@ -139,10 +147,32 @@ def create(directory: Path) -> KubePKI:
     return pki
 
 
-def kubeconfig(pki: KubePKI, server: str) -> str:
-    """A kubeconfig with absolute file paths (kopf hands them to ssl as they are)."""
+def client_certificate(pki: KubePKI, name: str, common_name: str, organization: str | None = None) -> tuple[Path, Path]:
+    """A client certificate signed by the devstack CA: the user ``common_name`` in ``organization``."""
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{pki.ca_key}: expected the devstack's EC CA key")
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization)] if organization else []
+    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    key = _key()
+    cert = (
+        _builder(x509.Name(attributes), ca_cert.subject, key.public_key())
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = pki.ca_cert.parent / f"{name}.crt", pki.ca_cert.parent / f"{name}.key"
+    _write_cert(cert_path, cert)
+    _write_key(key_path, key)
+    return cert_path, key_path
+
+
+def kubeconfig(pki: KubePKI, server: str, user: tuple[Path, Path] | None = None) -> str:
+    """A kubeconfig with absolute file paths (kopf hands them to ssl as they are); admin unless ``user``."""
     import yaml
 
+    cert, key = user or (pki.admin_cert, pki.admin_key)
+    user_name = cert.stem
     return yaml.safe_dump(
         {
             "apiVersion": "v1",
@@ -155,14 +185,14 @@ def kubeconfig(pki: KubePKI, server: str) -> str:
             ],
             "users": [
                 {
-                    "name": "admin",
+                    "name": user_name,
                     "user": {
-                        "client-certificate": str(pki.admin_cert),
-                        "client-key": str(pki.admin_key),
+                        "client-certificate": str(cert),
+                        "client-key": str(key),
                     },
                 }
             ],
-            "contexts": [{"name": "devstack", "context": {"cluster": "devstack", "user": "admin"}}],
+            "contexts": [{"name": "devstack", "context": {"cluster": "devstack", "user": user_name}}],
             "current-context": "devstack",
         },
         sort_keys=False,

@@ -444,9 +444,11 @@ class Devstack:
              "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
              f"--secure-port={port}", f"--cert-dir={base / 'pki'}",
              f"--tls-cert-file={certs.serving_cert}", f"--tls-private-key-file={certs.serving_key}",
-             f"--client-ca-file={certs.ca_cert}", "--authorization-mode=RBAC",
+             f"--client-ca-file={certs.ca_cert}", "--authorization-mode=Node,RBAC",
              "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
-             "--disable-admission-plugins=ServiceAccount",
+             # For devstack/node.py's kubelet: logs and exec as admin; pods get ServiceAccount tokens.
+             f"--kubelet-client-certificate={certs.admin_cert}", f"--kubelet-client-key={certs.admin_key}",
+             "--kubelet-preferred-address-types=InternalIP",
              f"--service-account-issuer={server}/",
              f"--service-account-key-file={certs.sa_public}",
              f"--service-account-signing-key-file={certs.sa_private}",
@@ -462,7 +464,8 @@ class Devstack:
 
         self._wait("kube-apiserver", pid, log, ready, timeout=120)
         return Service("kube-apiserver", pid, port, log,
-                       {"kubeconfig": str(kubeconfig), "kubectl": kubectl, "server": server})
+                       {"kubeconfig": str(kubeconfig), "kubectl": kubectl, "server": server,
+                        "pki": str(base / "pki")})
 
     def _start_ferretdb(self) -> Service:
         binary = str(binaries.ensure(binaries.FERRETDB, build=False))

@@ -16,12 +16,14 @@ import time
 
 
 class BusyPoll:
-    __slots__ = ("loop", "spinning", "until", "window")
+    __slots__ = ("loop", "spinning", "stopped", "until", "window")
 
     def __init__(self, window_us: int) -> None:
         self.window = window_us / 1_000_000
         self.until = 0.0
         self.spinning = False
+        self.stopped = asyncio.Event()  # set while not spinning (for whoever waits for the quiet)
+        self.stopped.set()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def poke(self) -> None:
@@ -29,6 +31,7 @@ class BusyPoll:
         self.until = time.monotonic() + self.window
         if not self.spinning:
             self.spinning = True
+            self.stopped.clear()
             if self.loop is None:
                 self.loop = asyncio.get_running_loop()
             self.loop.call_soon(self._spin)
@@ -40,3 +43,4 @@ class BusyPoll:
             self.loop.call_soon(self._spin)
         else:
             self.spinning = False
+            self.stopped.set()

@@ -25,7 +25,6 @@ once. When Redis is unreachable each replica enforces qps / replicas locally.
 from __future__ import annotations
 
 import math
-import time
 
 # KEYS[1]: hash of lane -> TAT. ARGV: now_us, interval_us, tolerance_us, lanes, want, use, ahead_us.
 # Takes up to `want` slots from the `use` lanes with the earliest schedule, booking at most
@@ -92,8 +91,9 @@ REJECT_AHEAD = 0.5
 GROW = 4  # under pressure a lease is up to this many times the last
 
 
-def lease_ahead(throttle: bool, queue_timeout: float) -> float:
-    return max(REJECT_AHEAD, min(queue_timeout, LEASE_AHEAD)) if throttle else REJECT_AHEAD
+def lease_ahead(queue_budget: float) -> float:
+    """How far past the burst a lease books, for queries that may wait ``queue_budget`` seconds."""
+    return max(REJECT_AHEAD, min(queue_budget, LEASE_AHEAD))
 
 
 def lanes_for(qps: int, burst: int) -> int:
@@ -123,10 +123,11 @@ class Gcra:
 
 
 class TenantLimiter:
-    """Per tenant, per proxy process. ``take`` is the hot path: no I/O, and an allocation
-    only when a lane's lease is used up."""
+    """Per tenant, per proxy process: the leased slots and the local share, in arithmetic only
+    (the leases themselves: admission.SharedLimiter). ``take`` is the hot path: no I/O, and an
+    allocation only when a lane's lease is used up."""
 
-    __slots__ = ("batch", "burst", "interval", "lanes", "leasing", "local", "next_free", "pressed", "qps", "rate",
+    __slots__ = ("batch", "burst", "interval", "lanes", "local", "pressed", "qps", "rate",
                  "rate_at", "rate_taken", "replicas", "slack", "slots", "step", "taken", "tolerance", "use")
 
     def __init__(self, qps: int, burst: int, replicas: int = 1) -> None:
@@ -147,11 +148,6 @@ class TenantLimiter:
         self.batch = self.min_batch()
         self.use = 1  # lanes the next lease draws on
         self.local = Gcra(qps / self.replicas, max(1, burst // self.replicas))
-        self.leasing = False
-        self.next_free = 0.0  # when the shared schedule has room again (from the last refused lease)
-
-    def admit_local(self, now: float, max_wait: float) -> float | None:
-        return self.local.reserve(now, max_wait)
 
     def take(self, now: float, max_wait: float) -> float | None:
         """Use the earliest leased slot: seconds until the query may go (0.0 = now), or None
@@ -245,19 +241,18 @@ class TenantLimiter:
                 self.slots.append([start, end, float(lane)])
 
     def settle(self, grants: list[tuple[int, int, float]], wait: float, want: int, now: float,
-               ahead: float) -> None:
-        """Take a lease's answer: its slots, and when to ask again. A short answer means the
-        schedule is booked as far ahead as allowed: ask again once the missing slots can have
-        come free, or after half the booking window (a slot can be booked from tolerance +
-        `ahead` before it falls due, so none is lost waiting that long), rather than straight
-        away, lest a starved replica go to Redis for nearly every query."""
+               ahead: float) -> float:
+        """Take a lease's answer: its slots; returns when to ask again (0.0: at once). A short
+        answer means the schedule is booked as far ahead as allowed: ask again once the missing
+        slots can have come free, or after half the booking window (a slot can be booked from
+        tolerance + `ahead` before it falls due, so none is lost waiting that long), rather than
+        straight away, lest a starved replica go to Redis for nearly every query."""
         self.credit(grants)
         got = sum(count for _, count, _ in grants)
         if got >= want // 2:
-            self.next_free = 0.0
-        else:
-            window = self.tolerance + ahead
-            self.next_free = now + max(wait, min(window / 2, (want - got) * self.interval))
+            return 0.0
+        window = self.tolerance + ahead
+        return now + max(wait, min(window / 2, (want - got) * self.interval))
 
     def lease_args(self, now_us: int, want: int, ahead: float) -> list[float]:
         """The lease script's ARGV for `want` slots booked at most `ahead` seconds past what the
@@ -281,7 +276,3 @@ def lease_reply(reply: list[int], sent: float) -> tuple[list[tuple[int, int, flo
         return [], max(0, int(reply[1])) / 1_000_000
     return [(int(reply[i]), int(reply[i + 1]), sent + int(reply[i + 2]) / 1_000_000)
             for i in range(0, len(reply) - 2, 3)], 0.0
-
-
-def now() -> float:
-    return time.monotonic()

@@ -16,7 +16,10 @@ from prometheus_client.registry import Collector
 from dynabase.stopping import stop_on_signals
 
 from .coordinator import Coordinator
-from .server import Proxy, ProxyConfig, Router
+from .server import Proxy
+from .tenants import ProxyConfig
+
+STARTUP_WAIT = 5.0  # seconds to wait for Redis before serving from an empty table
 
 
 @dataclass
@@ -57,7 +60,7 @@ class TenantCollector(Collector):
             "bytes_out": CounterMetricFamily("dynabase_proxy_bytes_out", "Bytes to clients.", labels=labels),
         }
         active = GaugeMetricFamily("dynabase_proxy_connections", "Authenticated client connections.", labels=labels)
-        for state in self.proxy.tenants.values():
+        for state in self.proxy.tenants.states.values():
             values = [state.usage.tenant, state.usage.tier]
             for name, family in families.items():
                 family.add_metric(values, float(getattr(state.usage, name)))
@@ -76,23 +79,20 @@ def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 async def serve(settings: ProxySettings, stop: asyncio.Event, ready: asyncio.Event | None = None,
                 on_start: Callable[[Proxy], None] | None = None) -> Proxy:
-    router = Router()
+    coordinator = Coordinator(settings.redis_url, replica_id=settings.replica_id, agent_id=settings.agent_id)
     proxy = Proxy(
         ProxyConfig(listen_host=settings.listen_host, listen_port=settings.listen_port,
                     pgbouncer_host=settings.pgbouncer_host,
                     ssl_context=ssl_context(settings.tls_cert, settings.tls_key),
                     pgbouncer_advertise_host=settings.pgbouncer_advertise_host,
                     busy_poll_us=settings.busy_poll_us),
-        router,
+        coordinator.tenants,
     )
-    coordinator = Coordinator(proxy, settings.redis_url, replica_id=settings.replica_id, agent_id=settings.agent_id)
     watcher = asyncio.create_task(coordinator.watch(stop))
     flusher = asyncio.create_task(coordinator.flush_loop(stop))
     # Serve once the limits are loaded (or after a short wait, from an empty table).
-    for _ in range(50):
-        if proxy.redis_ok:
-            break
-        await asyncio.sleep(0.1)
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(proxy.tenants.changes.until(lambda: coordinator.connected), STARTUP_WAIT)
     await proxy.start()
     if settings.metrics_port:
         with contextlib.suppress(ValueError):

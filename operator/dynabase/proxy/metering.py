@@ -2,16 +2,13 @@
 
 A flush writes, per tenant and hour, this replica's *cumulative* counters for
 that hour (HSET of absolute values, not HINCRBY), so a retried or repeated
-flush can never count twice; readers sum the replicas' fields.
+flush can never count twice; readers sum the replicas' fields (names and JSON:
+dynabase.keyspace).
 """
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
-
-USAGE_KEY = "dynabase:usage:{hour}"  # hash: "<tenant>|<replica>" -> JSON counters
 
 
 @dataclass
@@ -26,7 +23,6 @@ class Usage:
     throttled: int = 0
     rejected: int = 0
     rejected_connections: int = 0
-    hour: int = 0
 
     FIELDS = ("queries", "query_seconds", "bytes_in", "bytes_out", "connections", "throttled", "rejected",
               "rejected_connections")
@@ -35,28 +31,33 @@ class Usage:
         return {name: getattr(self, name) for name in self.FIELDS}
 
 
+def _since(current: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    return {k: round(current[k] - base[k], 6) for k in current}
+
+
 class HourlyMeter:
-    """Turns the ever-growing in-process counters into per-hour cumulative values."""
+    """Turns the ever-growing in-process counters into per-hour cumulative values.
+
+    What was counted between an hour's last flush and the next hour's first one belongs to
+    the hour that ended: that hour is written once more, with its final values, until a
+    flush of it succeeds (``flushed``)."""
 
     def __init__(self) -> None:
-        self.base: dict[tuple[str, int], dict[str, float]] = {}
+        self.base: dict[str, tuple[int, dict[str, float]]] = {}  # tenant -> (hour, counters when it began)
+        self.closed: dict[str, list[tuple[int, dict[str, float]]]] = {}  # tenant -> ended hours not yet flushed
 
-    def per_hour(self, usage: Usage, now: float | None = None) -> tuple[int, dict[str, float]]:
-        hour = int((now or time.time()) // 3600)
-        key = (usage.tenant, hour)
+    def per_hour(self, usage: Usage, now: float) -> list[tuple[int, dict[str, float]]]:
+        """(hour, counters in it) to write now for this tenant: the current hour, and any ended one."""
+        hour = int(now // 3600)
         current = usage.snapshot()
-        if key not in self.base:
-            # A new hour starts from what the counters say now.
-            previous = self.base.get((usage.tenant, hour - 1))
-            self.base[key] = current if previous is not None else {k: 0 for k in current}
-            self.base.pop((usage.tenant, hour - 2), None)
-        base = self.base[key]
-        return hour, {k: round(current[k] - base[k], 6) for k in current}
+        began = self.base.get(usage.tenant)
+        if began is None:
+            began = self.base[usage.tenant] = (hour, {k: 0 for k in current})
+        elif began[0] != hour:
+            self.closed.setdefault(usage.tenant, []).append((began[0], _since(current, began[1])))
+            began = self.base[usage.tenant] = (hour, current)
+        return [*self.closed.get(usage.tenant, ()), (hour, _since(current, began[1]))]
 
-
-def usage_field(tenant: str, replica: str) -> str:
-    return f"{tenant}|{replica}"
-
-
-def encode(values: dict[str, float], tier: str) -> str:
-    return json.dumps({**values, "tier": tier}, sort_keys=True, separators=(",", ":"))
+    def flushed(self) -> None:
+        """Everything per_hour returned so far is stored."""
+        self.closed.clear()

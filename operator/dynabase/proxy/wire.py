@@ -1,10 +1,18 @@
-"""Postgres wire protocol pieces the proxy needs: start-up packets and the few
-messages it synthesises (ErrorResponse, ReadyForQuery). Pure functions."""
+"""Postgres wire protocol pieces the proxy needs: message types and headers, start-up
+packets, and the few messages it synthesises or reads (ErrorResponse, ReadyForQuery,
+CancelRequest). Pure functions."""
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+
+# Message types the proxy reads. Client: Query, Execute, Sync, FunctionCall. Server:
+# ReadyForQuery, ErrorResponse, BackendKeyData ('E' is Execute one way, ErrorResponse the other).
+QUERY, EXECUTE, SYNC, FUNCTION_CALL = b"QESF"
+READY_FOR_QUERY, ERROR_RESPONSE, BACKEND_KEY_DATA = b"ZEK"
+MAX_MESSAGE = 1 << 30  # Postgres' own limit for a single message
+header = struct.Struct("!BI").unpack_from  # (type, length) at an offset, without slicing the buffer
 
 SSL_REQUEST = 80877103
 GSSENC_REQUEST = 80877104
@@ -78,3 +86,22 @@ def ready_for_query(status: bytes) -> bytes:
 
 def cancel_request(pid: int, key: int) -> bytes:
     return struct.pack("!iiii", 16, CANCEL_REQUEST, pid, key)
+
+
+def error_fields(message: bytes) -> dict[str, str]:
+    """An ErrorResponse's fields by code ("C": SQLSTATE, "M": message, ...)."""
+    out: dict[str, str] = {}
+    body = message[5:]
+    i = 0
+    while i < len(body) and body[i] != 0:
+        code = chr(body[i])
+        end = body.index(0, i + 1)
+        out[code] = body[i + 1 : end].decode(errors="replace")
+        i = end + 1
+    return out
+
+
+def backend_key(message: bytes | bytearray, offset: int) -> tuple[int, int]:
+    """A BackendKeyData message's (process id, secret key)."""
+    pid, key = struct.unpack_from("!ii", message, offset + 5)
+    return pid, key
