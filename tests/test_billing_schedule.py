@@ -110,6 +110,10 @@ def test_cronjob_closes_from_the_clusters_declarations_and_status(
     assert cronjob["spec"]["schedule"] == "15 1 * * *" and cronjob["spec"]["concurrencyPolicy"] == "Forbid"
     assert cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"] == [
         "billing", "close", "--kube"]
+    # A run by hand, as an operator would start one; the apiserver admits the Job it makes.
+    job = stack.kubectl("create", "job", "close-now", "--from=cronjob/dynabase-billing-close", "-n",
+                        "dynabase-system", "--dry-run=server", "-o", "json")
+    assert json.loads(job.stdout)["spec"]["template"]["spec"]["serviceAccountName"] == "dynabase-billing"
     for verb, resource, allowed in (("list", "tenantdatabases.dynabase.io", "yes"),
                                     ("get", "tierpolicies.dynabase.io", "yes"),
                                     ("patch", "tenantdatabases.dynabase.io", "no"),
