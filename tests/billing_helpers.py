@@ -209,7 +209,7 @@ def close_cli(month: Month, stripe: StripeRecorder, monkeypatch: pytest.MonkeyPa
                  month.dsn, "--stripe-api-base", stripe.url, "--format", "json", *extra])
     out = capsys.readouterr()
     assert API_KEY not in out.out + out.err
-    return code, json.loads(out.out) if out.out.strip().startswith("{") else {}, out.err
+    return code, json.loads(out.out) if out.out.strip().startswith("{") else {"text": out.out}, out.err
 
 
 def outcomes(doc: dict[str, Any]) -> dict[str, str]:

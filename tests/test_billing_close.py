@@ -168,8 +168,15 @@ def test_an_attempt_older_than_stripes_key_window_is_looked_up_first(
                Tenant("lost", "STARTER", [(2, "STARTER", query_hours(30), 0)], customer="cus_lost")]
     month = month_of("2002-03", tenants)
     month.seed()
-    code, _, err = close_cli(month, stripe, monkeypatch, capsys, "--dry-run")  # claims nothing
-    assert code == 0 and month.entries() == {}, err
+    code, preview, err = close_cli(month, stripe, monkeypatch, capsys, "--dry-run", "--format", "table")
+    assert code == 0 and month.entries() == {} and stripe.requests == [], err  # claims and sends nothing
+    assert preview["text"].splitlines() == [
+        "bill/found  org-found  $0.75  would send  (bill/found 2002-03: 5.00 vCPU-h over STARTER's 25.00 "
+        "included at $0.15)",
+        "bill/lost  org-lost  $0.75  would send  (bill/lost 2002-03: 5.00 vCPU-h over STARTER's 25.00 "
+        "included at $0.15)",
+        "2002-03: 0 sent, 0 found at Stripe, 0 already sent, 0 without overage; not closed; 0 request(s) to "
+        "Stripe; cost model version 1"]
 
     async def crashed_two_days_ago() -> None:
         """Both rows claimed and attempted, never marked sent: a crash long ago."""
