@@ -97,16 +97,20 @@ def run_report(files: dict[str, Path], fmt: str, capsys: pytest.CaptureFixture[s
 
 
 EXPECTED = {
-    # name: vcpu_hours, overage_vcpu_hours, overage_usd, revenue_usd, cost_usd, margin, below_target, warning
-    "ns/heavy": ("13.2", "3.2", "6.4", "56.4", "20.5", "0.6365", "!", "100"),
-    "ns/light": ("3.3", "0.0", "0.0", "50.0", "7.0", "0.86", "", ""),
-    "ns/free": ("5.5", "4.5", "0.0", "0.0", "10.0", "", "!", "100"),
-    "ns/idle": ("0.0", "0.0", "0.0", "0.0", "2.5", "", "!", ""),
-    "FREE": ("5.5", "4.5", "0.0", "0.0", "12.5", "", "!", ""),
-    "PRO": ("16.5", "3.2", "6.4", "106.4", "27.5", "0.7415", "", ""),
-    "all": ("22.0", "7.7", "6.4", "106.4", "40.0", "0.6241", "!", ""),
+    # Revenue from the model's vCPU-hours (what the engine judged and the invoice charges); the bill
+    # calibrates (vcpu_hours_calibrated) and sets cost and margin.
+    # name: vcpu_hours, vcpu_hours_calibrated, overage_vcpu_hours, overage_usd, revenue_usd, cost_usd, margin,
+    #       below_target, warning
+    "ns/heavy": ("12.0", "13.2", "2.0", "4.0", "54.0", "20.5", "0.6204", "!", "100"),
+    "ns/light": ("3.0", "3.3", "0.0", "0.0", "50.0", "7.0", "0.86", "", ""),
+    "ns/free": ("5.0", "5.5", "4.0", "0.0", "0.0", "10.0", "", "!", "100"),
+    "ns/idle": ("0.0", "0.0", "0.0", "0.0", "0.0", "2.5", "", "!", ""),
+    "FREE": ("5.0", "5.5", "4.0", "0.0", "0.0", "12.5", "", "!", ""),
+    "PRO": ("15.0", "16.5", "2.0", "4.0", "104.0", "27.5", "0.7356", "", ""),
+    "all": ("20.0", "22.0", "6.0", "4.0", "104.0", "40.0", "0.6154", "!", ""),
 }
-COLUMNS = ("vcpu_hours", "overage_vcpu_hours", "overage_usd", "revenue_usd", "cost_usd", "margin", "below_target",
+COLUMNS = ("vcpu_hours", "vcpu_hours_calibrated", "overage_vcpu_hours", "overage_usd", "revenue_usd", "cost_usd",
+           "margin", "below_target",
            "warning")
 
 
@@ -119,21 +123,21 @@ def test_report_from_the_proxies_redis_hashes(stack: Stack, files: dict[str, Pat
     assert set(rows) == set(EXPECTED)
     for name, expected in EXPECTED.items():
         assert tuple(rows[name][c] for c in COLUMNS) == expected, name
-    assert rows["ns/heavy"]["queries"] == "500" and rows["ns/heavy"]["vcpu_hours_estimated"] == "12.0"
+    assert rows["ns/heavy"]["queries"] == "500"
     assert (rows["ns/free"]["scope"], rows["FREE"]["scope"], rows["all"]["scope"]) == ("tenant", "tier", "total")
     assert rows["ns/light"]["included_vcpu_hours"] == "10.0" and rows["PRO"]["included_vcpu_hours"] == "20.0"
 
     metrics = files["metrics"].read_text()
     assert 'dynabase_usage_warnings_total{level="100",tenant="ns/heavy"} 1.0' in metrics
     assert 'dynabase_usage_warnings_total{level="100",tenant="ns/free"} 1.0' in metrics
-    assert 'dynabase_usage_included_ratio{tenant="ns/light",tier="PRO"} 0.33' in metrics
+    assert 'dynabase_usage_included_ratio{tenant="ns/light",tier="PRO"} 0.3' in metrics
     assert "dynabase_calibration_factor 1.1" in metrics
 
     table = run_report(files, "table", capsys)
     assert "calibration factor 1.100" in table and "ALERT" not in table
     assert "warning: ns/heavy (PRO) at 100% of its included vCPU-hours" in table
     heavy_line = next(line for line in table.splitlines() if "ns/heavy" in line)
-    assert heavy_line.startswith("!") and "63.7%" in heavy_line
+    assert heavy_line.startswith("!") and "62.0%" in heavy_line
 
 
 @pytest.mark.mongo
@@ -161,10 +165,10 @@ def test_report_from_mongo_tenant_usage_matches(stack: Stack, files: dict[str, P
     assert doc["source"] == "mongo"
     assert doc["calibration"]["factor"] == 1.5 and doc["calibration"]["alert"] is True
     rows = {row["name"]: row for row in doc["rows"]}
-    assert rows["ns/heavy"]["vcpu_hours_estimated"] == 12.0 and rows["ns/heavy"]["vcpu_hours"] == 18.0
-    assert rows["ns/heavy"]["overage_usd"] == 16.0 and rows["ns/heavy"]["revenue_usd"] == 66.0
+    assert rows["ns/heavy"]["vcpu_hours"] == 12.0 and rows["ns/heavy"]["vcpu_hours_calibrated"] == 18.0
+    assert rows["ns/heavy"]["overage_usd"] == 4.0 and rows["ns/heavy"]["revenue_usd"] == 54.0
     assert rows["ns/heavy"]["cost_usd"] == 20.5 and rows["ns/heavy"]["queries"] == 500
-    assert rows["all"]["cost_usd"] == 40.0 and rows["all"]["vcpu_hours"] == 30.0
+    assert rows["all"]["cost_usd"] == 40.0 and rows["all"]["vcpu_hours_calibrated"] == 30.0
     assert {(w["tenant"], w["level"]) for w in doc["warnings"]} == {("ns/heavy", "100"), ("ns/free", "100")}
 
 

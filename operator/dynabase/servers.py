@@ -8,6 +8,7 @@ from an exec-form command line with no shell to expand ``${VAR}``; ``--help`` na
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def _cmd_headless(args: argparse.Namespace) -> int:
     import asyncio
     import datetime as dt
 
+    from dynabase.billing.config import ConfigError, load_api_key
     from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
     from dynabase.headless.http import serve
     from dynabase.headless.reconciler import HeadlessReconciler
@@ -95,7 +97,8 @@ def _cmd_headless(args: argparse.Namespace) -> int:
     try:
         settings = EngineSettings.from_env(postgres_dsn=args.postgres_dsn, secrets_dir=args.secrets_dir,
                                            secrets_store=args.secrets_store, headless=True)
-    except SettingsError as exc:
+        stripe_key = load_api_key(os.environ)
+    except (SettingsError, ConfigError) as exc:
         print(f"dynabase headless: {exc}", file=sys.stderr)
         return EXIT_INVALID
     if "://" in args.source or args.source.startswith("git@"):
@@ -107,7 +110,8 @@ def _cmd_headless(args: argparse.Namespace) -> int:
         engine = await start_engine(settings)
         reconciler = HeadlessReconciler(engine, source, interval=args.interval,
                                         confirm_deletion=dt.timedelta(seconds=args.confirm_deletion),
-                                        lock_dsn=settings.postgres_dsn)
+                                        lock_dsn=settings.postgres_dsn,
+                                        month_end=_month_end_close(engine, settings.postgres_dsn, stripe_key))
         runner = await serve(reconciler, args.host, args.port)
         stop = stop_on_signals()
         try:
@@ -118,6 +122,24 @@ def _cmd_headless(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return EXIT_OK
+
+
+def _month_end_close(engine: Any, postgres_dsn: str, stripe_key: Any) -> Any:
+    """The previous month's billing close in headless mode: with a Stripe API key and metered usage."""
+    from dynabase.billing.close import StripeSettings, run_close
+    from dynabase.headless.month_end import MonthEndClose
+    from dynabase.usage.month import month_reader_of
+
+    reader = month_reader_of(engine)
+    if stripe_key is None or reader is None:
+        return None
+    stripe = StripeSettings(stripe_key, from_env("DYNABASE_STRIPE_API_BASE", str, None))
+
+    async def close(month: str, policies: Any, tenants: Any) -> bool:
+        result = await run_close(month, lambda: reader.price(month, policies, tenants), postgres_dsn, stripe)
+        return result.closed
+
+    return MonthEndClose(close)
 
 
 def _cmd_webhooks(args: argparse.Namespace) -> int:

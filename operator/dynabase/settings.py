@@ -194,3 +194,10 @@ def data_dir(environ: Environ | None = None) -> Path:
 def state_dir(environ: Environ | None = None) -> Path:
     """Working files a process recreates (the agent's PgBouncer configs): ``$XDG_STATE_HOME/dynabase``."""
     return _xdg("XDG_STATE_HOME", "~/.local/state", environ) / "dynabase"
+
+
+# -- the platform's Postgres schema ----------------------------------------------------------------------
+
+# Every component creating objects in schema ``dynabase`` (the backends with asyncpg, the Stripe ledgers with
+# psycopg) takes this advisory lock around its DDL: ``CREATE … IF NOT EXISTS`` is not safe against itself.
+PLATFORM_SCHEMA_LOCK = 0x64796E617363686D  # "dynaschm"

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncpg
 
-# "dynaschm": one lock for every DDL of the dynabase schema (other components creating
-# tables in it should take the same lock).
-SCHEMA_LOCK = 0x64796E617363686D
+from dynabase.settings import PLATFORM_SCHEMA_LOCK as SCHEMA_LOCK
+
+__all__ = ["SCHEMA_LOCK", "create_once", "table_exists"]
 
 
 async def table_exists(conn: asyncpg.Connection, table: str) -> bool:

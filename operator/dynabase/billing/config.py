@@ -115,33 +115,59 @@ def load_config(path: Path) -> BillingConfig:
 
 
 SECRET_ENV = "DYNABASE_STRIPE_WEBHOOK_SECRET"
+API_KEY_ENV = "DYNABASE_STRIPE_API_KEY"
 
 
-class WebhookSecret:
-    """The endpoint's signing secret; its repr is redacted so it cannot reach a log line by accident."""
+class _Redacted:
+    """A Stripe secret; its repr is redacted so it cannot reach a log line by accident."""
 
     __slots__ = ("_value",)
+    what = "secret"
 
     def __init__(self, value: str) -> None:
         if not value.strip():
-            raise ConfigError("the Stripe webhook secret is empty")
+            raise ConfigError(f"the {self.what} is empty")
         self._value = value.strip()
 
     def reveal(self) -> str:
         return self._value
 
     def __repr__(self) -> str:
-        return "WebhookSecret(<redacted>)"
+        return f"{type(self).__name__}(<redacted>)"
 
     __str__ = __repr__
 
 
-def load_webhook_secret(environ: Mapping[str, str]) -> WebhookSecret:
-    """From $DYNABASE_STRIPE_WEBHOOK_SECRET, or the file named by $DYNABASE_STRIPE_WEBHOOK_SECRET_FILE."""
+class WebhookSecret(_Redacted):
+    """The endpoint's signing secret (whsec_...)."""
+
+    __slots__ = ()
+    what = "Stripe webhook secret"
+
+
+class StripeApiKey(_Redacted):
+    """A secret (sk_...) or restricted (rk_...) key allowed to write invoice items."""
+
+    __slots__ = ()
+    what = "Stripe API key"
+
+
+def _secret(name: str, environ: Mapping[str, str]) -> str | None:
     try:
-        value = secret_from_env(SECRET_ENV, environ)
+        return secret_from_env(name, environ)
     except SettingsError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def load_webhook_secret(environ: Mapping[str, str]) -> WebhookSecret:
+    """From $DYNABASE_STRIPE_WEBHOOK_SECRET, or the file named by $DYNABASE_STRIPE_WEBHOOK_SECRET_FILE."""
+    value = _secret(SECRET_ENV, environ)
     if value is None:
         raise ConfigError(f"set {SECRET_ENV} (or {SECRET_ENV}_FILE) to the endpoint's signing secret (whsec_...)")
     return WebhookSecret(value)
+
+
+def load_api_key(environ: Mapping[str, str]) -> StripeApiKey | None:
+    """From $DYNABASE_STRIPE_API_KEY, or the file named by $DYNABASE_STRIPE_API_KEY_FILE; None when unset."""
+    value = _secret(API_KEY_ENV, environ)
+    return StripeApiKey(value) if value is not None else None

@@ -19,6 +19,7 @@ class TierChangeRequest:
     created: int  # the event's creation time, Unix seconds: orders events per org
     subscription_id: str
     ends_subscription: bool  # the fallback tier because this subscription is over
+    customer_id: str | None = None  # the Stripe customer paying for the org: the billing close invoices it
 
 
 @dataclass(frozen=True)
@@ -97,5 +98,5 @@ def interpret(event: Mapping[str, Any], config: BillingConfig) -> TierChangeRequ
     return TierChangeRequest(
         org_id=org_id, tier=target.tier, tier_policy_ref=target.tier_policy_ref, event_id=event_id,
         event_type=event_type, created=created, subscription_id=str(subscription.get("id") or ""),
-        ends_subscription=ends,
+        ends_subscription=ends, customer_id=_object_id(subscription.get("customer")),
     )

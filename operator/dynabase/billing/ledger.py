@@ -1,8 +1,10 @@
-"""What was already done: processed Stripe event ids, and the last applied event per org.
+"""What was already done: processed Stripe event ids, the last applied event per org,
+and the Stripe customer of each org.
 
 Stripe delivers at least once and in no particular order. The ledger makes a
 retried event a no-op, and lets an older event lose against a newer one already
-applied for the same org (Stripe's `created`, seconds).
+applied for the same org (Stripe's `created`, seconds). The customer of the
+newest subscription event per org is what the month-end close invoices.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import psycopg
+from psycopg.rows import tuple_row
+
+from dynabase.settings import PLATFORM_SCHEMA_LOCK
 
 # Ignored and refused events are remembered this long: Stripe retries for three days.
 FORGET_AFTER_SECONDS = 30 * 24 * 3600
@@ -33,7 +38,26 @@ CREATE TABLE IF NOT EXISTS dynabase.stripe_events (
 );
 CREATE INDEX IF NOT EXISTS stripe_events_applied_by_org
     ON dynabase.stripe_events (org_id, event_created DESC) WHERE applied;
+CREATE TABLE IF NOT EXISTS dynabase.stripe_customers (
+    org_id text PRIMARY KEY,
+    customer_id text NOT NULL,
+    event_created bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
 """
+
+
+async def create_tables(conn: psycopg.AsyncConnection[Any], newest_table: str, ddl: str) -> None:
+    """Run ``ddl`` unless ``newest_table`` exists, under the platform schema lock that every
+    creator of objects in schema dynabase takes (``dynabase.backends.platform_schema``)."""
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute("SELECT to_regclass(%s) IS NOT NULL", (newest_table,))
+        row = await cur.fetchone()
+    if row is not None and row[0]:
+        return
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PLATFORM_SCHEMA_LOCK,))
+        await conn.execute(ddl)
 
 
 @dataclass(frozen=True)
@@ -52,6 +76,8 @@ class EventLedger(Protocol):
     async def record(self, event_id: str, outcome: str, org_id: str | None = None,
                      applied: AppliedMark | None = None) -> None: ...
 
+    async def record_customer(self, org_id: str, customer_id: str, created: int) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -63,13 +89,15 @@ class PostgresLedger:
         self._lock = asyncio.Lock()  # one connection: one statement at a time
 
     @classmethod
-    async def open(cls, dsn: str) -> PostgresLedger:
+    async def open(cls, dsn: str, *, prune: bool = True) -> PostgresLedger:
+        """``prune``: forget old ignored events (the webhook server does; the billing close only reads)."""
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, application_name="dynabase-webhooks")
-        await conn.execute(SCHEMA)
-        await conn.execute(
-            "DELETE FROM dynabase.stripe_events WHERE NOT applied AND processed_at < now() - make_interval(secs => %s)",
-            (FORGET_AFTER_SECONDS,),
-        )
+        await create_tables(conn, "dynabase.stripe_customers", SCHEMA)
+        if prune:
+            await conn.execute(
+                "DELETE FROM dynabase.stripe_events WHERE NOT applied AND processed_at < now() "
+                "- make_interval(secs => %s)", (FORGET_AFTER_SECONDS,),
+            )
         return cls(conn)
 
     async def seen(self, event_id: str) -> bool:
@@ -97,6 +125,23 @@ class PostgresLedger:
                  applied.created if applied else None, applied.subscription_id if applied else None),
             )
 
+    async def record_customer(self, org_id: str, customer_id: str, created: int) -> None:
+        async with self._lock:
+            await self._conn.execute(
+                "INSERT INTO dynabase.stripe_customers (org_id, customer_id, event_created) VALUES (%s, %s, %s) "
+                "ON CONFLICT (org_id) DO UPDATE SET customer_id = EXCLUDED.customer_id, "
+                "event_created = EXCLUDED.event_created, updated_at = now() "
+                "WHERE dynabase.stripe_customers.event_created <= EXCLUDED.event_created",
+                (org_id, customer_id, created),
+            )
+
+    async def customers(self, org_ids: list[str]) -> dict[str, str]:
+        """org id -> Stripe customer id, for the orgs that have one."""
+        async with self._lock:
+            cur = await self._conn.execute(
+                "SELECT org_id, customer_id FROM dynabase.stripe_customers WHERE org_id = ANY(%s)", (org_ids,))
+            return {str(org): str(customer) for org, customer in await cur.fetchall()}
+
     async def close(self) -> None:
         await self._conn.close()
 
@@ -108,12 +153,14 @@ class FileLedger:
         self.path = path
         self._events: dict[str, dict[str, Any]] = {}
         self._orgs: dict[str, AppliedMark] = {}
+        self._customers: dict[str, dict[str, Any]] = {}  # org -> {"customerId", "created"}
         self._lock = asyncio.Lock()
         if path.exists():
             data = json.loads(path.read_text(encoding="utf-8"))
             self._events = dict(data.get("events", {}))
             self._orgs = {org: AppliedMark(int(m["created"]), str(m["subscriptionId"]))
                           for org, m in data.get("orgs", {}).items()}
+            self._customers = dict(data.get("customers", {}))
 
     async def seen(self, event_id: str) -> bool:
         return event_id in self._events
@@ -136,10 +183,19 @@ class FileLedger:
             self._events = {k: v for k, v in self._events.items() if now - float(v["at"]) < FORGET_AFTER_SECONDS}
             await asyncio.to_thread(self._write)
 
+    async def record_customer(self, org_id: str, customer_id: str, created: int) -> None:
+        async with self._lock:
+            current = self._customers.get(org_id)
+            if current is not None and (int(current["created"]) > created or current["customerId"] == customer_id):
+                return
+            self._customers[org_id] = {"customerId": customer_id, "created": created}
+            await asyncio.to_thread(self._write)
+
     def _write(self) -> None:
         data = {
             "events": self._events,
             "orgs": {org: {"created": m.created, "subscriptionId": m.subscription_id} for org, m in self._orgs.items()},
+            "customers": self._customers,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")

@@ -73,6 +73,9 @@ class WebhookProcessor:
     async def _declare(self, request: TierChangeRequest) -> Handled:
         if await self.ledger.seen(request.event_id):  # a concurrent delivery of the same event won
             return Handled(200, "duplicate", "already processed")
+        if request.customer_id:
+            # Who pays for the org, for the month-end close; an older event never overwrites a newer one.
+            await self.ledger.record_customer(request.org_id, request.customer_id, request.created)
         last = await self.ledger.last_applied(request.org_id)
         if last is not None and request.created < last.created:
             await self.ledger.record(request.event_id, "superseded", request.org_id)

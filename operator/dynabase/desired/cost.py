@@ -1,5 +1,6 @@
-"""What a tenant's usage costs and earns: the CPU model, its calibration and the
-monthly report's arithmetic. Pure: callers bring the figures, nothing is read here.
+"""What a tenant's usage costs: the CPU model, its versions and its calibration.
+Pure: callers bring the figures, nothing is read here (``dynabase.desired.charges``
+prices a month, ``dynabase.desired.margin`` is the report's arithmetic).
 
 The proxy sees queries and their wall time, not CPU. The model turns them into
 vCPU-seconds with two named coefficients,
@@ -11,7 +12,9 @@ planning and the round trip cost the backend whatever the query does). Memory
 GB-seconds follow the same shape from query time and connections. Coefficients
 are fitted (``fit_cpu``) on the database host against the backends' measured CPU,
 a per-tenant factor may correct a tenant whose queries the model fits badly, and
-once a month ``calibrate`` scales everything to the CPU on the real bill.
+once a month ``calibrate`` scales everything to the CPU on the real bill. Each
+refit or calibration is stored as a new version (``FittedModel``) that the engine,
+the report and the billing close all read.
 """
 
 from __future__ import annotations
@@ -20,10 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .effective import BillingEffective
-
 SECONDS_PER_HOUR = 3600.0
-MARGIN_TARGET = 0.70  # gross margin below this flags a tenant or tier
 CALIBRATION_TOLERANCE = 0.20  # |factor - 1| above this means the model no longer matches the bill
 WARNING_LEVELS = (1.0, 0.8)  # share of included vCPU-hours; reported as "100" and "80"
 
@@ -65,6 +65,76 @@ def estimate(usage: UsageTotals, model: CostModel, tenant_factor: float = 1.0) -
     memory = (model.memory_gb_per_query_second * usage.query_seconds
               + model.memory_gb_seconds_per_connection * usage.connections)
     return Estimate(cpu * tenant_factor, memory * tenant_factor)
+
+
+@dataclass(frozen=True)
+class FittedModel:
+    """The cost model in force: coefficients and per-tenant factors, as one stored version.
+
+    The engine's usage judgment, the usage report and the billing close all turn
+    usage into vCPU-hours through ``vcpu_hours`` of the same version, so a
+    restriction, a report and an invoice agree. Version 0 is the built-in defaults.
+    """
+
+    model: CostModel = field(default_factory=CostModel)
+    tenant_factors: Mapping[str, float] = field(default_factory=dict)
+    version: int = 0
+    source: str = "built-in defaults"
+
+    def factor(self, tenant: str) -> float:
+        return self.tenant_factors.get(tenant, 1.0)
+
+    def estimate(self, tenant: str, usage: UsageTotals) -> Estimate:
+        return estimate(usage, self.model, self.factor(tenant))
+
+    def vcpu_hours(self, tenant: str, usage: UsageTotals) -> float:
+        return self.estimate(tenant, usage).cpu_seconds / SECONDS_PER_HOUR
+
+    def scaled(self, cpu_factor: float, memory_factor: float | None) -> CostModel:
+        """The coefficients times a calibration's factors (memory unchanged without one)."""
+        memory = 1.0 if memory_factor is None else memory_factor
+        return CostModel(self.model.cpu_per_query_second * cpu_factor, self.model.cpu_per_query * cpu_factor,
+                         self.model.memory_gb_per_query_second * memory,
+                         self.model.memory_gb_seconds_per_connection * memory)
+
+
+# The model's document (a file from bench.attribution, a ConfigMap, the stored row's JSON): camelCase keys.
+MODEL_KEYS = {
+    "cpuPerQuerySecond": "cpu_per_query_second",
+    "cpuPerQuery": "cpu_per_query",
+    "memoryGbPerQuerySecond": "memory_gb_per_query_second",
+    "memoryGbSecondsPerConnection": "memory_gb_seconds_per_connection",
+}
+
+
+def _non_negative(value: object, where: str, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0) \
+            or not math.isfinite(value):
+        raise ValueError(f"{where}: {value!r} is not a number {'> 0' if positive else '>= 0'}")
+    return float(value)
+
+
+def model_from_document(doc: Mapping[str, object], where: str) -> tuple[CostModel, dict[str, float]]:
+    """Coefficients (defaults for those absent) and tenant factors; ValueError names the key and value."""
+    if not isinstance(doc, Mapping):
+        raise ValueError(f"{where}: expected a mapping of {', '.join(MODEL_KEYS)}, tenantFactors")
+    unknown = set(doc) - set(MODEL_KEYS) - {"tenantFactors"}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(MODEL_KEYS)}, tenantFactors")
+    values = {attr: _non_negative(doc[key], f"{where}: {key}") for key, attr in MODEL_KEYS.items() if key in doc}
+    raw_factors = doc.get("tenantFactors") or {}
+    if not isinstance(raw_factors, Mapping):
+        raise ValueError(f"{where}: tenantFactors must map namespace/name to a number > 0")
+    factors = {str(tenant): _non_negative(value, f"{where}: tenantFactors.{tenant}", positive=True)
+               for tenant, value in raw_factors.items()}
+    return CostModel(**values), factors
+
+
+def model_document(model: CostModel, tenant_factors: Mapping[str, float]) -> dict[str, object]:
+    doc: dict[str, object] = {key: getattr(model, attr) for key, attr in MODEL_KEYS.items()}
+    if tenant_factors:
+        doc["tenantFactors"] = dict(tenant_factors)
+    return doc
 
 
 def _weight(cpu: float, relative: bool) -> float:
@@ -162,73 +232,6 @@ def calibrate(measured_cpu_seconds: float, estimated_cpu_seconds: float,
     return Calibration(factor, variance, variance > tolerance)
 
 
-# -- the report ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TenantInput:
-    tenant: str
-    tier: str
-    usage: UsageTotals
-    billing: BillingEffective
-    tenant_factor: float = 1.0
-
-
-@dataclass(frozen=True)
-class Line:
-    """A tenant, a tier's total or the overall total."""
-
-    name: str
-    tier: str
-    queries: float
-    vcpu_hours_estimated: float
-    vcpu_hours: float  # calibrated
-    included_vcpu_hours: float
-    overage_vcpu_hours: float
-    base_fee_usd: float
-    overage_usd: float
-    cost_usd: float | None  # None: no bill to attribute
-
-    @property
-    def revenue_usd(self) -> float:
-        return self.base_fee_usd + self.overage_usd
-
-    @property
-    def margin(self) -> float | None:
-        """(revenue - cost) / revenue; None when undefined (no bill, or neither revenue nor cost)."""
-        if self.cost_usd is None:
-            return None
-        if self.revenue_usd > 0:
-            return (self.revenue_usd - self.cost_usd) / self.revenue_usd
-        return -math.inf if self.cost_usd > 0 else None
-
-    @property
-    def below_target(self) -> bool:
-        margin = self.margin
-        return margin is not None and margin < MARGIN_TARGET
-
-
-@dataclass(frozen=True)
-class UsageWarning:
-    tenant: str
-    tier: str
-    level: str  # "80" or "100"
-    vcpu_hours: float
-    included_vcpu_hours: float
-
-
-@dataclass(frozen=True)
-class Report:
-    tenants: list[Line]
-    tiers: list[Line]
-    total: Line
-    warnings: list[UsageWarning]
-    calibration: Calibration | None
-    memory_factor: float | None
-    bill: BillMeasurement | None
-    included_ratio: dict[str, float] = field(default_factory=dict)  # tenant -> used / included
-
-
 def warning_level(vcpu_hours: float, included_vcpu_hours: float) -> str | None:
     """The highest threshold reached; tenants with nothing included get no warning."""
     if included_vcpu_hours <= 0:
@@ -237,84 +240,6 @@ def warning_level(vcpu_hours: float, included_vcpu_hours: float) -> str | None:
         if vcpu_hours >= level * included_vcpu_hours:
             return str(round(level * 100))
     return None
-
-
-def _sum_lines(name: str, tier: str, lines: Sequence[Line]) -> Line:
-    costs = [line.cost_usd for line in lines]
-    return Line(
-        name=name, tier=tier, queries=sum(line.queries for line in lines),
-        vcpu_hours_estimated=sum(line.vcpu_hours_estimated for line in lines),
-        vcpu_hours=sum(line.vcpu_hours for line in lines),
-        included_vcpu_hours=sum(line.included_vcpu_hours for line in lines),
-        overage_vcpu_hours=sum(line.overage_vcpu_hours for line in lines),
-        base_fee_usd=sum(line.base_fee_usd for line in lines),
-        overage_usd=sum(line.overage_usd for line in lines),
-        cost_usd=None if any(c is None for c in costs) else sum(c for c in costs if c is not None),
-    )
-
-
-def build_report(inputs: Sequence[TenantInput], model: CostModel, bill: BillMeasurement | None,
-                 tolerance: float = CALIBRATION_TOLERANCE) -> Report:
-    """Per tenant: estimated and calibrated vCPU-hours, included and overage hours,
-    base fee and overage, attributed cost and margin; then per tier and overall.
-
-    Cost attribution: the CPU part of the bill by each tenant's share of calibrated
-    CPU; the rest (memory, disk, egress, idle) evenly over the tenants reported.
-    """
-    estimates = {i.tenant: estimate(i.usage, model, i.tenant_factor) for i in inputs}
-    total_cpu = sum(e.cpu_seconds for e in estimates.values())
-    total_memory = sum(e.memory_gb_seconds for e in estimates.values())
-    calibration = calibrate(bill.cpu_vcpu_seconds, total_cpu, tolerance) if bill else None
-    factor = calibration.factor if calibration else 1.0
-    memory_factor = None
-    if bill is not None and total_memory > 0:
-        memory_factor = bill.memory_gb_seconds / total_memory
-    calibrated_total = total_cpu * factor
-    cpu_cost = cost_rest = 0.0
-    if bill is not None:
-        cpu_cost = bill.cost_usd if bill.cpu_cost_usd is None else min(bill.cpu_cost_usd, bill.cost_usd)
-        cost_rest = bill.cost_usd - cpu_cost
-        if calibrated_total <= 0:
-            cost_rest, cpu_cost = bill.cost_usd, 0.0  # no CPU to follow: all of it evenly
-
-    tenants: list[Line] = []
-    warnings: list[UsageWarning] = []
-    included_ratio: dict[str, float] = {}
-    for item in inputs:
-        est = estimates[item.tenant]
-        seconds = est.cpu_seconds * factor
-        hours = seconds / SECONDS_PER_HOUR
-        billing = item.billing
-        included = billing.included_vcpu_hours
-        overage_hours = max(0.0, hours - included)
-        price = billing.overage_per_vcpu_hour_usd
-        cost = None
-        if bill is not None:
-            share = seconds / calibrated_total if calibrated_total > 0 else 0.0
-            cost = cpu_cost * share + cost_rest / len(inputs)
-        tenants.append(Line(
-            name=item.tenant, tier=item.tier, queries=item.usage.queries,
-            vcpu_hours_estimated=est.cpu_seconds / SECONDS_PER_HOUR, vcpu_hours=hours,
-            included_vcpu_hours=included, overage_vcpu_hours=overage_hours,
-            base_fee_usd=billing.base_fee_usd,
-            overage_usd=overage_hours * price if price is not None else 0.0,  # no price: overage not sold
-            cost_usd=cost,
-        ))
-        if included > 0:
-            included_ratio[item.tenant] = hours / included
-        level = warning_level(hours, included)
-        if level is not None:
-            warnings.append(UsageWarning(item.tenant, item.tier, level, hours, included))
-
-    by_tier: dict[str, list[Line]] = {}
-    for line in tenants:
-        by_tier.setdefault(line.tier, []).append(line)
-    tiers = [_sum_lines(tier, tier, lines) for tier, lines in sorted(by_tier.items())]
-    return Report(
-        tenants=sorted(tenants, key=lambda line: (line.tier, line.name)), tiers=tiers,
-        total=_sum_lines("all", "", tenants), warnings=warnings, calibration=calibration,
-        memory_factor=memory_factor, bill=bill, included_ratio=included_ratio,
-    )
 
 
 def usage_by_tenant(rollups: Sequence[Mapping[str, object]]) -> dict[str, tuple[UsageTotals, str | None]]:

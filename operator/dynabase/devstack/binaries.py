@@ -25,6 +25,7 @@ from dynabase import settings
 KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.16"
 FERRETDB_VERSION = "v1.24.2"
+STRIPE_MOCK_VERSION = "v0.203.0"
 
 
 class BinaryUnavailable(RuntimeError):
@@ -59,7 +60,9 @@ PAUSE = Binary(
 )
 CONTROL_PLANE_BINARIES = (KUBE_APISERVER, KUBECTL)
 NODE_BINARIES = (KUBELET, KUBE_CONTROLLER_MANAGER, KUBE_SCHEDULER)
-ALL_BINARIES = (ETCD, KUBE_APISERVER, KUBECTL, FERRETDB, *NODE_BINARIES, PAUSE)
+# Stripe's API from its OpenAPI spec, validating every request (the billing close's tests).
+STRIPE_MOCK = Binary("stripe-mock", STRIPE_MOCK_VERSION, "TEST_ASSET_STRIPE_MOCK")
+ALL_BINARIES = (ETCD, KUBE_APISERVER, KUBECTL, FERRETDB, *NODE_BINARIES, PAUSE, STRIPE_MOCK)
 
 
 def cache_dir() -> Path:
@@ -263,6 +266,15 @@ def _build_pause() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+def _build_stripe_mock() -> None:
+    """`go install` into a private GOBIN: the module is a plain main package (spec and fixtures embedded)."""
+    work = _fresh_dir(cache_dir() / "build" / f"stripe-mock-{STRIPE_MOCK_VERSION}")
+    _run(["go", "install", "-trimpath", "-ldflags", "-s -w", f"github.com/stripe/stripe-mock@{STRIPE_MOCK_VERSION}"],
+         work, {"CGO_ENABLED": "0", "GOBIN": str(work), "GOFLAGS": ""})
+    _install(work / "stripe-mock", STRIPE_MOCK)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 _BUILDERS = {
     "kube-apiserver": _build_control_plane,
     "kubectl": _build_control_plane,
@@ -270,6 +282,7 @@ _BUILDERS = {
     "pause": _build_pause,
     "etcd": _build_etcd,
     "ferretdb": _build_ferretdb,
+    "stripe-mock": _build_stripe_mock,
 }
 
 

@@ -22,13 +22,14 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from dynabase.backends.cost_models import PostgresCostModels
 from dynabase.backends.mongo import MongoBackend
 from dynabase.backends.pgbouncer import PgBouncerBackend, PgBouncerObserved
 from dynabase.backends.postgres import PGBOUNCER_AUTH_ROLE, PostgresBackend
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.backends.railway import EnvironmentObserved, RailwayBackend
 from dynabase.backends.redis_acl import RedisBackend
-from dynabase.desired.cost import CostModel, UsageTotals, estimate, usage_by_tenant
+from dynabase.desired.cost import FittedModel, UsageTotals, usage_by_tenant
 from dynabase.desired.effective import EffectiveLimits, ResolveError, find_policy, merge
 from dynabase.desired.lifecycle import idle_message, is_cold
 from dynabase.desired.mongo import org_changed, org_document, rollup
@@ -198,6 +199,7 @@ class Engine:
         railway_platform: Sequence[ServiceTarget] = (),
         railway_pg_host: str | None = None,
         railway_pg_port: int | None = None,
+        cost_models: PostgresCostModels | None = None,
     ) -> None:
         self.postgres = postgres
         self.secrets = secrets
@@ -213,7 +215,9 @@ class Engine:
         self.railway_platform = list(railway_platform)
         self.railway_pg_host, self.railway_pg_port = railway_pg_host, railway_pg_port
         self.platform_plans: list[str] = []
-        self.cost_model = CostModel()  # proxy usage -> vCPU-hours, for included usage and overage
+        # Proxy usage -> vCPU-hours: the stored version in force (the report and billing read the same).
+        self.cost_models = cost_models
+        self.cost_model = FittedModel()
         self._usage_month = -1
         self._usage_final_through = -1
         self._usage_final: dict[str, UsageTotals] = {}
@@ -401,12 +405,14 @@ class Engine:
             return
         try:
             usage = await self._month_usage(now)
+            if self.cost_models is not None:
+                self.cost_model = await self.cost_models.current()
         except Exception as exc:  # unknown usage: verdicts stay as they were
             log.warning("proxy usage unavailable", extra={"error": describe_error(exc)})
             return
         for result in candidates:
             assert result.limits is not None
-            used = estimate(usage.get(result.key, UsageTotals()), self.cost_model).cpu_seconds / 3600
+            used = self.cost_model.vcpu_hours(result.key, usage.get(result.key, UsageTotals()))
             previous = statuses.get(result.key)
             result.overage = decide_overage(result.limits.billing, used, previous.usage if previous else None, now)
             metrics.set_usage_ratio(result.key, result.limits.tier,

@@ -11,6 +11,7 @@ from typing import Literal
 
 import asyncpg
 
+from dynabase.backends.cost_models import PostgresCostModels
 from dynabase.backends.mongo import MongoBackend
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.postgres import PostgresBackend
@@ -182,6 +183,7 @@ async def start_engine(
         status_store=status_store or PostgresStatusStore(postgres.pool),
         clock=clock,
         concurrency=settings.concurrency,
+        cost_models=PostgresCostModels(postgres.pool),
     )
 
 

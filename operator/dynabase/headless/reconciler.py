@@ -24,6 +24,8 @@ from dynabase.engine.reconciler import Engine, PassResult, utcnow
 from dynabase.spec import TenantDatabase, TierPolicy
 from dynabase.spec.documents import ManifestError, load_paths
 
+from .month_end import MonthEndClose
+
 log = logging.getLogger(__name__)
 LOCK_KEY = 0x64796E61  # "dyna": the advisory lock that elects the active replica
 
@@ -50,13 +52,14 @@ class HeadlessState:
 class HeadlessReconciler:
     def __init__(self, engine: Engine, source: Source, *, interval: float = 30.0,
                  confirm_deletion: dt.timedelta = dt.timedelta(minutes=10), lock_dsn: str | None = None,
-                 clock: Any = utcnow) -> None:
+                 clock: Any = utcnow, month_end: MonthEndClose | None = None) -> None:
         self.engine = engine
         self.source = source
         self.interval = interval
         self.confirm_deletion = confirm_deletion
         self.lock_dsn = lock_dsn
         self.clock = clock
+        self.month_end = month_end  # billing close of the previous month, on the active replica
         self.state = HeadlessState()
         self._lock_conn: asyncpg.Connection | None = None
 
@@ -124,6 +127,8 @@ class HeadlessReconciler:
         result = await self.engine.reconcile_all(policies, tenants, deleted=deleted, complete=True)
         self.state.last_pass, self.state.last_pass_at = result, self.clock()
         self.state.passes += 1
+        if self.month_end is not None:
+            self.month_end.after_pass(policies, tenants)
         ready = sum(t.ready for t in result.tenants)
         log.info("headless pass", extra={"tenants": len(result.tenants), "ready": ready,
                                          "seconds": round(result.seconds, 3), "writes": result.writes,
@@ -151,6 +156,8 @@ class HeadlessReconciler:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+            if self.month_end is not None:
+                await self.month_end.stop()
             await self.release()
 
     def status(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
 
-from dynabase.desired.cost import Report
+from dynabase.desired.margin import Report
 
 REGISTRY = CollectorRegistry()
 CALIBRATION_FACTOR = Gauge(
@@ -18,7 +18,7 @@ CALIBRATION_VARIANCE = Gauge(
     registry=REGISTRY,
 )
 INCLUDED_RATIO = Gauge(
-    "dynabase_usage_included_ratio", "Calibrated vCPU-hours used / included in the tier.", ["tenant", "tier"],
+    "dynabase_usage_included_ratio", "Billed vCPU-hours used / included in the tier (prorated).", ["tenant", "tier"],
     registry=REGISTRY,
 )
 WARNINGS = Counter(
