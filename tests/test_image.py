@@ -38,7 +38,7 @@ from dynabase.billing.server import WEBHOOK_PATH
 from dynabase.devstack.stack import free_port
 from dynabase.engine.runtime import close_engine
 
-from .conftest import ROOT, Stack
+from .conftest import ROOT, Stack, missing_server
 from .engine_helpers import example_policy, make_engine, make_tenant, unique
 from .manifests import tenant
 from .test_webhooks import SECRET as WEBHOOK_SECRET
@@ -66,7 +66,7 @@ def image_unavailable() -> str | None:
 def image() -> str:
     reason = image_unavailable()
     if reason:
-        pytest.skip(f"image tests: {reason}")
+        missing_server(f"image tests: {reason}")
     return IMAGE
 
 
@@ -374,6 +374,7 @@ def admin_kubeconfig_with_data(stack: Stack, into: Path) -> Path:
     return into
 
 
+@pytest.mark.kube
 def test_operator_against_the_apiserver(image: str, stack: Stack, crds_applied: None,
                                         containers: Callable[..., Container], redis_db: Callable[[int], str],
                                         tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ import yaml
 from dynabase.devstack import node as devstack_node
 from dynabase.devstack.stack import free_port
 
-from .conftest import ROOT, Stack
+from .conftest import ROOT, Stack, missing_server
 from .manifests import tenant
 from .test_image import IMAGE, image_unavailable, redis_url
 
@@ -157,19 +157,15 @@ def overlay(stack: Stack, directory: Path, *, apiserver_port: int, proxy_port: i
     return directory
 
 
-def node_unavailable() -> str | None:
-    if os.environ.get("USE_EXISTING_CLUSTER", "").lower() == "true":
-        return ("with USE_EXISTING_CLUSTER=true the pods would run on that cluster's nodes, where the "
-                "devstack's loopback servers are out of reach")
-    return image_unavailable() or devstack_node.unavailable()
-
-
 @pytest.fixture(scope="module")
 def cluster(stack: Stack, crds_applied: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     stack.need("postgres", "redis", "kube-apiserver")
-    reason = node_unavailable()
+    if os.environ.get("USE_EXISTING_CLUSTER", "").lower() == "true":
+        pytest.skip("pods on a real kubelet: with USE_EXISTING_CLUSTER=true the pods would run on that cluster's "
+                    "nodes, where the devstack's loopback servers are out of reach")
+    reason = image_unavailable() or devstack_node.unavailable()
     if reason:
-        pytest.skip(f"pods on a real kubelet: {reason}")
+        missing_server(f"pods on a real kubelet: {reason}")
     node = devstack_node.Node(stack.devstack)
     proxy_port = free_port()
     kustomization = overlay(stack, tmp_path_factory.mktemp("overlay") / "devstack",
@@ -201,6 +197,7 @@ def cluster(stack: Stack, crds_applied: None, tmp_path_factory: pytest.TempPathF
         node.down()
 
 
+@pytest.mark.kube
 def test_operator_proxy_and_agent_pods_are_ready_as_the_manifests_declare(cluster: Cluster) -> None:
     (operator,) = cluster.pods("dynabase-operator")
     (proxy,) = cluster.pods("dynabase-proxy")
@@ -218,6 +215,7 @@ def test_operator_proxy_and_agent_pods_are_ready_as_the_manifests_declare(cluste
     assert limits and int(limits[0].read_text()) == 256 * 1024 * 1024
 
 
+@pytest.mark.kube
 def test_a_tenant_applied_with_kubectl_is_served_through_the_proxy_pod(cluster: Cluster) -> None:
     namespace = f"pods-{uuid.uuid4().hex[:6]}"
     db = f"pods_{uuid.uuid4().hex[:6]}"
@@ -242,6 +240,7 @@ def test_a_tenant_applied_with_kubectl_is_served_through_the_proxy_pod(cluster: 
     wait_for("a query through the proxy pod", query, 60, lambda: cluster.logs("dynabase-proxy"))
 
 
+@pytest.mark.kube
 def test_a_deleted_operator_pod_is_replaced_and_the_replacement_converges(cluster: Cluster) -> None:
     namespace = f"pods-{uuid.uuid4().hex[:6]}"
     db = f"pods_{uuid.uuid4().hex[:6]}"
