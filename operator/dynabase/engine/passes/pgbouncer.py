@@ -26,10 +26,11 @@ class PgBouncerPass(BackendPass):
         self.pgbouncer = pgbouncer
         # Concurrent partial passes each patch the layout: read, patch and publish one at a time.
         self.layout_lock = layout_lock
+        self.changed = False  # this pass published a new layout
         self.seq: int | None = None  # the publication the agents must confirm, once published
 
     async def step(self, phase: Phase) -> None:
-        async with self.layout_lock:
+        async with self.layout_lock:  # observe, plan and publish; waiting for the agents needs no lock
             await super().step(phase)
         if self.seq is not None:
             await self._confirm(self.seq)

@@ -102,31 +102,40 @@ class RailwayPass(BackendPass):
 
     async def _observe_one(self, service: _Service, environment: EnvironmentObserved | Exception,
                            semaphore: asyncio.Semaphore) -> None:
-        ref, target = service.target.ref, service.target
-        if isinstance(environment, Exception):
-            return self._settle(service, Outcome(self.condition, False, "ObserveFailed", describe_error(environment)))
-        if environment.project_id != ref.project_id:
-            return self._settle(service, Outcome(
-                self.condition, False, "WrongProject", f"environment {ref.environment_id} belongs to project "
-                f"{environment.project_id}, not {ref.project_id}; fix spec.railway.projectId"))
-        observed = environment.services.get(ref.service_name)
-        if observed is None:
-            return self._settle(service, Outcome(
-                self.condition, False, "ServiceNotFound", f"no service named {ref.service_name!r} in environment "
-                f"{ref.environment_id}; create it in Railway or fix spec.railway.serviceName"))
-        if self.railway.own.is_self(ref.environment_id, observed.service_id):
-            return self._settle(service, Outcome(
-                self.condition, False, "OwnService", f"service {ref.service_name!r} runs this reconciler, which "
-                "never manages itself; point spec.railway at the tenant's own service"))
-        service.project_id = environment.project_id
+        found = self._find(service.target.ref, environment)
+        if isinstance(found, Outcome):
+            self._settle(service, found)
+            return
+        assert not isinstance(environment, Exception)
+        service.project_id, target = environment.project_id, service.target
         try:
             if (target.v_cpus is not None or target.memory_gb is not None) and \
-                    observed.v_cpus is None and observed.memory_gb is None:
+                    found.v_cpus is None and found.memory_gb is None:
                 async with semaphore:
-                    observed = await self.railway.with_limits(ref.environment_id, observed)
+                    found = await self.railway.with_limits(target.ref.environment_id, found)
         except Exception as exc:
-            return self._failed(service, exc)
-        service.observed = observed
+            self._failed(service, exc)
+            return
+        service.observed = found
+
+    def _find(self, ref: ServiceRef, environment: EnvironmentObserved | Exception) -> ServiceObserved | Outcome:
+        """The service ``ref`` names, or why it cannot be managed."""
+        if isinstance(environment, Exception):
+            return Outcome(self.condition, False, "ObserveFailed", describe_error(environment))
+        if environment.project_id != ref.project_id:
+            return Outcome(self.condition, False, "WrongProject",
+                           f"environment {ref.environment_id} belongs to project {environment.project_id}, "
+                           f"not {ref.project_id}; fix spec.railway.projectId")
+        observed = environment.services.get(ref.service_name)
+        if observed is None:
+            return Outcome(self.condition, False, "ServiceNotFound",
+                           f"no service named {ref.service_name!r} in environment {ref.environment_id}; "
+                           "create it in Railway or fix spec.railway.serviceName")
+        if self.railway.own.is_self(ref.environment_id, observed.service_id):
+            return Outcome(self.condition, False, "OwnService",
+                           f"service {ref.service_name!r} runs this reconciler, which never manages itself; "
+                           "point spec.railway at the tenant's own service")
+        return observed
 
     def plan(self) -> None:
         for service in self.services:
@@ -154,7 +163,8 @@ class RailwayPass(BackendPass):
                 async with semaphore:
                     await self.railway.apply(plan, service.project_id)
         except Exception as exc:
-            return self._failed(service, exc)
+            self._failed(service, exc)
+            return
         sleep = ", sleeps when idle" if target.sleep_application else ""
         message = f"service {target.ref.service_name}: {target.replicas} replica(s){sleep}"
         self._settle(service, Outcome(self.condition, True, "Reconciled", message))
