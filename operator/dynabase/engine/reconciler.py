@@ -161,22 +161,22 @@ class Engine:
 
     def _passes(self, run: PassRun) -> dict[str, BackendPass]:
         """This pass's backend passes, built from the backends configured now (tests swap them)."""
-        passes: dict[str, BackendPass] = {"postgres": PostgresPass(run, self.postgres, self.secrets)}
+        passes: list[BackendPass] = [PostgresPass(run, self.postgres, self.secrets)]
         if self.proxy is not None:
-            passes["proxy"] = ProxyPass(run, self.proxy)
+            passes.append(ProxyPass(run, self.proxy))
         if self.pgbouncer is not None:
-            passes["pgbouncer"] = PgBouncerPass(run, self.pgbouncer, self._layout_lock)
+            passes.append(PgBouncerPass(run, self.pgbouncer, self._layout_lock))
         if self.redis is not None:
-            passes["redis"] = RedisPass(run, self.redis)
+            passes.append(RedisPass(run, self.redis))
         if self.mongo is not None:
-            passes["mongo"] = MongoPass(run, self.mongo, self._mongo_rotation, self.mongo_checks_per_pass,
-                                        after_apply=self._rollup_if_due)
+            passes.append(MongoPass(run, self.mongo, self._mongo_rotation, self.mongo_checks_per_pass,
+                                    after_apply=self._rollup_if_due))
         if self.railway is not None:
-            passes["railway"] = RailwayPass(
+            passes.append(RailwayPass(
                 run, self.railway, platform=self.railway_platform, schedule=self._platform,
                 interval=self.PLATFORM_INTERVAL, pg_host=self.railway_pg_host, pg_port=self.railway_pg_port,
-            )
-        return passes
+            ))
+        return {p.backend: p for p in passes}
 
     async def _rollup_if_due(self) -> None:
         if self.proxy is not None and self._rollup.due():
