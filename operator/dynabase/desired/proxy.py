@@ -60,3 +60,21 @@ def plan_lines(old: ProxyTenantLimits | None, new: ProxyTenantLimits | None) -> 
     qps = "unlimited" if new.qps is None else f"{new.qps}/s burst {new.burst}"
     return [f"proxy limits: {new.max_connections} connections, {qps} ({new.over_limit}), "
             f"statement timeout {new.statement_timeout_ms or 'none'} ms"]
+
+
+def restricted(limits: ProxyTenantLimits, restriction: str | None, restricted_qps: int) -> ProxyTenantLimits:
+    """A tenant restricted to a lower rate (over its included usage) gets at most ``restricted_qps``."""
+    if restriction != "qps":
+        return limits
+    qps = restricted_qps if limits.qps is None else min(limits.qps, restricted_qps)
+    return replace(limits, qps=qps, burst=qps)
+
+
+def lowers(before: ProxyTenantLimits | None, after: ProxyTenantLimits) -> bool:
+    """Whether publishing ``after`` lowers the connections or rate the proxy allows (None: unlimited)."""
+    if before is None:
+        return False
+
+    def qps(value: int | None) -> float:
+        return float("inf") if value is None else value
+    return after.max_connections < before.max_connections or qps(after.qps) < qps(before.qps)
