@@ -127,9 +127,25 @@ class PostgresEventLog:
                 "AND ($3::timestamptz IS NULL OR e.at >= $3) ORDER BY e.seq DESC LIMIT $4",
                 tenant, list(tenants) if tenants is not None else None, since, limit,
             )
-        return [StoredEvent(r["id"], r["tenant_key"], r["org_id"], r["database_name"], r["tier"], r["type"],
-                            r["reason"], r["message"], r["at"], json.loads(r["data"]),
-                            _delivery(r["delivery"], r["attempts"])) for r in rows]
+        return [_event(r) for r in rows]
+
+    async def latest(self, tenants: Sequence[str], per_tenant: int) -> dict[str, list[StoredEvent]]:
+        """Each tenant's newest ``per_tenant`` events, newest first (one query for all of them)."""
+        async with self._pool.acquire() as conn:
+            if not await table_exists(conn, TABLE):
+                return {}
+            rows = await conn.fetch(
+                "SELECT * FROM (SELECT e.id, e.tenant_key, e.org_id, e.database_name, e.tier, e.type, e.reason, "
+                " e.message, e.data::text AS data, e.at, e.seq, d.status AS delivery, d.attempts, "
+                " row_number() OVER (PARTITION BY e.tenant_key ORDER BY e.seq DESC) AS n "
+                " FROM dynabase.tenant_events e LEFT JOIN dynabase.notification_deliveries d ON d.event_id = e.id "
+                " WHERE e.tenant_key = ANY($1::text[])) ranked WHERE n <= $2 ORDER BY tenant_key, seq DESC",
+                list(tenants), per_tenant,
+            )
+        out: dict[str, list[StoredEvent]] = {}
+        for r in rows:
+            out.setdefault(r["tenant_key"], []).append(_event(r))
+        return out
 
     async def count(self, tenant: str) -> int:
         async with self._pool.acquire() as conn:
@@ -137,6 +153,12 @@ class PostgresEventLog:
                 return 0
             return int(await conn.fetchval("SELECT count(*) FROM dynabase.tenant_events WHERE tenant_key = $1",
                                            tenant))
+
+
+def _event(row: Mapping[str, Any]) -> StoredEvent:
+    return StoredEvent(row["id"], row["tenant_key"], row["org_id"], row["database_name"], row["tier"], row["type"],
+                       row["reason"], row["message"], row["at"], json.loads(row["data"]),
+                       _delivery(row["delivery"], row["attempts"]))
 
 
 def _delivery(status: str | None, attempts: int | None) -> str | None:

@@ -161,12 +161,13 @@ class Deliverer:
             "retry_in": round(retry_in, 1) if retry_in is not None else "never (attempts used up)"})
         return "retried" if retry_in is not None else "failed"
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until ``stop``: whenever a row is due, nudged, or every ``poll`` seconds."""
+    async def run(self, stop: asyncio.Event, when: Callable[[], bool] = lambda: True) -> None:
+        """Deliver until ``stop``: whenever a row is due, nudged, or every ``poll`` seconds, while ``when()``."""
         while not stop.is_set():
             wait = self.settings.poll
             try:
-                await self.deliver_due()
+                if when():
+                    await self.deliver_due()
                 due = await self.ledger.next_due_in()
                 if due is not None:
                     wait = min(wait, due)
