@@ -103,21 +103,24 @@ class NotificationLedger:
             await ensure(self._pool)
             self._ready = True
 
-    async def claim_due(self, limit: int, lease_seconds: float) -> list[Claimed]:
-        """Due pending rows no other sender holds, leased to this one for ``lease_seconds``."""
+    async def claim_due(self, limit: int, lease_seconds: float,
+                        due_by: dt.datetime | None = None) -> tuple[list[Claimed], dt.datetime]:
+        """Pending rows due by ``due_by`` (default now) that no other sender holds, leased to this one for
+        ``lease_seconds``; and the database's time now."""
         await self._ensure()
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire() as conn, conn.transaction():
+            now = await conn.fetchval("SELECT now()")
             rows = await conn.fetch(
                 "UPDATE dynabase.notification_deliveries d "
                 "SET claimed_until = now() + make_interval(secs => $2) "
                 "WHERE d.event_id IN (SELECT event_id FROM dynabase.notification_deliveries "
-                " WHERE status = 'pending' AND next_attempt_at <= now() "
+                " WHERE status = 'pending' AND next_attempt_at <= coalesce($3, now()) "
                 " AND (claimed_until IS NULL OR claimed_until < now()) "
                 " ORDER BY next_attempt_at, event_id LIMIT $1 FOR UPDATE SKIP LOCKED) "
                 "RETURNING d.event_id, d.tenant_key, d.reason, d.body, d.attempts",
-                limit, lease_seconds,
+                limit, lease_seconds, due_by,
             )
-        return [Claimed(r["event_id"], r["tenant_key"], r["reason"], r["body"], r["attempts"]) for r in rows]
+        return [Claimed(r["event_id"], r["tenant_key"], r["reason"], r["body"], r["attempts"]) for r in rows], now
 
     async def delivered(self, event_id: str, status: int, endpoint: str) -> None:
         async with self._pool.acquire() as conn:

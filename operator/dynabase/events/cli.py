@@ -89,6 +89,8 @@ def _json(row: StoredEvent | Delivery) -> dict[str, Any]:
 
 
 def _table(rows: list[StoredEvent] | list[Delivery]) -> list[str]:
+    header: tuple[str, ...]
+    lines: list[tuple[str, ...]]
     if isinstance(rows[0], StoredEvent):
         header = ("AT (UTC)", "TENANT", "TYPE", "REASON", "NOTIFIED", "MESSAGE")
         lines = [(f"{e.at:%Y-%m-%d %H:%M:%S}", e.tenant, e.type, e.reason, e.delivery or "-", e.message)

@@ -109,9 +109,11 @@ class Deliverer:
         """Send every due notification once (each claimed row gets one attempt)."""
         counts = Delivered()
         client = self._client or httpx.AsyncClient(timeout=self.settings.timeout, follow_redirects=False)
+        due_by = None  # what was due when this round began: a retry due meanwhile waits for the next round
         try:
             while True:
-                claimed = await self.ledger.claim_due(self.settings.batch, self.settings.lease)
+                claimed, now = await self.ledger.claim_due(self.settings.batch, self.settings.lease, due_by)
+                due_by = due_by or now
                 if not claimed:
                     return counts
                 for outcome in await asyncio.gather(*(self._attempt(client, row) for row in claimed)):
