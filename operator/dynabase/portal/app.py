@@ -42,7 +42,7 @@ SECURITY_HEADERS = {
                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # no-referrer would make browsers send "Origin: null" on our own forms
     "Cache-Control": "no-store",
 }
 
@@ -80,6 +80,10 @@ def _page(text: str, status: int = 200) -> web.Response:
 
 
 def _same_origin(request: web.Request) -> bool:
+    """What the browser says of where a POST came from: Sec-Fetch-Site, else Origin (absent from old clients)."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site in ("same-origin", "none")
     origin = request.headers.get("Origin")
     return origin is None or urlsplit(origin).netloc == request.host
 
@@ -90,8 +94,9 @@ def portal_app(portal: Portal) -> web.Application:
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         try:
             response = await handler(request)
-        except web.HTTPException as exc:
-            response = exc
+        except web.HTTPException as exc:  # redirects and errors are raised: they get the headers too
+            exc.headers.update(SECURITY_HEADERS)
+            raise
         response.headers.update(SECURITY_HEADERS)
         return response
 

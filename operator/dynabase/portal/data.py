@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -82,12 +83,21 @@ def next_tier(policy: TierPolicy, tier: str) -> str | None:
     return higher[0][1] if higher else None
 
 
+def label(declared: LimitField) -> str:
+    """The limit's name for a tenant: its review label, else its manifest name in words."""
+    if declared.limit.review:
+        return declared.limit.review
+    words = re.findall(r"[A-Z]{2,}(?![a-z])|[A-Z]?[a-z]+|\d+", declared.alias)
+    return " ".join(w if w.isupper() else w.lower() for w in words).replace("vcpu", "vCPU")
+
+
 def show(declared: LimitField, value: object) -> str:
-    """A limit as a tenant reads it."""
+    """A limit as a tenant reads it; an absent one as its declaration explains absence ("never", …)."""
     if declared.is_unlimited(value):
         return "unlimited"
     if value is None:
-        return "not set"
+        absent = re.match(r"Absent = (.+?)\.?$", declared.limit.absent or "")
+        return absent.group(1) if absent else "not set"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if declared.alias.endswith("USD") and isinstance(value, int | float):
@@ -110,8 +120,7 @@ def limit_rows(tenant: TenantDatabase, current: EffectiveLimits, upgrade: Effect
             then = show(declared, declared.read(upgrade)) if upgrade is not None else None
             if now == "not set" and then in (None, "not set"):
                 continue
-            label = declared.limit.review or " ".join(declared.name.split("_"))
-            rows.append(LimitRow(section, label, declared.limit.description, now, then,
+            rows.append(LimitRow(section, label(declared), declared.limit.description, now, then,
                                  then is not None and then != now))
     return rows
 

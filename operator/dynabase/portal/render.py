@@ -17,6 +17,7 @@ from .data import TenantPage
 
 CSS = (Path(__file__).parent / "style.css").read_text()
 CSS_HASH = "sha256-" + base64.b64encode(hashlib.sha256(CSS.encode()).digest()).decode()
+ROUGH = " (from less than a day of usage: a rough guess until more is metered)"
 HIT_LABELS = {
     "rejected_connections": ("Connections refused", "over the proxy's maxConnections"),
     "rejected": ("Queries refused", "over the queries/s limit (overLimit: reject, or waited past queueTimeout)"),
@@ -87,8 +88,8 @@ def _month_card(page: TenantPage) -> str:
     return (f'<section class="card"><h2>This month, {title}</h2><div class="figures">{"".join(figures)}</div>'
             f"{chart}{_over_note(page)}"
             f'<p class="note">Month to date at its average pace so far ({projection.elapsed_hours:,.0f} h), '
-            f"extrapolated over the {projection.remaining_hours:,.0f} h left and priced as your invoice is. "
-            f"As of {page.as_of:%Y-%m-%d %H:%M} UTC.</p></section>")
+            f"extrapolated over the {projection.remaining_hours:,.0f} h left and priced as your invoice is"
+            f"{ROUGH if projection.elapsed_hours < 24 else ''}. As of {page.as_of:%Y-%m-%d %H:%M} UTC.</p></section>")
 
 
 def _over_note(page: TenantPage) -> str:
