@@ -116,10 +116,11 @@ def limit_rows(tenant: TenantDatabase, current: EffectiveLimits, upgrade: Effect
         if section == "railway" and tenant.spec.railway is None:
             continue
         for declared in FIELDS[section]:
-            now = show(declared, declared.read(current))
-            then = show(declared, declared.read(upgrade)) if upgrade is not None else None
-            if now == "not set" and then in (None, "not set"):
-                continue
+            values = [declared.read(current)] + ([declared.read(upgrade)] if upgrade is not None else [])
+            if all(v is None for v in values) and not declared.is_unlimited(None):
+                continue  # set on neither tier, and absence means nothing to a tenant (no warning, not set)
+            now = show(declared, values[0])
+            then = show(declared, values[1]) if upgrade is not None else None
             rows.append(LimitRow(section, label(declared), declared.limit.description, now, then,
                                  then is not None and then != now))
     return rows
