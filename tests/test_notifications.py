@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
@@ -23,10 +24,12 @@ import yaml
 from dynabase.backends.events_pg import PostgresEventLog, StoredEvent
 from dynabase.backends.notify_pg import NotificationLedger, OutboxEntry
 from dynabase.backends.proxy import ProxyBackend
+from dynabase.devstack.stack import free_port
 from dynabase.engine.runtime import close_engine
 from dynabase.events import webhook
 from dynabase.events.delivery import Deliverer, Endpoint, NotifySettings, declared_endpoints, webhook_secret_variable
 from dynabase.events.pipeline import event_pipeline
+from dynabase.headless.http import serve
 from dynabase.headless.reconciler import HeadlessReconciler
 from dynabase.headless.source import DirectorySource
 from dynabase.keyspace import ACTIVITY_KEY, encode_usage, usage_field, usage_key
@@ -277,3 +280,22 @@ async def test_a_failed_append_is_kept_and_written_with_the_next_pass(env: dict[
     recorder.log = PostgresEventLog(env["pool"])
     await recorder.record_quietly([Result(tenant, [("Normal", "TenantWoke", "back")])], first + dt.timedelta(1))
     assert [e.reason for e in await recorder.log.recent(tenant=tenant.key)] == ["TenantWoke", "TenantCold"]
+
+
+async def test_status_lists_each_tenants_latest_events(env: dict[str, Any]) -> None:
+    folder, suffix, pool = env["folder"], env["suffix"], env["pool"]
+    name = f"status-{suffix}"
+    (folder / "tenant.yaml").write_text(tenant_manifest(name, f"nt_status_{suffix}", "SMALL", "http://127.0.0.1:9/x"))
+    headless = HeadlessReconciler(env["engine"], DirectorySource(folder), clock=env["clock"])
+    headless.events, headless.notifier = event_pipeline(pool, declared_endpoints(headless.tenant), FAST)
+    await headless.run_once()
+    port = free_port()
+    runner = await serve(headless, "127.0.0.1", port)
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/status") as response:
+            body = await response.json()
+    finally:
+        await runner.cleanup()
+    event, = body["tenants"][f"notify/{name}"]["events"]
+    assert (event["reason"], event["type"], event["notification"]) == ("TierApplied", "Normal", "pending")
+    assert event["message"] == "tier SMALL applied (was none)" and event["orgId"] == f"org-{name}"

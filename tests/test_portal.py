@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 import os
 import re
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -367,3 +368,40 @@ async def test_a_month_in_progress_is_projected_and_priced_as_the_bill_would_be(
         for hour in hours:
             await redis.hdel(usage_key(hour), usage_field(key, "r1"))
         await redis.aclose()
+
+
+async def test_dynabase_portal_serves_the_same_pages_on_its_own(env: Env, tmp_path: Path) -> None:
+    """The standalone command, as a platform runs it beside headless mode: tenants from the manifests."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dynabase.cli", "portal", "--manifests", str(env.headless.source.checkout()),
+        "--listen", f"127.0.0.1:{port}", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "DYNABASE_POSTGRES_DSN": env.stack.env["DYNABASE_POSTGRES_DSN"],
+             "DYNABASE_REDIS_URL": env.stack.env["DYNABASE_REDIS_URL"]})
+    base = f"http://127.0.0.1:{port}/portal/"
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            await listening(http, f"http://127.0.0.1:{port}/healthz", process)
+            csrf = await form_csrf(http, base)
+            async with http.post(f"{base}login", data={"database": env.db("a"), "password": env.password("a"),
+                                                       "csrf": csrf}) as response:
+                assert response.status == 200 and str(response.url).endswith(f"/portal/t/{env.key('a')}")
+                page = await response.text()
+        assert 'data-metric="queries"' in page and "HOBBY (yours)" in page
+    finally:
+        process.terminate()
+        _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+
+
+async def listening(http: aiohttp.ClientSession, url: str, process: asyncio.subprocess.Process) -> None:
+    """Until the process answers on its port (or has died)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.returncode is None:
+        try:
+            async with http.get(url) as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} never answered")

@@ -31,8 +31,10 @@ from dynabase.spec import TenantDatabase
 from . import webhook
 
 log = logging.getLogger(__name__)
-NOTIFICATIONS = Counter("dynabase_notifications_total", "Notification attempts by outcome",
-                        ["outcome"])  # delivered, retried, failed, cancelled
+OUTCOMES = ("delivered", "retried", "failed", "cancelled")
+NOTIFICATIONS = Counter("dynabase_notifications_total", "Notification attempts by outcome", ["outcome"])
+for _outcome in OUTCOMES:  # every outcome is a series from the start (0 until it happens)
+    NOTIFICATIONS.labels(_outcome)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
+import asyncpg
 from aiohttp import web
 
 from dynabase.backends.events_pg import PostgresEventLog
@@ -31,7 +32,7 @@ from dynabase.desired.effective import ResolveError
 
 from . import render
 from .auth import LoginThrottle, log_in, same_token
-from .data import Declarations, Models, find_tenant, tenant_page
+from .data import Declarations, Declared, Models, find_tenant, tenant_page
 from .usage import MonthDocs
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,28 @@ def portal_app(portal: Portal) -> web.Application:
         response.headers.update(SECURITY_HEADERS)
         return response
 
+    def unavailable(what: str, exc: BaseException) -> web.HTTPException:
+        log.warning("portal: backend unavailable", extra={"what": what, "error": f"{type(exc).__name__}: {exc}"})
+        return web.HTTPServiceUnavailable(text=render.error_page(
+            "Not available right now", "The platform cannot show this page at the moment; try again shortly.",
+            BASE), content_type="text/html", headers={"Retry-After": "30"})
+
+    async def declared() -> Declared:
+        """Tenants and tiers now; a source that cannot be read is a 503, not a 500 with a traceback."""
+        try:
+            return await portal.declarations.declared()
+        except Exception as exc:
+            raise unavailable("declarations", exc) from None
+
     async def session_of(request: web.Request) -> tuple[str, str, str] | None:
         """(token, tenant key, csrf) of the request's live session."""
         token = request.cookies.get(SESSION_COOKIE)
         if not token:
             return None
-        session = await portal.store.session(token)
+        try:
+            session = await portal.store.session(token)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise unavailable("sessions", exc) from None
         return (token, session.tenant, session.csrf) if session is not None else None
 
     async def home(request: web.Request) -> web.StreamResponse:
@@ -133,7 +150,7 @@ def portal_app(portal: Portal) -> web.Application:
                                         "minutes.", status=429, database=database)
             response.headers["Retry-After"] = str(int(wait) + 1)
             return response
-        _, tenants = await portal.declarations.declared()
+        _, tenants = await declared()
         logged_in = await log_in(portal.store, tenants, database, password, portal.session_lifetime, portal.clock())
         if logged_in is None:
             portal.throttle.failed(database)
@@ -156,16 +173,18 @@ def portal_app(portal: Portal) -> web.Application:
         if key != owner:
             log.info("portal: another tenant's page refused", extra={"tenant": owner, "asked": key})
             return _page(render.error_page("Not your page", "You can only see your own database's page.", BASE), 403)
-        policies, tenants = await portal.declarations.declared()
-        declared = find_tenant(tenants, key=key)
-        if declared is None:
+        policies, tenants = await declared()
+        found_tenant = find_tenant(tenants, key=key)
+        if found_tenant is None:
             return _page(render.error_page("Not found", "This database is no longer declared.", BASE), 404)
-        status = (await portal.declarations.statuses([key])).get(key)
         try:
-            page = await tenant_page(declared, policies, status, events=portal.events, month_docs=portal.month_docs,
-                                     models=portal.models, now=portal.clock())
+            status = (await portal.declarations.statuses([key])).get(key)
+            page = await tenant_page(found_tenant, policies, status, events=portal.events,
+                                     month_docs=portal.month_docs, models=portal.models, now=portal.clock())
         except ResolveError as exc:
             return _page(render.error_page("Not available", exc.message, BASE), 503)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise unavailable("tenant page", exc) from None
         return _page(render.tenant_page(page, BASE, csrf))
 
     async def logout(request: web.Request) -> web.StreamResponse:
