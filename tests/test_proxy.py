@@ -233,12 +233,14 @@ async def test_statement_timeout_cannot_be_switched_off(env: Env) -> None:
     await asyncio.sleep(1.2)
     conn = await connect(env, "LIM")
     try:
+        cancelled = env.state("LIM").usage.statement_timeouts
         await conn.execute("SET statement_timeout = 0")
         with pytest.raises(asyncpg.QueryCanceledError) as info:
             await conn.execute("SELECT pg_sleep(3600)")
         # Postgres, told not to time out, did not: only the proxy cancels and words it so.
         assert info.value.sqlstate == "57014"
         assert "tier LIM allows 1000 ms per statement" in str(info.value)
+        assert env.state("LIM").usage.statement_timeouts == cancelled + 1  # a limit hit, metered
     finally:
         await conn.close()
 
