@@ -13,6 +13,7 @@ import pytest
 
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.desired.pgbouncer import PgBouncerDesired, PoolSettings, TenantRoute
+from dynabase.engine.passes.pgbouncer import pgbouncer_outcome
 from dynabase.engine.reconciler import Engine
 from dynabase.keyspace import AGENTS_KEY
 
@@ -127,5 +128,5 @@ async def test_manual_change_to_pgbouncer_is_reverted_by_the_agent(engine) -> No
 def test_no_agent_is_a_condition_not_silence() -> None:
     route = TenantRoute("d", "d", "default.FREE")
     desired = PgBouncerDesired({"default.FREE": PoolSettings(3, 1, 4, 0, "transaction")}, {"d": route})
-    outcome = Engine._pgbouncer_outcome(route, desired, 1, [])
+    outcome = pgbouncer_outcome(route, desired, 1, [])
     assert not outcome.ok and outcome.reason == "NoAgent"

@@ -11,6 +11,7 @@ import asyncpg
 
 from dynabase.desired.postgres import (
     FORBIDDEN_ATTRIBUTES,
+    PGBOUNCER_AUTH_ROLE,
     ObservedDatabase,
     ObservedRole,
     PostgresObserved,
@@ -25,7 +26,6 @@ from .platform_schema import SCHEMA_LOCK
 
 log = logging.getLogger(__name__)
 
-PGBOUNCER_AUTH_ROLE = "dynabase_pgbouncer"
 PGBOUNCER_AUTH_QUERY = "SELECT usename, passwd FROM dynabase_pgbouncer.lookup($1)"
 
 _OBSERVE_ROLES = """

@@ -25,3 +25,12 @@ def is_cold(idle_timeout: Duration | None, last_query: dt.datetime | None, activ
 def idle_message(idle_timeout: Duration) -> str:
     return (f"no queries for {idle_timeout}: scaled to zero (sessions ended, dedicated service asleep); "
             "the next connection wakes it")
+
+
+def phase(*, suspended: bool, ready: bool, cold: bool) -> str:
+    """A resolved tenant's phase; one whose tier cannot be resolved is Degraded."""
+    if suspended:
+        return "Suspended"
+    if not ready:
+        return "Degraded"
+    return "Cold" if cold else "Active"

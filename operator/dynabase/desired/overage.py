@@ -68,3 +68,48 @@ def decide_overage(billing: BillingEffective, used_vcpu_hours: float, previous: 
         message = used
     status = UsageStatus(month=month, level=level, over_since=over_since, restriction=restriction)
     return OverageVerdict(status, used_vcpu_hours / included, message)
+
+
+Event = tuple[str, str, str]  # (type, reason, message), as Kubernetes Events have them
+
+
+@dataclass(frozen=True)
+class UsageOutcome:
+    """The UsageWithinPlan condition for one pass, and the Events announcing what changed."""
+
+    ok: bool
+    reason: str
+    message: str
+    advisory: bool = False  # shown as False but not held against Ready: the tenant's usage, not a fault
+    crossed: str | None = None  # the warning level ("80"/"100") first reached in this pass
+    events: tuple[Event, ...] = ()
+
+
+def usage_outcome(verdict: OverageVerdict, billing: BillingEffective, previous: UsageStatus | None) -> UsageOutcome:
+    """What this month's verdict says, against the one recorded before (``previous``)."""
+    before = previous if previous is not None and previous.month == verdict.status.month else None
+    status = verdict.status
+    if status.restriction:
+        ok, reason, advisory = False, "Restricted", True
+    elif status.level == "100" and billing.overage_per_vcpu_hour_usd is None:
+        ok, reason, advisory = False, "OverIncludedUsage", True
+    elif status.level == "100":
+        ok, reason, advisory = True, "OverageBilled", False
+    elif status.level == "80":
+        ok, reason, advisory = True, "NearIncludedUsage", False
+    else:
+        ok, reason, advisory = True, "WithinIncludedUsage", False
+    events: list[Event] = []
+    level_before = before.level if before is not None else None
+    crossed = None
+    if status.level is not None and status.level != level_before and \
+            (level_before is None or int(status.level) > int(level_before)):
+        crossed = status.level
+        reason_crossed = "IncludedUsageExceeded" if status.level == "100" else "UsageWarning"
+        events.append(("Warning", reason_crossed, f"{status.level}% of the month's included usage: {verdict.message}"))
+    restriction_before = before.restriction if before is not None else None
+    if status.restriction and status.restriction != restriction_before:
+        events.append(("Warning", "UsageRestricted", verdict.message))
+    elif restriction_before and not status.restriction:
+        events.append(("Normal", "UsageRestrictionLifted", verdict.message))
+    return UsageOutcome(ok, reason, verdict.message, advisory, crossed, tuple(events))

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dynabase.spec import TenantDatabase, TierPolicy
 from dynabase.spec.limit import PgBouncerPlace
 from dynabase.spec.limits import FIELDS
 
-from .effective import PgBouncerEffective
+from .effective import PgBouncerEffective, ResolveError, merge
+from .transition import TierDecision
 
 # Where the engine publishes the layout and agents report back: dynabase.keyspace.
 DEFAULT_POOL = "_default"  # always present: a stable admin endpoint and a fallback pool
@@ -189,3 +192,48 @@ def plan_lines(old: PgBouncerDesired | None, new: PgBouncerDesired, database: st
     if before is None:
         return [text]
     return [f"{text}; was pool {before.pool}"]
+
+
+def layout(
+    policies: Mapping[str, TierPolicy],
+    tenants: Iterable[tuple[TenantDatabase, TierDecision | None]],
+    deleted: Iterable[TenantDatabase],
+    published: PgBouncerDesired | None,
+    *,
+    complete: bool,
+) -> PgBouncerDesired:
+    """The layout to publish: ``tenants`` routed to their tier's pool, ``deleted`` unrouted.
+
+    ``complete`` says ``tenants`` are all tenants: the layout is rebuilt from them. Otherwise
+    the published layout is patched, and tenants not named keep their routes.
+    """
+    base = published or PgBouncerDesired()
+    desired = PgBouncerDesired(
+        pools={} if complete else dict(base.pools),
+        routes={} if complete else dict(base.routes),
+    )
+    # Every tier of every policy gets its pool up front, so a tier change lands on a running one.
+    for policy_name, policy in policies.items():
+        for tier_name, tier in policy.spec.tiers.items():
+            try:
+                limits = merge(tier_name, tier.rank, [tier])
+            except ResolveError:
+                continue
+            desired.pools[pool_name(policy_name, tier_name)] = PoolSettings.of(limits.pgbouncer)
+    for tenant in deleted:
+        desired.routes.pop(tenant.database_name, None)
+    for tenant, decision in tenants:
+        database = tenant.database_name
+        if decision is None:
+            # Unresolvable now: keep serving it as it was rather than drop its route.
+            if database in base.routes:
+                desired.routes[database] = base.routes[database]
+            continue
+        pool = pool_name(tenant.spec.tier_policy_ref, decision.applied_tier)
+        own = PoolSettings.of(decision.limits.pgbouncer)
+        desired.routes[database] = TenantRoute(
+            database=database, role=tenant.database_name, pool=pool,
+            settings=None if own == desired.pools.get(pool) else own,
+            enabled=not tenant.spec.suspended,
+        )
+    return desired

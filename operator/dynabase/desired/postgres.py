@@ -12,11 +12,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dynabase.spec import TenantDatabase
 from dynabase.spec.limits import FIELDS
 from dynabase.spec.units import ByteSize, Duration
 
 from . import drain
-from .effective import PostgresEffective
+from .effective import EffectiveLimits, PostgresEffective
 from .scram import scram_verifier, verifier_matches
 from .sql import quote_ident, quote_literal
 
@@ -353,3 +354,51 @@ def render_plan(plan: PostgresPlan) -> list[str]:
     if plan.conflict:
         return [f"! {plan.conflict}"]
     return [s.display for s in plan.statements]
+
+
+# -- what a tenant's role and database should be --------------------------------
+
+# The role PgBouncer logs in as to look up tenants' verifiers (auth_query); every tenant
+# database grants it CONNECT.
+PGBOUNCER_AUTH_ROLE = "dynabase_pgbouncer"
+
+
+def restricted_settings(settings: dict[str, str], restriction: str | None) -> dict[str, str]:
+    """A tenant restricted to reads (over its included usage) gets read-only transactions by default."""
+    if restriction == "readOnly":
+        return {**settings, "default_transaction_read_only": "on"}
+    return settings
+
+
+def tenant_target(tenant: TenantDatabase, limits: EffectiveLimits, *, password: Password | None,
+                  restriction: str | None, cold: bool) -> PostgresTarget:
+    state: TenantState = "suspended" if tenant.spec.suspended else "active"
+    idle_timeout = limits.lifecycle.idle_timeout
+    return PostgresTarget(
+        key=tenant.key,
+        role=tenant.database_name,
+        database=tenant.database_name,
+        state=state,
+        connection_limit=limits.postgres.connection_limit,
+        settings=restricted_settings(role_settings(limits.postgres), restriction),
+        password=password,
+        service_roles=(PGBOUNCER_AUTH_ROLE,),
+        cold_after_seconds=idle_timeout.milliseconds // 1000 if cold and idle_timeout else None,
+    )
+
+
+def deletion_target(tenant: TenantDatabase) -> PostgresTarget:
+    state: TenantState = "deleted" if tenant.spec.deletion_policy == "Delete" else "retained"
+    return PostgresTarget(
+        key=tenant.key, role=tenant.database_name, database=tenant.database_name, state=state,
+        connection_limit=0, settings={}, service_roles=(PGBOUNCER_AUTH_ROLE,),
+    )
+
+
+def lowers_connection_limit(target: PostgresTarget, observed: PostgresObserved) -> bool:
+    """Whether applying ``target`` lowers the role's connection limit (negative means unlimited)."""
+    role = observed.roles.get(target.role)
+    if role is None or target.state != "active":
+        return False
+    have, want = role.connection_limit, target.connection_limit
+    return want >= 0 and (have < 0 or want < have)

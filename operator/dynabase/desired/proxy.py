@@ -74,6 +74,25 @@ def plan_lines(old: ProxyTenantLimits | None, new: ProxyTenantLimits | None) -> 
             f"statement timeout {new.statement_timeout_ms or 'none'} ms"]
 
 
+def restricted(limits: ProxyTenantLimits, restriction: str | None, restricted_qps: int) -> ProxyTenantLimits:
+    """A tenant restricted to a lower rate (over its included usage) gets at most ``restricted_qps``,
+    on a budget of its own: the restriction is its usage's, not its organization's."""
+    if restriction != "qps":
+        return limits
+    qps = restricted_qps if limits.qps is None else min(limits.qps, restricted_qps)
+    return replace(limits, qps=qps, burst=qps, qps_scope="database")
+
+
+def lowers(before: ProxyTenantLimits | None, after: ProxyTenantLimits) -> bool:
+    """Whether publishing ``after`` lowers the connections or rate the proxy allows (None: unlimited)."""
+    if before is None:
+        return False
+
+    def qps(value: int | None) -> float:
+        return float("inf") if value is None else value
+    return after.max_connections < before.max_connections or qps(after.qps) < qps(before.qps)
+
+
 # -- QPS budgets ---------------------------------------------------------------------------------
 
 ORG_BUDGET = "org:"  # prefix of an organization's budget owner; database names cannot hold a ':'

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynabase.backends.postgres import PGBOUNCER_AUTH_ROLE
+from dynabase.desired.postgres import PGBOUNCER_AUTH_ROLE
 
 from . import binaries, pki
 

@@ -9,16 +9,13 @@ nothing is generated and no ``ALTER ROLE … PASSWORD`` is planned.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 from dynabase.desired.postgres import Password, PostgresObserved, PostgresTarget
 from dynabase.desired.sql import quote_ident
 
 from .conditions import Outcome
+from .results import TenantResult
 from .stores import SecretStore, generate_password
-
-if TYPE_CHECKING:
-    from .reconciler import TenantResult
 
 SECRET_CONDITION = "SecretReady"
 

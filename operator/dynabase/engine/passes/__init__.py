@@ -1,0 +1,1 @@
+"""One module per backend, each a ``BackendPass``; ``order`` says when each one runs."""
