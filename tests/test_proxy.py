@@ -104,7 +104,8 @@ def make(db: str, tier: str) -> TenantDatabase:
     return TenantDatabase.model_validate({
         "apiVersion": "dynabase.io/v1alpha1", "kind": "TenantDatabase",
         "metadata": {"name": db.replace("_", "-"), "namespace": "proxy", "generation": 1},
-        "spec": {"orgId": "org", "tier": tier, "tierPolicyRef": "proxytest", "databaseName": db},
+        # One organization each: the tiers' own QPS budgets, not one shared by an organization.
+        "spec": {"orgId": f"org-{db}", "tier": tier, "tierPolicyRef": "proxytest", "databaseName": db},
     })
 
 

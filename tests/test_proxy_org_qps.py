@@ -194,8 +194,8 @@ def test_the_rate_limit_error_names_the_organizations_budget() -> None:
     budget = QpsBudget.of(entry("b_pro", qps=200), "org:acme")
     error = wire.error_fields(rate_limit_error(free, budget))
     assert error["C"] == "53400"
-    assert error["M"] == ("query rate limit exceeded for tenant database a_free: the databases of organization acme "
-                          "share 200 queries per second (tier PRO)")
+    assert error["M"] == ("query rate limit exceeded for tenant database a_free: tier PRO allows 200 queries per "
+                          "second for all databases of organization acme together")
     alone = wire.error_fields(rate_limit_error(free, QpsBudget.of(free)))["M"]
     assert alone.endswith("tier FREE allows 10 queries per second")
 

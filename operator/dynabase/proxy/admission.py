@@ -46,16 +46,14 @@ def queue_budget(budget: QpsBudget) -> float:
 def rate_limit_error(limits: ProxyTenantLimits, budget: QpsBudget | None) -> bytes:
     """53400 for a query of ``limits``' database over ``budget`` (None: the limit was lifted
     while the query waited; its own limits say what it was)."""
-    qps = budget.qps if budget is not None else limits.qps
+    tier, qps = (budget.tier, budget.qps) if budget is not None else (limits.tier, limits.qps)
     retry = 1.0 / qps if qps else 1.0
-    if budget is not None and budget.org_id is not None:
-        what = (f"query rate limit exceeded for tenant database {limits.database}: the databases of "
-                f"organization {budget.org_id} share {budget.qps} queries per second (tier {budget.tier})")
-    else:
-        what = (f"query rate limit exceeded for tenant database {limits.database}: tier {limits.tier} allows "
-                f"{qps} queries per second")
+    shared = f" for all databases of organization {budget.org_id} together" if budget and budget.org_id else ""
     return wire.error_response(
-        "ERROR", "53400", what, hint=f"retry after {retry * 1000:.0f} ms, slow down, or upgrade to a higher tier",
+        "ERROR", "53400",
+        f"query rate limit exceeded for tenant database {limits.database}: tier {tier} allows {qps} queries per "
+        f"second{shared}",
+        hint=f"retry after {retry * 1000:.0f} ms, slow down, or upgrade to a higher tier",
     )
 
 
