@@ -32,14 +32,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.backends.railway import OwnService, RailwayAuth, RailwayBackend, RailwayClient
+from dynabase.backends.redis_acl import RedisBackend
 from dynabase.billing.config import BillingConfig, WebhookSecret
 from dynabase.billing.ledger import FileLedger
 from dynabase.billing.processor import WebhookProcessor
 from dynabase.billing.server import WEBHOOK_PATH, webhook_app
 from dynabase.billing.sinks import GitTierSink
 from dynabase.desired.proxy import ProxyTenantLimits
+from dynabase.desired.redis import acl_username, key_prefix
 from dynabase.desired.sql import quote_ident
 from dynabase.devstack.stack import free_port
+from dynabase.engine import metrics as engine_metrics
 from dynabase.headless import http as headless_http
 from dynabase.headless.reconciler import HeadlessReconciler
 from dynabase.headless.source import DirectorySource
@@ -50,7 +53,7 @@ from dynabase.usage import metrics as usage_metrics
 from dynabase.usage.report import run_report
 
 from .conftest import ROOT, Stack
-from .engine_helpers import FakeClock, make_engine
+from .engine_helpers import FakeClock, example_policy, make_engine, make_tenant, unique
 from .events import WAIT_SECONDS, activity_recorded, ended, idle_in_postgres, key_writes, terminations
 from .railway.fake import FakeRailway
 
@@ -91,6 +94,9 @@ spec:
       rank: 3
       proxy: {qps: 50}
       billing: {includedVcpuHours: 0.000001, softOveragePeriod: 1m, restrictedQps: 2}
+    QUO:
+      rank: 4
+      redis: {maxKeys: 1}
 """
 
 
@@ -122,6 +128,10 @@ class Exposition:
     series: dict[str, set[str]] = field(default_factory=dict)
     declared_only: set[str] = field(default_factory=set)
     produced: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # series -> labels of changed samples
+    values: dict[Sample, float] = field(default_factory=dict)
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.values.get((name, frozenset(labels.items())))
 
     def add_text(self, text: str, registry: CollectorRegistry = REGISTRY) -> None:
         for family in text_string_to_metric_families(text):
@@ -129,6 +139,7 @@ class Exposition:
                 self._add_declared(family.name, family.type, registry)
             for sample in family.samples:
                 self.series.setdefault(sample.name, set()).update(sample.labels)
+                self.values[(sample.name, frozenset(sample.labels.items()))] = sample.value
                 if self.before.get((sample.name, frozenset(sample.labels.items()))) != sample.value:
                     self.produced.setdefault(sample.name, []).append(sample.labels)
 
@@ -303,18 +314,20 @@ async def exposition(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
     engine, secrets, _ = await make_engine(stack.env["DYNABASE_POSTGRES_DSN"], clock)
     engine.pgbouncer = PgBouncerBackend(stack.env["DYNABASE_REDIS_URL"])
     engine.proxy = ProxyBackend(stack.env["DYNABASE_REDIS_URL"])
+    engine.redis = RedisBackend(stack.env["DYNABASE_REDIS_URL"])
     engine.railway = RailwayBackend(RailwayClient(RailwayAuth(railway.token, "account"), url=railway.url),
                                     own=OwnService(None, None))
     folder = tmp / "repo"
     folder.mkdir()
     (folder / "tierpolicy.yaml").write_text(POLICY)
     s = uuid.uuid4().hex[:6]
-    dbs = {name: f"mon_{name}_{s}" for name in ("nap", "thr", "big", "rw", "ovr")}
+    dbs = {name: f"mon_{name}_{s}" for name in ("nap", "thr", "big", "rw", "ovr", "quo")}
     (folder / "nap.yaml").write_text(tenant_yaml("nap", dbs["nap"], "NAP"))
     (folder / "thr.yaml").write_text(tenant_yaml("thr", dbs["thr"], "THR"))
     (folder / "big.yaml").write_text(tenant_yaml("big", dbs["big"], "BIG"))
     (folder / "rw.yaml").write_text(tenant_yaml("rw", dbs["rw"], "NAP", railway_service="nope"))
     (folder / "ovr.yaml").write_text(tenant_yaml("ovr", dbs["ovr"], "OVR"))
+    (folder / "quo.yaml").write_text(tenant_yaml("quo", dbs["quo"], "QUO"))
     headless = HeadlessReconciler(engine, DirectorySource(folder), clock=clock)
     stop, ready = asyncio.Event(), asyncio.Event()
     proxy_port, metrics_port, http_port = free_port(), free_port(), free_port()
@@ -347,12 +360,19 @@ async def exposition(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
     try:
         railway.fail_next(429, retry_after=0.1)
         await headless.run_once()  # tenants, a Railway 429 then ok, a missing Railway service
+        quo = aioredis.Redis.from_url(redis_url, username=acl_username(dbs["quo"]),
+                                      password=secrets.passwords["mon/quo"], decode_responses=True)
+        try:
+            await quo.set(key_prefix(dbs["quo"]) + "a", "1")
+            await quo.set(key_prefix(dbs["quo"]) + "b", "2")  # over its tier's one key
+        finally:
+            await quo.aclose()
         admin = await asyncpg.connect(stack.env["DYNABASE_POSTGRES_DSN"])
         try:
             await admin.execute(f"ALTER ROLE {quote_ident(dbs['thr'])} CONNECTION LIMIT 99")
         finally:
             await admin.close()
-        await headless.run_once()  # a drift correction on postgres
+        await headless.run_once()  # a drift correction on postgres; quo over its Redis quota
 
         proxy_task = asyncio.create_task(serve(settings, stop, ready, on_start=started.append))
         await asyncio.wait_for(ready.wait(), 10)
@@ -429,6 +449,7 @@ async def exposition(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
         await engine.postgres.close()
         await engine.pgbouncer.close()
         await engine.proxy.close()
+        await engine.redis.close()
         await railway.stop()
 
 
@@ -458,11 +479,65 @@ def test_the_scenario_produced_samples_for_every_labelled_metric(exposition: Exp
                    "dynabase_cold_transitions_total", "dynabase_sessions_ended_total",
                    "dynabase_proxy_drained_connections_total", "dynabase_railway_requests_total",
                    "dynabase_stripe_events_total", "dynabase_proxy_throttled_total",
-                   "dynabase_proxy_rejected_total", "dynabase_usage_threshold_events_total"):
+                   "dynabase_proxy_rejected_total", "dynabase_usage_threshold_events_total",
+                   "dynabase_tenant_tier_changes_total", "dynabase_proxy_limit_hits_total",
+                   "dynabase_limit_hits_total", "dynabase_tenant_tier", "dynabase_tenant_ready_timestamp_seconds"):
         assert exposition.produced.get(series), f"the scenario changed no sample of {series}"
     for series in ("dynabase_usage_restricted", "dynabase_usage_month_ratio", "dynabase_usage_included_ratio",
                    "dynabase_usage_warnings_total"):
         assert OVER_ALLOWANCE in [labels.get("tenant") for labels in exposition.produced.get(series, [])], series
+
+
+def test_tier_and_limit_metrics_count_what_the_scenario_did(exposition: Exposition) -> None:
+    # big was demoted BIG -> NAP once: its tier gauge moved to NAP's rank, the change counted once.
+    assert exposition.value("dynabase_tenant_tier", tenant="mon/big", tier="NAP") == 0
+    assert exposition.value("dynabase_tenant_tier", tenant="mon/big", tier="BIG") is None
+    assert exposition.value("dynabase_tenant_tier", tenant="mon/ovr", tier="OVR") == 3
+    assert exposition.value("dynabase_tenant_tier_changes_total", tenant="mon/big", direction="demotion") == 1
+    assert exposition.value("dynabase_tenant_tier_changes_total", tenant="mon/thr", direction="demotion") == 0
+    # Limit hits at the proxy (nap: its 3rd connection and 53400s; thr: throttled) and in the engine.
+    hits = "dynabase_proxy_limit_hits_total"
+    assert exposition.value(hits, tenant="mon/nap", tier="NAP", kind="connections") == 1
+    assert (exposition.value(hits, tenant="mon/nap", tier="NAP", kind="qps") or 0) >= 1
+    assert (exposition.value(hits, tenant="mon/thr", tier="THR", kind="qps") or 0) >= 1
+    assert exposition.value(hits, tenant="mon/thr", tier="THR", kind="statement_timeout") == 0
+    assert exposition.value("dynabase_limit_hits_total", tenant="mon/quo", kind="redis_quota") == 1
+    ready = exposition.value("dynabase_tenant_ready_timestamp_seconds", tenant="mon/thr")
+    assert ready is not None and 0 < time.time() - ready < 3600  # Ready since this scenario's first pass
+    assert exposition.value("dynabase_tenant_ready_timestamp_seconds", tenant="mon/rw") is None  # never Ready
+
+
+def test_per_tenant_series_move_with_the_tier_and_start_at_zero() -> None:
+    def value(name: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"tenant": "t/moving", **labels})
+
+    engine_metrics.set_tier("t/moving", "FREE", 0)
+    assert value("dynabase_tenant_tier_changes_total", direction="promotion") == 0  # increase() sees the first
+    engine_metrics.tier_changed("t/moving", "upgrade")
+    engine_metrics.set_tier("t/moving", "PRO", 2)
+    assert value("dynabase_tenant_tier", tier="FREE") is None and value("dynabase_tenant_tier", tier="PRO") == 2
+    assert value("dynabase_tenant_tier_changes_total", direction="promotion") == 1
+    engine_metrics.set_ready_since("t/moving", 1000.0)
+    engine_metrics.set_ready_since("t/moving", None)  # no longer Ready: no uptime
+    assert value("dynabase_tenant_ready_timestamp_seconds") is None
+    engine_metrics.forget_tenant("t/moving")
+
+
+async def test_a_deleted_tenant_leaves_no_series_behind(stack: Stack) -> None:
+    engine, _, _ = await make_engine(stack.env["DYNABASE_POSTGRES_DSN"])
+    try:
+        tenant = make_tenant(unique("gone"), "STARTER")
+        policies = {"default": example_policy()}
+        await engine.reconcile_all(policies, [tenant])
+        engine_metrics.limit_hit(tenant.key, "redis_quota")
+        labels = {"tenant": tenant.key, "tier": "STARTER"}
+        assert REGISTRY.get_sample_value("dynabase_tenant_tier", labels) is not None
+        assert REGISTRY.get_sample_value("dynabase_tenant_ready_timestamp_seconds", {"tenant": tenant.key})
+        await engine.reconcile_all(policies, [], deleted=[tenant])
+        left = [s for family in REGISTRY.collect() for s in family.samples if s.labels.get("tenant") == tenant.key]
+        assert left == []
+    finally:
+        await engine.postgres.close()
 
 
 @pytest.mark.parametrize(("where", "expr"), dashboard_queries(), ids=[w for w, _ in dashboard_queries()])

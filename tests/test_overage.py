@@ -153,7 +153,7 @@ async def test_over_included_usage_is_restricted_after_the_soft_period_and_lifte
     assert usage_condition(lifted).reason == "OverageBilled"
     assert ("Normal", "UsageRestrictionLifted") in [(k, r) for k, r, _ in lifted.events]
     assert json.loads(await env["redis"].hget(LIMITS_KEY, db))["qps"] == 50
-    assert (t.key, "TINY", "qps") not in metrics._restricted_labels.values()
+    assert (t.key, "TINY", "qps") not in metrics._restricted.labels.values()
 
 
 async def test_read_only_restriction_refuses_writes_in_postgres(env: dict[str, Any]) -> None:

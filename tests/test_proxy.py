@@ -104,7 +104,8 @@ def make(db: str, tier: str) -> TenantDatabase:
     return TenantDatabase.model_validate({
         "apiVersion": "dynabase.io/v1alpha1", "kind": "TenantDatabase",
         "metadata": {"name": db.replace("_", "-"), "namespace": "proxy", "generation": 1},
-        "spec": {"orgId": "org", "tier": tier, "tierPolicyRef": "proxytest", "databaseName": db},
+        # One organization each: the tiers' own QPS budgets, not one shared by an organization.
+        "spec": {"orgId": f"org-{db}", "tier": tier, "tierPolicyRef": "proxytest", "databaseName": db},
     })
 
 
@@ -233,12 +234,14 @@ async def test_statement_timeout_cannot_be_switched_off(env: Env) -> None:
     await asyncio.sleep(1.2)
     conn = await connect(env, "LIM")
     try:
+        cancelled = env.state("LIM").usage.statement_timeouts
         await conn.execute("SET statement_timeout = 0")
         with pytest.raises(asyncpg.QueryCanceledError) as info:
             await conn.execute("SELECT pg_sleep(3600)")
         # Postgres, told not to time out, did not: only the proxy cancels and words it so.
         assert info.value.sqlstate == "57014"
         assert "tier LIM allows 1000 ms per statement" in str(info.value)
+        assert env.state("LIM").usage.statement_timeouts == cancelled + 1  # a limit hit, metered
     finally:
         await conn.close()
 

@@ -13,7 +13,7 @@ import pytest
 
 from dynabase import keyspace
 from dynabase.desired.drain import over_cap
-from dynabase.desired.proxy import ProxyTenantLimits
+from dynabase.desired.proxy import ProxyTenantLimits, QpsBudget
 from dynabase.proxy.admission import HOLD, SharedLimiter, queue_budget
 from dynabase.proxy.coordination import LocalOnly
 from dynabase.proxy.limiter import lease_ahead
@@ -28,6 +28,10 @@ def limits(qps: int | None = 10, *, over_limit: str = "throttle", queue_ms: int 
     return ProxyTenantLimits("t/t", "t", "t", "T", "p", 10, qps, qps, queue_ms, over_limit, None, None)
 
 
+def budget(qps: int = 10, *, over_limit: str = "throttle", queue_ms: int = 2000) -> QpsBudget:
+    return QpsBudget.of(limits(qps, over_limit=over_limit, queue_ms=queue_ms))
+
+
 class ScriptedCoordination(LocalOnly):
     """Connected replicas whose lease answers the test gives, one call at a time."""
 
@@ -36,7 +40,7 @@ class ScriptedCoordination(LocalOnly):
         self.asked: list[list[float]] = []
         self.answers: asyncio.Queue[list[int] | None] = asyncio.Queue()
 
-    async def lease(self, database: str, lanes: int, args: list[float]) -> list[int] | None:
+    async def lease(self, owner: str, lanes: int, args: list[float]) -> list[int] | None:
         self.asked.append(args)
         answer = await self.answers.get()
         if answer is None:
@@ -63,17 +67,17 @@ async def answered(limiter: SharedLimiter, answer: list[int] | None) -> None:
 
 
 async def test_the_queue_budget_and_lease_horizon_come_from_the_limits_once() -> None:
-    throttled = SharedLimiter(limits(over_limit="throttle", queue_ms=2000), 1, ScriptedCoordination())
-    assert (throttled.budget, throttled.ahead) == (2.0, lease_ahead(2.0)) == (queue_budget(limits(queue_ms=2000)), 2.0)
-    refused = SharedLimiter(limits(over_limit="reject", queue_ms=2000), 1, ScriptedCoordination())
+    throttled = SharedLimiter(budget(over_limit="throttle", queue_ms=2000), 1, ScriptedCoordination())
+    assert (throttled.budget, throttled.ahead) == (2.0, lease_ahead(2.0)) == (queue_budget(budget(queue_ms=2000)), 2.0)
+    refused = SharedLimiter(budget(over_limit="reject", queue_ms=2000), 1, ScriptedCoordination())
     assert (refused.budget, refused.ahead) == (0.0, lease_ahead(0.0))
-    refused.retune(limits(over_limit="throttle", queue_ms=500))
+    refused.retune(budget(over_limit="throttle", queue_ms=500))
     assert refused.budget == 0.5
 
 
 async def test_a_query_without_a_slot_waits_for_the_lease_and_then_goes() -> None:
     coordination = ScriptedCoordination()
-    limiter = SharedLimiter(limits(), 1, coordination)
+    limiter = SharedLimiter(budget(), 1, coordination)
     assert limiter.admit(time.monotonic(), 0.0) == HOLD  # nothing leased yet: hold, and a lease is asked for
     waiter = Waiter()
     limiter.waiters.append(waiter)
@@ -86,7 +90,7 @@ async def test_a_query_without_a_slot_waits_for_the_lease_and_then_goes() -> Non
 
 
 async def test_when_the_replicas_lose_each_other_waiting_queries_decide_locally() -> None:
-    limiter = SharedLimiter(limits(), 1, ScriptedCoordination())
+    limiter = SharedLimiter(budget(), 1, ScriptedCoordination())
     assert limiter.admit(time.monotonic(), 0.0) == HOLD
     waiter = Waiter()
     limiter.waiters.append(waiter)
@@ -96,7 +100,7 @@ async def test_when_the_replicas_lose_each_other_waiting_queries_decide_locally(
 
 
 async def test_a_full_schedule_refuses_those_who_cannot_wait_and_retries_for_the_others() -> None:
-    limiter = SharedLimiter(limits(qps=100), 1, ScriptedCoordination())
+    limiter = SharedLimiter(budget(qps=100), 1, ScriptedCoordination())
     assert limiter.admit(time.monotonic(), 0.0) == HOLD
     patient, hurried = Waiter(), Waiter(deadline=time.monotonic())
     limiter.waiters += [patient, hurried]

@@ -3,13 +3,13 @@
 The engine's backends, the proxy and the PgBouncer agent meet only in Redis, so the names
 and shapes they agree on live here, each written once:
 
-- proxy limits: the engine writes one hash field per tenant database and announces the
-  changed databases on a channel; every proxy replica keeps a copy;
+- proxy limits: the engine writes one hash field per tenant database (with its orgId and
+  QPS scope) and announces the changed databases on a channel; every proxy replica keeps a copy;
 - the PgBouncer layout: the engine publishes it (with a sequence number), agents report
   what they applied;
 - usage: each proxy replica's cumulative counters per tenant and hour;
-- activity and wake-ups of Cold tenants, proxy replicas' heartbeats, QPS leases and the
-  backend keys CancelRequests are routed by.
+- activity and wake-ups of Cold tenants, proxy replicas' heartbeats, QPS leases (per budget:
+  a database's or an organization's) and the backend keys CancelRequests are routed by.
 """
 
 from __future__ import annotations
@@ -80,8 +80,10 @@ REPLICA_TTL = 5.0  # seconds without a heartbeat after which a replica no longer
 # -- QPS leases: a hash of lane -> next free slot (the GCRA schedule in lanes; proxy/limiter.py) --
 
 
-def lease_key(database: str, lanes: int) -> str:
-    return f"dynabase:qps:{database}:lanes{lanes}"
+def lease_key(owner: str, lanes: int) -> str:
+    """The schedule of one QPS budget; ``owner`` is a database or ``org:<orgId>``
+    (desired.proxy.QpsBudget), so an organization's databases share one schedule."""
+    return f"dynabase:qps:{owner}:lanes{lanes}"
 
 
 # -- CancelRequests across replicas: a client's backend key -> the PgBouncer that issued it --------

@@ -40,6 +40,24 @@ USAGE_THRESHOLDS = Counter(
     "Tenants crossing 80 % or 100 % of their included vCPU-hours this month (one Event each).",
     ["tier", "level"],
 )
+TENANT_TIER = Gauge(
+    "dynabase_tenant_tier", "The rank of each tenant's applied tier (labelled with its name).", ["tenant", "tier"]
+)
+TIER_CHANGES = Counter(
+    "dynabase_tenant_tier_changes_total",
+    "Tier changes applied to a tenant: promotion (a higher rank), demotion (lower, after its grace period) "
+    "or lateral (the same rank, or its old tier left the policy).", ["tenant", "direction"],
+)
+LIMIT_HITS = Counter(
+    "dynabase_limit_hits_total", "Times a tenant hit a tier limit the engine enforces, by kind: redis_quota (made "
+    "read-only over its Redis keys or memory). The proxy's kinds: dynabase_proxy_limit_hits_total.",
+    ["tenant", "kind"],
+)
+TENANT_READY = Gauge(
+    "dynabase_tenant_ready_timestamp_seconds",
+    "When the tenant last became Ready (Unix time); time() minus it is its uptime. No series while not Ready.",
+    ["tenant"],
+)
 TENANTS = Gauge("dynabase_tenants", "Tenants by applied tier and phase.", ["tier", "phase"])
 PENDING_DOWNGRADES = Gauge("dynabase_pending_downgrades", "Tenants waiting out a downgrade grace period.")
 
@@ -60,29 +78,91 @@ def set_tenant_gauges(counts: Tally[tuple[str, str]], pending: int) -> None:
     PENDING_DOWNGRADES.set(pending)
 
 
-_restricted_labels: dict[str, tuple[str, str, str]] = {}
-_usage_labels: dict[str, tuple[str, str]] = {}
+class PerTenant:
+    """One series of a labelled metric per tenant: labels that change (a tier change) move it, and
+    ``forget`` removes it, so series stay bounded by the tenants there are. Tenant first in labels."""
+
+    def __init__(self, metric: Gauge | Counter) -> None:
+        self.metric = metric
+        self.labels: dict[str, tuple[str, ...]] = {}
+
+    def set(self, tenant: str, labels: tuple[str, ...], value: float | None) -> None:
+        old = self.labels.get(tenant)
+        if old is not None and (old != labels or value is None):
+            self.metric.remove(*old)
+            del self.labels[tenant]
+        if value is not None:
+            assert isinstance(self.metric, Gauge)
+            self.metric.labels(*labels).set(value)
+            self.labels[tenant] = labels
+
+    def forget(self, tenant: str) -> None:
+        self.set(tenant, (), None)
+
+
+class PerTenantCounts:
+    """Counters with a few series per tenant (one per value of the other label), removed with it."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self.values: dict[str, set[str]] = {}
+
+    def inc(self, tenant: str, value: str) -> None:
+        self.counter.labels(tenant, value).inc()
+        self.values.setdefault(tenant, set()).add(value)
+
+    def start(self, tenant: str, values: tuple[str, ...]) -> None:
+        """Series at 0 before the first event: Prometheus' increase() cannot see the first
+        increment of a series that is born at 1."""
+        if tenant not in self.values:
+            for value in values:
+                self.counter.labels(tenant, value)
+            self.values[tenant] = set(values)
+
+    def forget(self, tenant: str) -> None:
+        for value in self.values.pop(tenant, ()):
+            self.counter.remove(tenant, value)
+
+
+_usage = PerTenant(USAGE_LEVEL)
+_restricted = PerTenant(USAGE_RESTRICTED)
+_tier = PerTenant(TENANT_TIER)
+_ready = PerTenant(TENANT_READY)
+_tier_changes = PerTenantCounts(TIER_CHANGES)
+_limit_hits = PerTenantCounts(LIMIT_HITS)
 
 
 def set_usage_ratio(tenant: str, tier: str, ratio: float | None) -> None:
     """One series per tenant (partial passes only touch their own tenants); a tier change moves it."""
-    labels = (tenant, tier)
-    old = _usage_labels.get(tenant)
-    if old is not None and (old != labels or ratio is None):
-        USAGE_LEVEL.remove(*old)
-        del _usage_labels[tenant]
-    if ratio is not None:
-        USAGE_LEVEL.labels(*labels).set(ratio)
-        _usage_labels[tenant] = labels
+    _usage.set(tenant, (tenant, tier), ratio)
 
 
 def set_restricted(tenant: str, tier: str, restriction: str | None) -> None:
     """One series per restricted tenant; the old series goes when the restriction changes or lifts."""
-    labels = (tenant, tier, restriction) if restriction else None
-    old = _restricted_labels.get(tenant)
-    if old is not None and old != labels:
-        USAGE_RESTRICTED.remove(*old)
-        del _restricted_labels[tenant]
-    if labels is not None:
-        USAGE_RESTRICTED.labels(*labels).set(1)
-        _restricted_labels[tenant] = labels
+    _restricted.set(tenant, (tenant, tier, restriction or ""), 1 if restriction else None)
+
+
+def set_tier(tenant: str, tier: str, rank: int) -> None:
+    _tier.set(tenant, (tenant, tier), rank)
+    _tier_changes.start(tenant, ("promotion", "demotion"))
+
+
+def set_ready_since(tenant: str, since: float | None) -> None:
+    """Unix time the tenant became Ready; None while it is not."""
+    _ready.set(tenant, (tenant,), since)
+
+
+def tier_changed(tenant: str, change: str) -> None:
+    """An applied tier change, as desired.transition decided it (upgrade, downgrade, lateral)."""
+    direction = {"upgrade": "promotion", "downgrade": "demotion"}.get(change, "lateral")
+    _tier_changes.inc(tenant, direction)
+
+
+def limit_hit(tenant: str, kind: str) -> None:
+    _limit_hits.inc(tenant, kind)
+
+
+def forget_tenant(tenant: str) -> None:
+    """A deleted tenant leaves no series behind."""
+    for series in (_usage, _restricted, _tier, _ready, _tier_changes, _limit_hits):
+        series.forget(tenant)

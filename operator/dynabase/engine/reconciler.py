@@ -146,6 +146,8 @@ class Engine:
         if not dry_run:
             await status.record_all(self.status_store, results, statuses, now, idle_tracked=self.proxy is not None)
             status.count_failures(everyone)
+            for gone in deleted:
+                metrics.forget_tenant(gone.key)
             metrics.STATEMENTS.inc(self.postgres.counter.writes - writes_before)
             if complete:
                 status.update_gauges(results)

@@ -73,9 +73,19 @@ async def record_status(store: StatusStore, result: TenantResult, previous: Tena
                         now: dt.datetime, *, idle_tracked: bool) -> None:
     status = build_status(result, previous, now, idle_tracked=idle_tracked)
     result.status = status
+    tenant_gauges(result, status)
     if status != previous:
         result.status_changed = True
         await store.save(result.tenant.key, status)
+
+
+def tenant_gauges(result: TenantResult, status: TenantDatabaseStatus) -> None:
+    """The tenant's tier and since when it is Ready; a tenant in error keeps the tier it had."""
+    if result.decision is not None:
+        metrics.set_tier(result.key, result.decision.applied_tier, result.decision.limits.rank)
+    ready = status.condition("Ready")
+    since = ready.last_transition_time if ready is not None and ready.status == "True" else None
+    metrics.set_ready_since(result.key, since.timestamp() if since is not None else None)
 
 
 def build_status(result: TenantResult, previous: TenantDatabaseStatus | None, now: dt.datetime,
@@ -119,6 +129,8 @@ def tier_history(result: TenantResult, previous: TenantDatabaseStatus | None, no
     history = list(previous.history) if previous else []
     previous_tier = previous.applied_tier if previous else None
     if previous_tier != decision.applied_tier:
+        if previous_tier is not None:
+            metrics.tier_changed(result.key, decision.change)
         history = [*history, TierChange(from_tier=previous_tier, to_tier=decision.applied_tier, at=now,
                                         drained_connections=result.sessions_ended or None)]
         history = history[-HISTORY_LIMIT:]

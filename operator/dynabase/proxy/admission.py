@@ -1,10 +1,12 @@
 """Admission: whether a tenant's query may go now, wait, or is refused (53400).
 
-A SharedLimiter is one tenant's QPS limit on this replica. It owns everything about the
-budget the replicas share: the leased slots (limiter.TenantLimiter), the lease in flight,
-when the shared schedule has room again, the queries waiting for either, and how long a
-query may wait at all (its queue budget). While the replicas cannot reach each other it
-admits from this replica's local share instead, adding no latency.
+A SharedLimiter is one QPS budget on this replica: a database's own, or its organization's,
+which that organization's databases on this replica share (desired.proxy.qps_budgets says
+which). It owns everything about the budget the replicas share: the leased slots
+(limiter.TenantLimiter), the lease in flight, when the shared schedule has room again, the
+queries waiting for either, and how long a query may wait at all (its queue budget). While
+the replicas cannot reach each other it admits from this replica's local share instead,
+adding no latency.
 
 The connection's side (holding the rest of its stream while a query waits, and replaying
 it) is in scanner.py.
@@ -17,7 +19,7 @@ import logging
 import time
 from typing import Protocol
 
-from dynabase.desired.proxy import ProxyTenantLimits
+from dynabase.desired.proxy import ProxyTenantLimits, QpsBudget
 
 from . import wire
 from .coordination import Coordination
@@ -36,17 +38,21 @@ class Waiter(Protocol):
     def release(self, reject: bool = False) -> None: ...
 
 
-def queue_budget(limits: ProxyTenantLimits) -> float:
+def queue_budget(budget: QpsBudget) -> float:
     """Seconds a query may wait for a slot: its tier's queueTimeout when throttled, none when refused."""
-    return limits.queue_timeout_ms / 1000 if limits.over_limit == "throttle" else 0.0
+    return budget.queue_timeout_ms / 1000 if budget.over_limit == "throttle" else 0.0
 
 
-def rate_limit_error(limits: ProxyTenantLimits) -> bytes:
-    retry = 1.0 / limits.qps if limits.qps else 1.0
+def rate_limit_error(limits: ProxyTenantLimits, budget: QpsBudget | None) -> bytes:
+    """53400 for a query of ``limits``' database over ``budget`` (None: the limit was lifted
+    while the query waited; its own limits say what it was)."""
+    tier, qps = (budget.tier, budget.qps) if budget is not None else (limits.tier, limits.qps)
+    retry = 1.0 / qps if qps else 1.0
+    shared = f" for all databases of organization {budget.org_id} together" if budget and budget.org_id else ""
     return wire.error_response(
         "ERROR", "53400",
-        f"query rate limit exceeded for tenant database {limits.database}: tier {limits.tier} allows "
-        f"{limits.qps} queries per second",
+        f"query rate limit exceeded for tenant database {limits.database}: tier {tier} allows {qps} queries per "
+        f"second{shared}",
         hint=f"retry after {retry * 1000:.0f} ms, slow down, or upgrade to a higher tier",
     )
 
@@ -58,35 +64,34 @@ class SharedLimiter:
         "budget",
         "burst",
         "coordination",
-        "database",
         "lease_task",
         "leasing",
         "next_free",
+        "owner",
         "qps",
         "schedule",
         "waiters",
     )
 
-    def __init__(self, limits: ProxyTenantLimits, replicas: int, coordination: Coordination) -> None:
-        assert limits.qps is not None and limits.burst is not None  # ProxyTenantLimits guarantees a burst
-        self.database = limits.database
-        self.qps, self.burst = limits.qps, limits.burst
-        self.schedule = TenantLimiter(limits.qps, limits.burst, replicas)
+    def __init__(self, budget: QpsBudget, replicas: int, coordination: Coordination) -> None:
+        self.owner = budget.owner
+        self.qps, self.burst = budget.qps, budget.burst
+        self.schedule = TenantLimiter(budget.qps, budget.burst, replicas)
         self.coordination = coordination
         self.budget = self.ahead = 0.0
-        self.retune(limits)
+        self.retune(budget)
         self.leasing = False
         self.next_free = 0.0  # when the shared schedule has room again (from the last short lease)
         self.waiters: list[Waiter] = []
         self.lease_task: asyncio.Task[None] | None = None  # the lease in flight
         self._retry: asyncio.TimerHandle | None = None
 
-    def fits(self, limits: ProxyTenantLimits) -> bool:
-        """Whether these limits keep this limiter's schedule (the same rate and burst)."""
-        return (limits.qps, limits.burst) == (self.qps, self.burst)
+    def fits(self, budget: QpsBudget) -> bool:
+        """Whether this budget keeps this limiter's schedule (the same owner, rate and burst)."""
+        return (budget.owner, budget.qps, budget.burst) == (self.owner, self.qps, self.burst)
 
-    def retune(self, limits: ProxyTenantLimits) -> None:
-        self.budget = queue_budget(limits)
+    def retune(self, budget: QpsBudget) -> None:
+        self.budget = queue_budget(budget)
         self.ahead = lease_ahead(self.budget)
 
     # -- the hot path ------------------------------------------------------------------------
@@ -135,7 +140,7 @@ class SharedLimiter:
         sent, wall = time.monotonic(), time.time()
         want = schedule.lease_size(sent)
         try:
-            reply = await self.coordination.lease(self.database, schedule.lanes,
+            reply = await self.coordination.lease(self.owner, schedule.lanes,
                                                   schedule.lease_args(int(wall * 1_000_000), want, self.ahead))
         finally:
             self.leasing = False
@@ -163,7 +168,7 @@ class SharedLimiter:
     def _lease_done(self, task: asyncio.Task[None]) -> None:
         self.lease_task = None
         if not task.cancelled() and task.exception() is not None:
-            log.error("QPS lease failed", exc_info=task.exception(), extra={"database": self.database})
+            log.error("QPS lease failed", exc_info=task.exception(), extra={"budget": self.owner})
             self.release_all()  # none may wait for an answer that will not come
 
     # -- waiting queries ------------------------------------------------------------------------

@@ -15,9 +15,10 @@ class Coordination(Protocol):
     # enforces its share of it locally. Read on every limited query, so a plain attribute.
     connected: bool
 
-    async def lease(self, database: str, lanes: int, args: list[float]) -> list[int] | None:
-        """Book QPS slots (the lease script's ARGV, limiter.TenantLimiter.lease_args); its reply,
-        or None when the other replicas cannot be reached (``connected`` is False then)."""
+    async def lease(self, owner: str, lanes: int, args: list[float]) -> list[int] | None:
+        """Book QPS slots of a budget (its owner: desired.proxy.QpsBudget; the lease script's ARGV:
+        limiter.TenantLimiter.lease_args); the reply, or None when the other replicas cannot be
+        reached (``connected`` is False then)."""
         ...
 
     def wake(self, database: str) -> None:
@@ -41,7 +42,7 @@ class LocalOnly:
 
     connected = False
 
-    async def lease(self, database: str, lanes: int, args: list[float]) -> list[int] | None:
+    async def lease(self, owner: str, lanes: int, args: list[float]) -> list[int] | None:
         return None
 
     def wake(self, database: str) -> None:

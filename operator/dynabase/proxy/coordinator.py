@@ -152,11 +152,11 @@ class Coordinator:
 
     # -- token leases -------------------------------------------------------------------------
 
-    async def lease(self, database: str, lanes: int, args: list[float]) -> list[int] | None:
+    async def lease(self, owner: str, lanes: int, args: list[float]) -> list[int] | None:
         self.lease_calls += 1
         LEASES.set(self.lease_calls)
         try:
-            reply = await self._lease(keys=[lease_key(database, lanes)], args=args)
+            reply = await self._lease(keys=[lease_key(owner, lanes)], args=args)
         except (aioredis.RedisError, OSError) as exc:
             # The watcher reconnects; until then every limiter admits from its local share.
             log.warning("QPS lease failed; enforcing limits locally", extra={"error": str(exc)})

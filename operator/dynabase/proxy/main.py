@@ -60,13 +60,22 @@ class TenantCollector(Collector):
             "bytes_out": CounterMetricFamily("dynabase_proxy_bytes_out", "Bytes to clients.", labels=labels),
         }
         active = GaugeMetricFamily("dynabase_proxy_connections", "Authenticated client connections.", labels=labels)
+        hits = CounterMetricFamily(
+            "dynabase_proxy_limit_hits", "Times a tenant hit a tier limit at the proxy, by kind: connections "
+            "(refused, 53300), qps (throttled or refused), statement_timeout (cancelled by the proxy, 57014).",
+            labels=[*labels, "kind"])
         for state in self.proxy.tenants.states.values():
-            values = [state.usage.tenant, state.usage.tier]
+            usage = state.usage
+            values = [usage.tenant, usage.tier]
             for name, family in families.items():
-                family.add_metric(values, float(getattr(state.usage, name)))
+                family.add_metric(values, float(getattr(usage, name)))
             active.add_metric(values, state.active)
+            hits.add_metric([*values, "connections"], usage.rejected_connections)
+            hits.add_metric([*values, "qps"], usage.throttled + usage.rejected)
+            hits.add_metric([*values, "statement_timeout"], usage.statement_timeouts)
         yield from families.values()
         yield active
+        yield hits
 
 
 def ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:

@@ -23,9 +23,10 @@ class Usage:
     throttled: int = 0
     rejected: int = 0
     rejected_connections: int = 0
+    statement_timeouts: int = 0  # statements the proxy cancelled at the tier's statementTimeout (57014)
 
     FIELDS = ("queries", "query_seconds", "bytes_in", "bytes_out", "connections", "throttled", "rejected",
-              "rejected_connections")
+              "rejected_connections", "statement_timeouts")
 
     def snapshot(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in self.FIELDS}

@@ -331,7 +331,7 @@ class Scanner(asyncio.Protocol):
 
     def _reject(self, tenant: TenantState, kind: int) -> None:
         tenant.usage.rejected += 1
-        error = rate_limit_error(tenant.limits)
+        error = rate_limit_error(tenant.limits, tenant.budget)
         if kind == Q:
             point = SyncPoint(_monotonic(), synthetic=error)
             if self.syncs:

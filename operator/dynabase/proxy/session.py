@@ -314,6 +314,7 @@ class ClientConnection(Scanner):
         if fields.get("C") != "57014" or self.tenant is None:
             return None
         limits = self.tenant.limits
+        self.tenant.usage.statement_timeouts += 1
         return wire.error_response(
             fields.get("S", "ERROR"), "57014",
             f"canceling statement due to statement timeout: tier {limits.tier} allows "

@@ -1,5 +1,6 @@
 """The proxy's configuration and its tenants: the published limits and pool ports (kept
-current by the coordinator), each tenant's state on this replica, and ending connections
+current by the coordinator), the QPS budgets they make (one limiter per budget, shared by
+an organization's databases), each tenant's state on this replica, and ending connections
 over a lowered cap."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Protocol
 from prometheus_client import Counter
 
 from dynabase.desired.drain import over_cap
-from dynabase.desired.proxy import ProxyTenantLimits
+from dynabase.desired.proxy import ProxyTenantLimits, QpsBudget, qps_budgets
 
 from .admission import SharedLimiter
 from .coordination import Coordination
@@ -56,6 +57,7 @@ class TenantState:
     limits: ProxyTenantLimits
     limiter: SharedLimiter | None  # None: no QPS limit
     usage: Usage
+    budget: QpsBudget | None = None  # the budget ``limiter`` enforces
     pending: int = 0  # start-ups in progress
     clients: set[Client] = field(default_factory=set)  # authenticated connections
     wake_sent: bool = False  # this replica already announced that the Cold tenant is waking
@@ -64,20 +66,14 @@ class TenantState:
     def active(self) -> int:
         return len(self.clients)
 
-    def reconfigure(self, limits: ProxyTenantLimits, replicas: int, coordination: Coordination) -> None:
+    def reconfigure(self, limits: ProxyTenantLimits, budget: QpsBudget | None, limiter: SharedLimiter | None) -> None:
         if not limits.cold:
             self.wake_sent = False
         self.limits = limits
         self.usage.tier = limits.tier
-        old = self.limiter
-        if limits.qps is None:
-            self.limiter = None
-        elif old is None or not old.fits(limits):
-            self.limiter = SharedLimiter(limits, replicas, coordination)
-        else:
-            old.retune(limits)
-            return
-        if old is not None:
+        self.budget = budget
+        old, self.limiter = self.limiter, limiter
+        if old is not None and old is not limiter:
             old.release_all()  # queries waiting on the old limiter ask the new one (or go: no limit)
 
 
@@ -106,30 +102,69 @@ class Tenants:
 
     def __init__(self, coordination: Coordination) -> None:
         self.coordination = coordination
-        self.limits: dict[str, ProxyTenantLimits] = {}
+        self._limits: dict[str, ProxyTenantLimits] = {}
+        self.budgets: dict[str, QpsBudget] = {}  # by database; computed from ``limits``
+        self.limiters: dict[str, SharedLimiter] = {}  # by budget owner: one per budget on this replica
+        self._uneven: dict[str, QpsBudget] = {}  # organizations with uneven limits, as last logged
         self.pool_ports: dict[str, int] = {}
         self.replicas = 1
         self.states: dict[str, TenantState] = {}
         self.changes = Changes()
 
+    @property
+    def limits(self) -> dict[str, ProxyTenantLimits]:
+        return self._limits
+
+    @limits.setter
+    def limits(self, table: dict[str, ProxyTenantLimits]) -> None:
+        """Replaced wholesale (the coordinator); the budgets follow. Tenants take them in ``get``."""
+        self._limits = table
+        self.budgets = qps_budgets(table)
+        self._log_uneven()
+        owners = {budget.owner for budget in self.budgets.values()}
+        self.limiters = {owner: limiter for owner, limiter in self.limiters.items() if owner in owners}
+
+    def _log_uneven(self) -> None:
+        """Once per change: an organization whose databases have different QPS limits gets the
+        most generous of them (desired.proxy.qps_budgets); say which."""
+        uneven = {budget.owner: budget for budget in self.budgets.values() if budget.uneven}
+        for owner, budget in uneven.items():
+            if self._uneven.get(owner) != budget:
+                log.info("databases of one organization have different QPS limits; they share the most generous",
+                         extra={"budget": owner, "limits": budget.describe(), "from": budget.source})
+        self._uneven = uneven
+
     def get(self, database: str) -> TenantState | None:
         """The tenant served as ``database``, on its current limits; None if there is none."""
-        limits = self.limits.get(database)
+        limits = self._limits.get(database)
         if limits is None:
             return None
         state = self.states.get(database)
         if state is None:
             state = self.states[database] = TenantState(limits, None, Usage(limits.tenant, limits.tier))
-            state.reconfigure(limits, self.replicas, self.coordination)
-        elif state.limits is not limits:
-            state.reconfigure(limits, self.replicas, self.coordination)
+            self._configure(state, limits)
+        elif state.limits is not limits or state.budget != self.budgets.get(database):
+            self._configure(state, limits)
         return state
+
+    def _configure(self, state: TenantState, limits: ProxyTenantLimits) -> None:
+        budget = self.budgets.get(limits.database)
+        state.reconfigure(limits, budget, None if budget is None else self._limiter(budget))
+
+    def _limiter(self, budget: QpsBudget) -> SharedLimiter:
+        """The limiter of this budget on this replica: the one its other databases use, retuned,
+        or a new one when the rate or burst changed."""
+        limiter = self.limiters.get(budget.owner)
+        if limiter is not None and limiter.fits(budget):
+            limiter.retune(budget)
+            return limiter
+        limiter = self.limiters[budget.owner] = SharedLimiter(budget, self.replicas, self.coordination)
+        return limiter
 
     def set_replicas(self, replicas: int) -> None:
         self.replicas = max(1, replicas)
-        for state in self.states.values():
-            if state.limiter is not None:
-                state.limiter.set_replicas(self.replicas)
+        for limiter in self.limiters.values():
+            limiter.set_replicas(self.replicas)
 
     def release_waiters(self) -> None:
         for state in self.states.values():
@@ -137,13 +172,15 @@ class Tenants:
                 state.limiter.release_all()
 
     def applied(self, databases: list[str]) -> None:
-        """New limits are in ``limits``: tenants take them now, and connections over a lowered
-        cap are ended (a suspended tenant's: all)."""
-        for database in databases:
-            if database in self.states:
-                state = self.get(database)
-                if state is not None:
-                    self._drain(database, state)
+        """New limits are in ``limits``: tenants take them now (also those whose organization's
+        budget changed with another database's limits), and connections over a lowered cap are
+        ended (a suspended tenant's: all)."""
+        named = set(databases)
+        for database, state in list(self.states.items()):
+            if database in named or state.budget != self.budgets.get(database):
+                current = self.get(database)
+                if current is not None and database in named:
+                    self._drain(database, current)
         self.changes.notify()
 
     def _drain(self, database: str, state: TenantState) -> None:
@@ -160,3 +197,4 @@ class Tenants:
                         hint=None if not limits.enabled else "reconnect, or upgrade the tier for more connections")
         DRAINED.labels(limits.tier).inc(len(ending))
         log.info("drained connections over the cap", extra={"database": database, "ended": len(ending), "cap": cap})
+

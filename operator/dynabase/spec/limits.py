@@ -21,6 +21,7 @@ from .units import ByteSize, Duration
 
 PoolMode = Literal["session", "transaction", "statement"]
 OverLimit = Literal["throttle", "reject"]
+QpsScope = Literal["organization", "database"]
 OverageRestriction = Literal["qps", "readOnly"]
 RestartPolicy = Literal["ALWAYS", "ON_FAILURE", "NEVER"]
 
@@ -89,6 +90,9 @@ class ProxyEffective:
     queue_timeout: Duration = limit(Duration.of_ms(1000), Limit(
         "How long a throttled query may wait before it is rejected."))
     over_limit: OverLimit = limit("throttle", Limit("throttle (delay up to queueTimeout) or reject at once."))
+    qps_scope: QpsScope = limit("organization", Limit(
+        "Who shares the qps budget: organization (all databases with this orgId together, over all proxy "
+        "replicas) or database (each database its own).", review="qps scope"))
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class ProxyPass(BackendPass):
             assert decision is not None
             target = proxy_limits(
                 tenant.key, tenant.database_name, pool_name(tenant.spec.tier_policy_ref, decision.applied_tier),
-                decision.limits, enabled=not tenant.spec.suspended, cold=result.cold,
+                decision.limits, enabled=not tenant.spec.suspended, cold=result.cold, org_id=tenant.spec.org_id,
             )
             target = restricted(target, result.restriction, decision.limits.billing.restricted_qps)
             self.targets[tenant.database_name] = (result, target)

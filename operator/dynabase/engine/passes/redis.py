@@ -105,6 +105,7 @@ class RedisPass(BackendPass):
             result.outcomes.append(Outcome(self.condition, False, "QuotaExceeded", verdict.message))
             if not was_read_only:
                 metrics.REDIS_DEMOTIONS.inc()
+                metrics.limit_hit(result.key, "redis_quota")
                 result.events.append(("Warning", "RedisQuotaExceeded", f"writes refused: {verdict.message}"))
         else:
             result.outcomes.append(Outcome(self.condition, True, "Reconciled", f"user {username}: {verdict.message}"))
