@@ -126,8 +126,9 @@ class EventRecorder:
         try:
             added = await self.log.append(events, outbox)
         except BaseException:
-            dropped = max(0, len(events) - self.max_unsaved)
-            self._unsaved = (events[dropped:], [o for o in outbox if o.event_id in {e.id for e in events[dropped:]}])
+            kept = events[max(0, len(events) - self.max_unsaved):]
+            ids = {e.id for e in kept}
+            self._unsaved = (kept, [o for o in outbox if o.event_id in ids])
             raise
         self._unsaved = ([], [])
         if outbox and added and self.on_notify is not None:
