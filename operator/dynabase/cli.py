@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from dynabase import __version__
+from dynabase.events.cli import add_events_command
 from dynabase.options import EXIT_CHANGES, EXIT_INVALID, EXIT_OK, resolve_env_defaults
 from dynabase.servers import add_server_commands, engine_options
 from dynabase.settings import SettingsError, env_str, from_env
@@ -364,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_cmd_usage)
 
     _billing_parser(sub)
+    add_events_command(sub)
 
     demo = sub.add_parser("demo", help="the main job on the local stack: reconcile the examples")
     demo.add_argument("--dir", help="devstack directory (default: a new temp dir)")

@@ -1,5 +1,5 @@
-"""The long-running commands (operator, headless, proxy, pgbouncer-agent, webhooks): their options and
-how each starts.
+"""The long-running commands (operator, headless, proxy, pgbouncer-agent, webhooks, portal): their
+options and how each starts.
 
 Every option a deployment sets reads a variable when its flag is absent (options.py), so the image runs
 from an exec-form command line with no shell to expand ``${VAR}``; ``--help`` names each variable.
@@ -18,6 +18,7 @@ from .settings import (
     SettingsError,
     cache_dir,
     from_env,
+    parse_bool,
     parse_duration,
     parse_int,
     parse_list,
@@ -33,6 +34,7 @@ def add_server_commands(sub: Any) -> None:
     _proxy_parser(sub)
     _agent_parser(sub)
     _webhooks_parser(sub)
+    _portal_parser(sub)
 
 
 def _cmd_pgbouncer_agent(args: argparse.Namespace) -> int:
@@ -89,9 +91,12 @@ def _cmd_headless(args: argparse.Namespace) -> int:
 
     from dynabase.billing.config import ConfigError, load_api_key
     from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
+    from dynabase.events.delivery import declared_endpoints
+    from dynabase.events.pipeline import event_pipeline
     from dynabase.headless.http import serve
     from dynabase.headless.reconciler import HeadlessReconciler
     from dynabase.headless.source import DirectorySource, GitSource
+    from dynabase.portal.sources import headless_portal
     from dynabase.stopping import stop_on_signals
 
     try:
@@ -112,7 +117,9 @@ def _cmd_headless(args: argparse.Namespace) -> int:
                                         confirm_deletion=dt.timedelta(seconds=args.confirm_deletion),
                                         lock_dsn=settings.postgres_dsn,
                                         month_end=_month_end_close(engine, settings.postgres_dsn, stripe_key))
-        runner = await serve(reconciler, args.host, args.port)
+        reconciler.events, reconciler.notifier = event_pipeline(engine.postgres.pool,
+                                                                declared_endpoints(reconciler.tenant))
+        runner = await serve(reconciler, args.host, args.port, headless_portal(reconciler) if args.portal else None)
         stop = stop_on_signals()
         try:
             await reconciler.run(stop)
@@ -203,7 +210,10 @@ def _headless_parser(sub: Any) -> None:
     hl.option("--confirm-deletion", env="DYNABASE_CONFIRM_DELETION", parse=parse_duration, default=600.0,
               default_text="10m", help="how long a tenant must be absent before its deletionPolicy applies")
     hl.option("--host", env="DYNABASE_LISTEN_HOST", default="0.0.0.0", help="address of the HTTP endpoints")
-    hl.option("--port", env="PORT", parse=parse_port, default=8080, help="/healthz /readyz /metrics /status")
+    hl.option("--port", env="PORT", parse=parse_port, default=8080,
+              help="/healthz /readyz /metrics /status, and the tenant portal under /portal/")
+    hl.option("--portal", env="DYNABASE_PORTAL", parse=parse_bool, default=True,
+              help="serve the tenant portal's pages under /portal/ (true/false)")
     engine_options(hl.parser)
     hl.done(_cmd_headless)
 
@@ -268,6 +278,69 @@ def _webhooks_parser(sub: Any) -> None:
               fallback=lambda: str(cache_dir() / "stripe-events.json"),
               default_text="$DYNABASE_CACHE_DIR/stripe-events.json", help="without a DSN: a JSON file")
     wh.done(_cmd_webhooks)
+
+
+def _cmd_portal(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import asyncpg
+    from aiohttp import web
+
+    from dynabase.backends.proxy import ProxyBackend
+    from dynabase.portal.app import standalone_app
+    from dynabase.portal.sources import KubeDeclarations, ManifestDeclarations, standalone_portal
+    from dynabase.stopping import stop_on_signals
+    from dynabase.usage.month import RedisRollups
+
+    if bool(args.manifests) == args.kube:
+        print("dynabase portal: give the tenants with --manifests PATH… or --kube (read from the cluster)",
+              file=sys.stderr)
+        return EXIT_INVALID
+
+    async def run() -> None:
+        pool = await asyncpg.create_pool(args.postgres_dsn, min_size=1, max_size=4)
+        proxy = ProxyBackend(args.redis_url) if args.redis_url else None
+        try:
+            declarations = ManifestDeclarations(args.manifests, pool) if args.manifests else \
+                KubeDeclarations(args.namespace)
+            portal = standalone_portal(declarations, pool, RedisRollups(proxy) if proxy else None)
+            portal.secure_cookies = args.secure_cookies
+            runner = web.AppRunner(standalone_app(portal), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, *args.listen).start()
+            try:
+                await stop_on_signals().wait()
+            finally:
+                await runner.cleanup()
+        finally:
+            if proxy is not None:
+                await proxy.close()
+            await pool.close()
+
+    asyncio.run(run())
+    return EXIT_OK
+
+
+def _portal_parser(sub: Any) -> None:
+    pt = Command(sub.add_parser("portal", help="the tenant portal alone: one page per tenant behind a log-in with "
+                                               "its database credentials"))
+    pt.parser.add_argument("--manifests", nargs="+", help="TierPolicy/TenantDatabase files or folders "
+                                                          "(status from Postgres, as headless mode keeps it)")
+    pt.parser.add_argument("--kube", action="store_true", help="TierPolicies and TenantDatabases (with status) "
+                                                               "from the cluster")
+    pt.option("--namespace", env="DYNABASE_NAMESPACES", parse=parse_list, action="append", default=[],
+              default_text="all", example="team-a,team-b", help="--kube: only these namespaces (repeat)")
+    pt.option("--listen", env="DYNABASE_PORTAL_LISTEN", parse=parse_listen, example="0.0.0.0:8080",
+              fallback=lambda: ("0.0.0.0", from_env("PORT", parse_port, 8080, example="8080")),
+              default_text="0.0.0.0:$PORT, else 0.0.0.0:8080", help="HOST:PORT of /portal/ and /healthz")
+    pt.option("--postgres-dsn", env="DYNABASE_POSTGRES_DSN", required=True,
+              help="tenant roles' verifiers, sessions, status, events and the cost model")
+    pt.option("--redis-url", env="DYNABASE_REDIS_URL", default_text="no usage shown",
+              help="the proxies' metered usage")
+    pt.option("--secure-cookies", env="DYNABASE_PORTAL_SECURE_COOKIES", parse=parse_choice("auto", "always"),
+              default="auto", example="always",
+              help="auto: Secure when the request came over https (or X-Forwarded-Proto says so); always")
+    pt.done(_cmd_portal)
 
 
 def _positive_int(text: str) -> int:

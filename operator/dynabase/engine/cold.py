@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping
 
 from dynabase.backends.proxy import ProxyBackend
-from dynabase.desired.lifecycle import is_cold
+from dynabase.desired.lifecycle import goes_cold_at, is_cold
 from dynabase.spec import TenantDatabaseStatus
 
 from .failures import describe_error
@@ -40,6 +40,7 @@ async def mark_cold(proxy: ProxyBackend | None, results: list[TenantResult],
         last_query = dt.datetime.fromtimestamp(epoch, dt.UTC) if epoch is not None else None
         since = previous.history[-1].at if previous and previous.history else None
         result.cold = is_cold(result.limits.lifecycle.idle_timeout, last_query, since, now)
+        result.cold_at = goes_cold_at(result.limits.lifecycle.idle_timeout, last_query, since)
 
 
 def activity_unknown(judged: list[TenantResult], exc: Exception) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 
 from dynabase.desired.effective import EffectiveLimits, ResolveError
@@ -25,6 +26,7 @@ class TenantResult:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     password: Password | None = field(default=None, repr=False)
     cold: bool = False  # scaled to zero: idle past the tier's idleTimeout
+    cold_at: dt.datetime | None = None  # when it goes Cold unless queried first (tiers with idleTimeout)
     overage: OverageVerdict | None = None  # this month's usage against the included usage
     sessions_ended: int = 0
 

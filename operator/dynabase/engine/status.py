@@ -8,7 +8,7 @@ import datetime as dt
 from collections import Counter as Tally
 from collections.abc import Mapping
 
-from dynabase.desired.lifecycle import idle_message, phase
+from dynabase.desired.lifecycle import cold_soon_message, idle_message, phase
 from dynabase.desired.overage import usage_outcome
 from dynabase.spec import TenantDatabaseStatus
 from dynabase.spec.tenant import TierChange
@@ -107,7 +107,7 @@ def build_status(result: TenantResult, previous: TenantDatabaseStatus | None, no
     assert decision is not None
     history = tier_history(result, previous, now)
     if idle_tracked:
-        awake(result, previous)
+        awake(result, previous, now)
     woke(result, previous)
     usage(result, previous)
     return TenantDatabaseStatus(
@@ -145,8 +145,9 @@ def tier_history(result: TenantResult, previous: TenantDatabaseStatus | None, no
     return history
 
 
-def awake(result: TenantResult, previous: TenantDatabaseStatus | None) -> None:
-    """The Awake condition of a tenant whose tier scales to zero, and the Event when it goes Cold."""
+def awake(result: TenantResult, previous: TenantDatabaseStatus | None, now: dt.datetime) -> None:
+    """The Awake condition of a tenant whose tier scales to zero, and the Events when it is about to go
+    Cold (``lifecycle.coldWarning``: ColdSoon, once per idle spell) and when it goes."""
     limits = result.limits
     assert limits is not None
     idle_timeout = limits.lifecycle.idle_timeout
@@ -158,8 +159,15 @@ def awake(result: TenantResult, previous: TenantDatabaseStatus | None) -> None:
         if not was_cold:
             result.events.append(("Normal", "TenantCold", idle_message(idle_timeout)))
             metrics.COLD_TRANSITIONS.labels("cold").inc()
-    else:
+        return
+    warning = cold_soon_message(limits.lifecycle.cold_warning, result.cold_at, now)
+    if warning is None:
         result.outcomes.append(Outcome("Awake", True, "Active", f"queried within {idle_timeout}"))
+        return
+    result.outcomes.append(Outcome("Awake", True, "ColdSoon", warning))
+    before = previous.condition("Awake") if previous is not None else None
+    if before is None or (before.reason, before.message) != ("ColdSoon", warning):
+        result.events.append(("Normal", "ColdSoon", warning))
 
 
 def woke(result: TenantResult, previous: TenantDatabaseStatus | None) -> None:

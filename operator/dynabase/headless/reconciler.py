@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import asyncpg
 
 from dynabase.engine.reconciler import Engine, PassResult, utcnow
+from dynabase.events.delivery import Deliverer
+from dynabase.events.record import EventRecorder
 from dynabase.spec import TenantDatabase, TierPolicy
 from dynabase.spec.documents import ManifestError, load_paths
 
@@ -52,7 +54,8 @@ class HeadlessState:
 class HeadlessReconciler:
     def __init__(self, engine: Engine, source: Source, *, interval: float = 30.0,
                  confirm_deletion: dt.timedelta = dt.timedelta(minutes=10), lock_dsn: str | None = None,
-                 clock: Any = utcnow, month_end: MonthEndClose | None = None) -> None:
+                 clock: Any = utcnow, month_end: MonthEndClose | None = None,
+                 events: EventRecorder | None = None, notifier: Deliverer | None = None) -> None:
         self.engine = engine
         self.source = source
         self.interval = interval
@@ -60,6 +63,8 @@ class HeadlessReconciler:
         self.lock_dsn = lock_dsn
         self.clock = clock
         self.month_end = month_end  # billing close of the previous month, on the active replica
+        self.events = events  # each pass's tenant events, kept in Postgres
+        self.notifier = notifier  # sends the notifications those events queue
         self.state = HeadlessState()
         self._lock_conn: asyncpg.Connection | None = None
 
@@ -126,6 +131,8 @@ class HeadlessReconciler:
         policies, tenants, deleted = await asyncio.to_thread(self.load)
         result = await self.engine.reconcile_all(policies, tenants, deleted=deleted, complete=True)
         self.state.last_pass, self.state.last_pass_at = result, self.clock()
+        if self.events is not None:
+            await self.events.record_quietly(result.tenants, self.state.last_pass_at)
         self.state.passes += 1
         if self.month_end is not None:
             self.month_end.after_pass(policies, tenants)
@@ -139,6 +146,10 @@ class HeadlessReconciler:
         # A Cold tenant woken at a proxy is marked awake by an early pass, not an interval later.
         nudge = asyncio.Event()
         watcher = asyncio.create_task(self.engine.watch_wakes(lambda _database: nudge.set(), stop))
+        sender = None
+        if self.notifier is not None:  # on the active replica: it knows the declared endpoints
+            sender = asyncio.create_task(self.notifier.run(stop, when=lambda: self.state.active
+                                                           and self.state.passes > 0))
         try:
             while not stop.is_set():
                 started = time.monotonic()
@@ -153,12 +164,18 @@ class HeadlessReconciler:
                 for wait in waits:
                     wait.cancel()
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in (watcher, sender):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             if self.month_end is not None:
                 await self.month_end.stop()
             await self.release()
+
+    def tenant(self, key: str) -> TenantDatabase | None:
+        """The declaration this replica manages now (its last good one)."""
+        return self.state.tenants.get(key)
 
     def status(self) -> dict[str, Any]:
         last = self.state.last_pass

@@ -20,8 +20,9 @@ import kopf
 from prometheus_client import start_http_server
 from pydantic import ValidationError
 
-from dynabase.engine.reconciler import Engine, TenantResult, describe_error
+from dynabase.engine.reconciler import Engine, TenantResult, describe_error, utcnow
 from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
+from dynabase.events.pipeline import event_pipeline
 from dynabase.kubeapi import KubeApi, kopf_login
 from dynabase.spec import GROUP, VERSION, TenantDatabase, TierPolicy
 from dynabase.spec.tenant import database_name_from
@@ -29,6 +30,7 @@ from dynabase.spec.tenant import database_name_from
 from . import memory
 from .settings import OperatorSettings
 from .stores import KubeSecretStore, KubeStatusStore
+from .webhooks import kube_endpoints
 
 log = logging.getLogger(__name__)
 TENANTS, POLICIES = "tenantdatabases", "tierpolicies"
@@ -51,6 +53,8 @@ class Runtime:
         self.batch_window = 0.05
         self.max_batch = self.drift_batch = 200
         self._wake_tasks: set[asyncio.Future[TenantResult | None]] = set()
+        # Events also go to Postgres (the portal, `dynabase events`), and from there to webhooks.
+        self.events, self.notifier = event_pipeline(engine.postgres.pool, kube_endpoints(api))
 
     @classmethod
     async def start(cls, settings: OperatorSettings, kopf_settings: kopf.OperatorSettings) -> Runtime:
@@ -178,6 +182,7 @@ class Runtime:
         for tenant_result in result.tenants:
             for type_, reason, message in tenant_result.events:
                 _event(by_key[tenant_result.key], type_, reason, message)
+        await self.events.record_quietly(result.tenants, utcnow())
         return result.tenants
 
 
@@ -229,6 +234,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         memo.wake_stop = asyncio.Event()
         memo.wakes = asyncio.create_task(
             memo.runtime.wakes(kwargs["tenants_by_policy"], kwargs["policy_index"], memo.wake_stop))
+        memo.notify = asyncio.create_task(memo.runtime.notifier.run(memo.wake_stop))
         if memory.enabled():
             memo.memory_log = asyncio.create_task(memory.log_periodically())
 
@@ -238,7 +244,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         if getattr(memo, "wake_stop", None) is not None:
             memo.wake_stop.set()
-        for name in ("memory_log", "drift", "wakes"):
+        for name in ("memory_log", "drift", "wakes", "notify"):
             task = getattr(memo, name, None)
             if task is not None:
                 task.cancel()

@@ -115,6 +115,9 @@ class MongoEffective:
 class LifecycleEffective:
     idle_timeout: Duration | None = limit(None, Limit(
         "Scale to zero after this long without queries.", absent="Absent = never."))
+    cold_warning: Duration | None = limit(None, Limit(
+        "Notify (ColdSoon) this long before an idle tenant goes Cold, i.e. once it has been idle for "
+        "idleTimeout minus this.", example="5m", absent="Absent = no warning."))
     downgrade_grace_period: Duration = limit(Duration.of_ms(15 * 60_000), Limit(
         "How long a downgrade waits before limits are lowered."))
 

@@ -62,6 +62,30 @@ class RailwayTarget(Model):
     service_name: str = Field(..., min_length=1, max_length=64)
 
 
+# An http(s) URL without user:password@ (credentials in a URL end up in logs and ledgers).
+WEBHOOK_URL_PATTERN = r"^https?://[^\s/?#@]+(/[^\s]*)?$"
+
+
+class WebhookSecretRef(Model):
+    name: str = Field(..., min_length=1, max_length=253, description="Secret in the tenant's namespace.")
+    key: str = Field("secret", min_length=1, max_length=253, description="Key holding the signing secret.")
+
+
+class Notifications(Model):
+    """Where the organization's notifications go: usage at 80 % and 100 %, Cold soon, tier changes, restrictions."""
+
+    url: str = Field(
+        ..., max_length=2048, pattern=WEBHOOK_URL_PATTERN,
+        description="Webhook URL the notifications are POSTed to (https outside tests; no user:password@).",
+    )
+    secret_ref: WebhookSecretRef | None = Field(
+        None,
+        description="The HMAC-SHA256 signing secret. Operator: this Secret in the tenant's namespace "
+        "(default <name>-dynabase-webhook, key secret). Headless: the variable "
+        "DYNABASE_WEBHOOK_SECRET_<NAMESPACE>__<NAME> (or ..._FILE).",
+    )
+
+
 class TenantDatabaseSpec(Model):
     org_id: str = Field(..., pattern=ORG_ID_PATTERN, description="The organisation this database belongs to.")
     tier: str = Field(..., pattern=TIER_NAME_PATTERN, description="Tier name in the referenced TierPolicy.")
@@ -83,6 +107,9 @@ class TenantDatabaseSpec(Model):
         "Retain", description="Retain keeps data and disables login; Delete drops everything."
     )
     railway: RailwayTarget | None = Field(None, description="A dedicated Railway service, if any.")
+    notifications: Notifications | None = Field(
+        None, description="Signed webhooks for the organization (orgId); none when absent."
+    )
 
     rules = (
         Rule(

@@ -1,0 +1,1 @@
+"""Tenant events kept in Postgres (both modes) and the signed webhooks sent for some of them."""
