@@ -38,6 +38,9 @@ class ProxyConfig:
     # (default: pgbouncer_host, which is only right when they share it).
     pgbouncer_advertise_host: str | None = None
     busy_poll_us: int = 0  # spin this long after traffic instead of sleeping (see busypoll.py); 0 = off
+    # Forward authenticated connections of tenants without a QPS limit in the kernel
+    # (fastpath.py): "auto" where this machine allows it, "on" (required) or "off".
+    kernel_splice: str = "off"
 
 
 class Client(Protocol):
@@ -49,6 +52,9 @@ class Client(Protocol):
     def idle(self) -> bool: ...
 
     def fail(self, severity: str, sqlstate: str, message: str, hint: str | None = None) -> None: ...
+
+    def limits_changed(self) -> None:
+        """Its tenant's limits changed (a spliced connection may have to come back to Python)."""
 
 
 @dataclass
@@ -111,6 +117,12 @@ class Tenants:
         self.replicas = 1
         self.states: dict[str, TenantState] = {}
         self.changes = Changes()
+        self.meters: list[Callable[[], None]] = []  # bring usage counted elsewhere (the kernel) in
+
+    def meter(self) -> None:
+        """Before usage is read: every tenant's usage, counts made outside this process's Python included."""
+        for meter in self.meters:
+            meter()
 
     def get(self, database: str) -> TenantState | None:
         """The tenant served as ``database``, on its current limits; None if there is none."""
@@ -144,6 +156,8 @@ class Tenants:
                 state = self.get(database)
                 if state is not None:
                     self._drain(database, state)
+                    for client in list(state.clients):
+                        client.limits_changed()
         self.changes.notify()
 
     def _drain(self, database: str, state: TenantState) -> None:
