@@ -49,11 +49,12 @@ class Splice:
     """One connection in the kernel: its counters, what of them metering has, and the
     bytes each socket had taken before, to tell when the kernel's last forwards are out."""
 
-    __slots__ = ("base", "client", "fastpath", "ids", "seen", "server", "slot", "taken", "usage")
+    __slots__ = ("base", "client", "fastpath", "fds", "ids", "seen", "server", "slot", "taken", "usage")
 
     def __init__(self, fastpath: FastPath, client: Any, server: Any, usage: Usage, own_writes: int) -> None:
         self.fastpath = fastpath
         self.client, self.server, self.usage = client, server, usage
+        self.fds = (client.fileno(), server.fileno())  # as registered for hang-ups (fileno() is -1 once closed)
         # What each socket had taken before the kernel forwards into it (the proxy's own
         # writes still to come included): the client's, PgBouncer's.
         self.base = (written(client) + own_writes, written(server))
@@ -126,9 +127,9 @@ class FastPath:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
             self.loop.add_reader(self.epoll.fileno(), self._hung_up)
-        for sock in (client, server):
-            self.epoll.register(sock.fileno(), select.EPOLLRDHUP)  # no EPOLLIN: data never wakes us
-            self.hangups[sock.fileno()] = hangup
+        for fd in spliced.fds:
+            self.epoll.register(fd, select.EPOLLRDHUP)  # no EPOLLIN: data never wakes us
+            self.hangups[fd] = hangup
         self.splices.add(spliced)
         SPLICED.inc()
         return spliced
@@ -141,14 +142,18 @@ class FastPath:
             if hangup is not None:
                 hangup()
 
+    def unwatch(self, spliced: Splice) -> None:
+        for fd in spliced.fds:
+            if self.hangups.pop(fd, None) is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.epoll.unregister(fd)
+
     def forget(self, spliced: Splice) -> None:
+        """A spliced connection ends: its entries go (its sockets leave the socket map as they close)."""
         if spliced not in self.splices:
             return
         self.splices.discard(spliced)
-        for sock in (spliced.client, spliced.server):
-            self.hangups.pop(sock.fileno(), None)
-            with contextlib.suppress(OSError, ValueError):
-                self.epoll.unregister(sock.fileno())
+        self.unwatch(spliced)
         self.program.close(spliced.slot, spliced.ids)
 
     def meter(self) -> None:

@@ -14,7 +14,10 @@ both directions then come to the scanners again, which resume where the kernel s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import os
+import socket
 import termios
 import time
 from typing import Any
@@ -23,6 +26,52 @@ from .fastpath import FastPath, Splice
 from .kernel import Conn, KernelUnavailable
 from .scanner import CLOSED, E, Q, Scanner, SyncPoint
 from .tenants import TenantState
+
+
+class SocketEnd:
+    """A spliced connection's socket, taken from the event loop: what the session may still
+    do with it (write a last error, close it), in the shape of a transport."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+
+    def write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):  # best effort, as for any closing connection
+            self.sock.send(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.write(b"".join(parts))
+
+    def is_closing(self) -> bool:
+        return self.sock.fileno() < 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.sock if name == "socket" else default
+
+
+def detach(transport: asyncio.Transport) -> socket.socket:
+    """The transport's socket, out of the event loop. Paused reading is not enough: the loop
+    (libuv) leaves the socket in its epoll set, and every packet the kernel forwards would
+    wake it for nothing. A copy of the descriptor keeps the socket open while the transport
+    closes its own."""
+    raw = transport.get_extra_info("socket")
+    sock = socket.socket(fileno=os.dup(raw.fileno()))
+    transport.set_protocol(asyncio.Protocol())  # the transport's end is not the connection's
+    transport.close()
+    return sock
 
 
 def _unread(sock: Any) -> int:
@@ -65,7 +114,8 @@ class Handover(Scanner):
         """Whether the kernel can forward this connection: nothing to decide per query, no TLS."""
         assert self.transport is not None
         return (tenant.limiter is None and self.fastpath() is not None
-                and self.transport.get_extra_info("sslcontext") is None)
+                and self.transport.get_extra_info("sslcontext") is None
+                and self.transport.get_extra_info("socket") is not None)
 
     def try_splice(self, ready: bytes) -> bool:
         """At the end of authentication, with the ReadyForQuery for the client in hand and
@@ -75,21 +125,20 @@ class Handover(Scanner):
             return False
         client_transport, server_transport = self.transport, self.upstream.transport
         assert client_transport is not None
-        client, server = client_transport.get_extra_info("socket"), server_transport.get_extra_info("socket")
-        if (client is None or server is None or client_transport.get_write_buffer_size()
-                or server_transport.get_write_buffer_size()):
+        if client_transport.get_write_buffer_size() or server_transport.get_write_buffer_size():
             return False
-        client_transport.pause_reading()
-        server_transport.pause_reading()
-        try:
-            self.splice = fastpath.splice(client, server, tenant.usage, len(ready), self.close)
-        except (KernelUnavailable, OSError):
-            client_transport.resume_reading()
-            server_transport.resume_reading()
-            return False
+        client, server = SocketEnd(detach(client_transport)), SocketEnd(detach(server_transport))
+        self.transport, self.upstream.transport = client, server  # type: ignore[assignment]
         self.in_kernel = True
-        client_transport.write(ready)
-        if _unread(client) or _unread(server):
+        try:
+            self.splice = fastpath.splice(client.sock, server.sock, tenant.usage, len(ready), self.close)
+        except (KernelUnavailable, OSError):
+            self.splice = None
+            client.write(ready)
+            self.spawn(self._reattach(None))
+            return True
+        client.write(ready)
+        if _unread(client.sock) or _unread(server.sock):
             # Bytes that came before the sockets were in the kernel's map wait there unseen:
             # the scanners read them instead.
             self.take_back()
@@ -116,10 +165,32 @@ class Handover(Scanner):
             if self.state == CLOSED:
                 return
             await asyncio.sleep(0.001)
+        spliced.fastpath.unwatch(spliced)  # the event loop hears of hang-ups again
+        await self._reattach(conn)
+
+    async def _reattach(self, conn: Conn | None) -> None:
+        """The sockets back into the event loop (paused until the scanners' state is set)."""
+        if self.state == CLOSED or self.upstream is None:
+            return
+        client, server = self.transport, self.upstream.transport
+        assert isinstance(client, SocketEnd) and isinstance(server, SocketEnd)
+        loop = asyncio.get_running_loop()
+        upstream = self.upstream
+        try:
+            await loop.connect_accepted_socket(lambda: upstream, server.sock)
+            await loop.connect_accepted_socket(lambda: self, client.sock)
+        except OSError:
+            self.close()
+            return
         if self.state == CLOSED:
             return
-        spliced.meter(conn)
-        self._resume(conn)
+        if conn is not None and self.splice is not None:
+            self.splice.meter(conn)
+            self._resume(conn)
+        self.in_kernel = False
+        self.upstream.transport.resume_reading()  # a _Skipping may stand in
+        if self.held is None:
+            self.transport.resume_reading()
 
     def _resume(self, conn: Conn) -> None:
         client, server = conn.dir[0], conn.dir[1]
@@ -146,10 +217,6 @@ class Handover(Scanner):
             self.transport = _Skipping(self.transport, len(header), self._restore_client)  # type: ignore[assignment]
         else:
             self.s_remaining = server.rem
-        self.in_kernel = False
-        self.upstream.transport.resume_reading()  # type: ignore[union-attr]  # a _Skipping stands in
-        if self.held is None:
-            self.transport.resume_reading()  # type: ignore[union-attr]
 
     def _restore_upstream(self, transport: asyncio.Transport) -> None:
         if self.upstream is not None:

@@ -51,6 +51,8 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is not None:  # back from the kernel (handover.py): paused until it has resumed
+            transport.pause_reading()  # type: ignore[attr-defined]
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:

@@ -59,6 +59,10 @@ class ClientConnection(Handover):
     # -- connection lifecycle ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.state == READY:  # back from the kernel (handover.py): paused until it has resumed
+            transport.pause_reading()  # type: ignore[attr-defined]
+            self.transport = transport  # type: ignore[assignment]
+            return
         self.transport = transport  # type: ignore[assignment]
         self.proxy.connections.add(self)
         loop = asyncio.get_running_loop()
