@@ -236,10 +236,10 @@ class Column:
 
 
 def throughput(paths: dict[str, int], relays: dict[str, int], db: str, password: str, *, modes: list[str],
-               seconds: int, rounds: int, logs: Path) -> int:
+               seconds: int, rounds: int, logs: Path) -> tuple[int, int]:
     """pgbench -S through each path, alternating, ``rounds`` times; prints medians and ratios.
-    Returns how many transactions went through the proxy."""
-    through_proxy = 0
+    Returns how many transactions and pgbench runs went through the proxy."""
+    through_proxy = runs = 0
     print(f"== pgbench -S, {seconds} s runs alternating PgBouncer alone / HAProxy / proxy, medians of {rounds}",
           flush=True)
     print(f"{'mode':<9}{'clients':>8}{'pgbouncer':>11}{'haproxy':>9}{'proxy':>8}{'proxy/pgb':>11}"
@@ -254,7 +254,8 @@ def throughput(paths: dict[str, int], relays: dict[str, int], db: str, password:
                     tps, count, latencies = pgbench(port, db, password, clients=clients, mode=mode,
                                                     seconds=seconds, log_dir=logs if clients == 1 else None)
                     columns[name].tps.append(tps)
-                    through_proxy += count if name == "proxy" else 0
+                    if name == "proxy":
+                        through_proxy, runs = through_proxy + count, runs + 1
                     if latencies:
                         columns[name].p99_us.append(p99(latencies) * 1000)
                     if clients > 1:
@@ -271,7 +272,7 @@ def throughput(paths: dict[str, int], relays: dict[str, int], db: str, password:
             if clients > 1:
                 for name, column in columns.items():
                     print(f"{'':17}CPU per transaction, {name}: {column.cpu}", flush=True)
-    return through_proxy
+    return through_proxy, runs
 
 
 def counted_queries(redis_url: str, tenant: str) -> int:
@@ -363,12 +364,14 @@ def main() -> None:
             print(f"proxy: kernel splice {'on' if spliced else 'off'} (--kernel-splice {args.kernel_splice})",
                   flush=True)
             if not args.skip_throughput:
-                through_proxy = throughput({"pgbouncer": pool_ports[db], "haproxy": haproxy_port, "proxy": proxy_port},
+                through_proxy, runs = throughput({"pgbouncer": pool_ports[db], "haproxy": haproxy_port, "proxy": proxy_port},
                                            relays, db, pw, modes=args.modes.split(","), seconds=args.seconds,
                                            rounds=args.rounds, logs=logs)
                 time.sleep(2.5)  # a flush or two
+                # Each pgbench run also sends two queries of its own (the scale, and whether tables are partitioned).
                 print(f"metering: the proxy counted {counted_queries(env['DYNABASE_REDIS_URL'], 'bench/bench-main')} "
-                      f"queries for the tenant; pgbench completed {through_proxy} transactions through it", flush=True)
+                      f"queries for the tenant; pgbench completed {through_proxy} transactions through it in {runs} "
+                      f"runs, + 2 set-up queries each = {through_proxy + 2 * runs}", flush=True)
 
             ldb, lpw = "bench_limited", passwords["bench_limited"]
             script = logs / "select1.sql"

@@ -237,7 +237,8 @@ class Handover(Scanner):
     # -- what the session asks of a spliced connection --------------------------------------
 
     def kernel_counters(self) -> Conn | None:
-        """The kernel's counters while it forwards this connection, else None."""
-        if self.splice is None or self.splice.taken:
+        """The kernel's counters until the scanners have taken over from it (final once it
+        is being taken back), else None."""
+        if not self.in_kernel or self.splice is None:
             return None
         return self.splice.counters()

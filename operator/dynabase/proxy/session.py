@@ -312,8 +312,9 @@ class ClientConnection(Handover):
         if self.state != READY or self.tenant is None:
             return
         limits = self.tenant.limits
-        if self.splice is not None and not self.splice.taken:
-            if limits.statement_timeout_ms or limits.idle_in_transaction_ms:
+        if self.in_kernel:  # spliced, or being taken back (the scanners check again once it is)
+            if self.splice is not None and not self.splice.taken and (
+                    limits.statement_timeout_ms or limits.idle_in_transaction_ms):
                 self._check_spliced(now, self.splice.counters())
             return
         if limits.statement_timeout_ms and self.syncs and self.cancel_sent_for is None:
