@@ -364,9 +364,9 @@ def main() -> None:
             print(f"proxy: kernel splice {'on' if spliced else 'off'} (--kernel-splice {args.kernel_splice})",
                   flush=True)
             if not args.skip_throughput:
-                through_proxy, runs = throughput({"pgbouncer": pool_ports[db], "haproxy": haproxy_port, "proxy": proxy_port},
-                                           relays, db, pw, modes=args.modes.split(","), seconds=args.seconds,
-                                           rounds=args.rounds, logs=logs)
+                paths = {"pgbouncer": pool_ports[db], "haproxy": haproxy_port, "proxy": proxy_port}
+                through_proxy, runs = throughput(paths, relays, db, pw, modes=args.modes.split(","),
+                                                 seconds=args.seconds, rounds=args.rounds, logs=logs)
                 time.sleep(2.5)  # a flush or two
                 # Each pgbench run also sends two queries of its own (the scale, and whether tables are partitioned).
                 print(f"metering: the proxy counted {counted_queries(env['DYNABASE_REDIS_URL'], 'bench/bench-main')} "
