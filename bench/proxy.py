@@ -340,6 +340,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per path; the table has medians")
     parser.add_argument("--modes", default="simple,extended", help="pgbench -M modes, comma-separated")
     parser.add_argument("--skip-throughput", action="store_true", help="only the limiter and metering parts")
+    parser.add_argument("--skip-limiter", action="store_true", help="only the throughput part")
     parser.add_argument("--busy-poll-us", type=int, default=0, help="the proxy's --busy-poll-us (default 0 = off)")
     parser.add_argument("--kernel-splice", default="auto", choices=("auto", "on", "off"),
                         help="the proxy's --kernel-splice (off: forward in Python)")
@@ -373,6 +374,8 @@ def main() -> None:
                       f"queries for the tenant; pgbench completed {through_proxy} transactions through it in {runs} "
                       f"runs, + 2 set-up queries each = {through_proxy + 2 * runs}", flush=True)
 
+            if args.skip_limiter:
+                return
             ldb, lpw = "bench_limited", passwords["bench_limited"]
             script = logs / "select1.sql"
             script.write_text("SELECT 1;\n")
