@@ -224,6 +224,22 @@ async def test_idle_in_transaction_on_a_spliced_connection_is_ended(env: Env) ->
     assert "idle in transaction longer than the tier TIMED limit of 1000 ms" in str(info.value)
 
 
+@on_the_stack
+async def test_garbage_after_authentication_ends_a_spliced_connection(env: Env) -> None:
+    before = set(env.proxy.connections)
+    conn = await psycopg.AsyncConnection.connect(env.dsn("open"))
+    try:
+        mine = env.mine(before)
+        assert mine.splice is not None
+        os.write(conn.pgconn.socket, b"Q\x00\x00\x00\x02")  # a length no message can have
+        # Forwarded as it is: PgBouncer refuses it and hangs up, and the proxy ends the client's side.
+        await asyncio.wait_for(env.proxy.tenants.changes.until(lambda: mine not in env.proxy.connections), 30)
+        with pytest.raises(psycopg.OperationalError):
+            await conn.execute("SELECT 1")
+    finally:
+        await conn.close()
+
+
 # -- resuming in Python after a take-back, without sockets -------------------------------------------
 
 

@@ -186,6 +186,9 @@ class Handover(Scanner):
             return
         if conn is not None and self.splice is not None:
             self.splice.meter(conn)
+            if conn.dir[0].lost or conn.dir[1].lost:
+                self.fail("FATAL", "08P01", "invalid message length from client")  # as the scanner would
+                return
             self._resume(conn)
         self.in_kernel = False
         self.upstream.transport.resume_reading()  # a _Skipping may stand in

@@ -36,7 +36,8 @@ class KernelUnavailable(Exception):
 
 class Parse(ctypes.Structure):
     _fields_ = [("rem", ctypes.c_uint32), ("hdr", ctypes.c_uint8 * 5), ("hdr_len", ctypes.c_uint8),
-                ("status_next", ctypes.c_uint8), ("user", ctypes.c_uint8)]
+                ("status_next", ctypes.c_uint8), ("user", ctypes.c_uint8), ("lost", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 3)]
 
 
 class Batch(ctypes.Structure):
@@ -129,6 +130,8 @@ def _libbpf() -> ctypes.CDLL:
         ("bpf_map_lookup_elem_flags", integer, [integer, pointer, pointer, ctypes.c_uint64]),
         ("bpf_map_delete_elem", integer, [integer, pointer]),
         ("libbpf_set_print", pointer, [pointer]),
+        ("bpf_object__find_map_by_name", pointer, [pointer, text]),
+        ("bpf_map__value_size", ctypes.c_uint32, [pointer]),
     ):
         getattr(lib, function).restype = restype
         getattr(lib, function).argtypes = argtypes
@@ -160,6 +163,9 @@ class SpliceProgram:
         if min(fds.values()) < 0 or not program:
             raise KernelUnavailable(f"{path} lacks the splice program or its maps")
         self.socks, self.links, self.conns, self.modes = (fds[n] for n in ("socks", "links", "conns", "modes"))
+        size = lib.bpf_map__value_size(lib.bpf_object__find_map_by_name(obj, b"conns"))
+        if size != ctypes.sizeof(Conn):
+            raise KernelUnavailable(f"struct conn is {size} bytes in {SOURCE} but {ctypes.sizeof(Conn)} in kernel.py")
         if lib.bpf_prog_attach(lib.bpf_program__fd(program), self.socks, BPF_SK_SKB_STREAM_VERDICT, 0) != 0:
             raise _failed("attaching the splice program to its socket map")
         self.free = list(range(MAX_CONNS - 1, -1, -1))

@@ -11,6 +11,9 @@
  * answered by one ReadyForQuery), ReadyForQuery with its transaction status, bytes, and
  * the time from each sync point to its ReadyForQuery.
  *
+ * A stream that is not the Postgres protocol is forwarded as it is and no longer read:
+ * PgBouncer refuses it and closes, and the proxy closes the other side.
+ *
  * The proxy takes a connection back by setting its mode to MODE_USER: from the next
  * packet on, each direction goes to the socket's own receive queue, where the proxy
  * reads it. Counters and parse state are committed under the connection's spin lock,
@@ -39,6 +42,8 @@ struct parse { /* where one direction's byte stream stands */
 	__u8 hdr_len;
 	__u8 status_next;   /* the next byte is a ReadyForQuery's status */
 	__u8 user;          /* this direction goes to user space now */
+	__u8 lost;          /* not the Postgres protocol: forwarded as it is, no longer read */
+	__u8 pad[3];
 };
 
 struct batch {
@@ -55,7 +60,7 @@ struct work {
 	__u32 syncs;
 	__u32 readies;
 	__u32 status;  /* 0: no status byte in this packet */
-	__u32 bad;     /* not the Postgres protocol: user space decides */
+	__u32 bad;     /* not the Postgres protocol */
 	__u32 side;
 	struct parse p;
 	__u64 total;     /* ReadyForQuery so far, this packet's included */
@@ -219,6 +224,8 @@ int splice(struct __sk_buff *skb)
 	mode = bpf_map_lookup_elem(&modes, &slot);
 	if (!c || !mode || c->dir[side].user)
 		return SK_PASS;
+	if (c->dir[side].lost)
+		goto forward;
 	/* Only this socket's program, one packet at a time, uses work[side] and writes dir[side]. */
 	w = &c->work[side];
 	w->off = 0;
@@ -242,10 +249,15 @@ int splice(struct __sk_buff *skb)
 	}
 
 	bpf_spin_lock(&c->lock);
-	if (*mode != MODE_KERNEL || w->bad) {
+	if (*mode != MODE_KERNEL) {
 		c->dir[side].user = 1;
 		bpf_spin_unlock(&c->lock);
 		return SK_PASS;
+	}
+	if (w->bad) {
+		c->dir[side].lost = 1;
+		bpf_spin_unlock(&c->lock);
+		goto forward;
 	}
 	c->dir[side] = w->p;
 	c->bytes[side] += w->len;
@@ -269,6 +281,7 @@ int splice(struct __sk_buff *skb)
 		}
 	}
 	bpf_spin_unlock(&c->lock);
+forward:
 	return bpf_sk_redirect_hash(skb, &socks, &l->peer, 0);
 }
 
