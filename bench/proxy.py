@@ -29,7 +29,6 @@ import glob
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ import redis
 
 from bench import proxy_path
 from bench.common import devstack
+from bench.haproxy import start_haproxy
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.postgres import PostgresBackend
 from dynabase.backends.proxy import ProxyBackend
@@ -183,41 +183,6 @@ def start_proxy(env: dict[str, str], port: int, metrics: int, replica: str,
         except OSError:
             time.sleep(0.1)
     raise SystemExit("proxy did not start")
-
-
-HAPROXY_CONFIG = """global
-  maxconn {maxconn}
-  nbthread 1
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 1h
-  timeout server 1h
-listen pgbouncer
-  bind 127.0.0.1:{port}
-  server pgbouncer 127.0.0.1:{upstream}
-"""
-
-
-def start_haproxy(port: int, upstream: int, workdir: Path) -> subprocess.Popen[bytes]:
-    """HAProxy as a plain TCP relay to PgBouncer. Its maxconn must stay under the file limit,
-    or it refuses to start."""
-    if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
-        raise SystemExit("haproxy is not installed (scripts/setup installs it)")
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    config = workdir / "haproxy.cfg"
-    config.write_text(HAPROXY_CONFIG.format(maxconn=min(2000, (soft - 100) // 2), port=port, upstream=upstream))
-    proc = subprocess.Popen([shutil.which("haproxy") or "/usr/sbin/haproxy", "-db", "-f", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"haproxy did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
-        with contextlib.suppress(OSError):
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc
-        time.sleep(0.05)
-    raise SystemExit("haproxy did not start")
 
 
 @dataclass
