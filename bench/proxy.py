@@ -1,13 +1,16 @@
 """Proxy cost and limiter accuracy, side by side in one run.
 
-    python -m bench.proxy [--seconds 5] [--pin] [--busy-poll-us 300] [--skip-throughput]
+    python -m bench.proxy [--seconds 6] [--rounds 3] [--modes simple,extended] [--kernel-splice auto|off]
+                          [--pin] [--busy-poll-us 300] [--skip-throughput]
 
-1. pgbench -S (select-only) at 1, 8 and 50 clients in simple, extended and prepared
-   modes, through PgBouncer alone and through the proxy in front of it: TPS, ratio,
-   at 1 client the p99 latency and what the proxy adds to it, and at 8 and 50 the
-   CPU time per transaction of each process kind (from /proc), which shows what
-   the extra hop costs the proxy itself and the rest of the stack on shared cores.
-   With --pin the proxy gets a CPU of its own (as a separate service would) and
+1. pgbench -S (select-only) at 1, 8 and 50 clients, in each mode, through three paths
+   in front of the same PgBouncer pool: PgBouncer alone, HAProxy (Debian's, TCP mode,
+   one thread: a relay with no logic, the anchor) and the proxy. Runs alternate
+   between the three, --rounds times; the table has medians (with the range), the
+   ratios proxy/PgBouncer, proxy/HAProxy and HAProxy/PgBouncer, at 1 client the p99
+   latency of each, and at 8 and 50 the CPU time per transaction of each process
+   kind (from /proc, last round), which shows what each hop costs on shared cores.
+   With --pin the relays get a CPU of their own (as a separate service would) and
    the database side shares the other.
 2. Limiter: one tenant limited to 200 q/s (throttle), offered far more for 10 s,
    through 1 proxy process and then through 3: admitted rate against the limit,
@@ -32,12 +35,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
 
 from bench import proxy_path
 from bench.common import devstack
+from bench.haproxy import start_haproxy
 from dynabase.backends.pgbouncer import PgBouncerBackend
 from dynabase.backends.postgres import PostgresBackend
 from dynabase.backends.proxy import ProxyBackend
@@ -94,9 +99,9 @@ def pgbench(port: int, db: str, password: str, *, clients: int, mode: str, secon
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def pin_processes(proxy_pid: int) -> None:
-    """Every thread of the proxy onto CPU 1; Postgres (new backends inherit it from the
-    postmaster), PgBouncer and this process (so pgbench) onto CPU 0."""
+def pin_processes(relays: dict[str, int]) -> None:
+    """Every thread of the relays (proxy, HAProxy) onto CPU 1; Postgres (new backends inherit
+    it from the postmaster), PgBouncer and this process (so pgbench) onto CPU 0."""
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("--pin needs two CPUs")
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -105,7 +110,7 @@ def pin_processes(proxy_pid: int) -> None:
             threads = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
-        if int(pid) == proxy_pid:
+        if int(pid) in relays.values():
             cpu = 1
         elif (command.startswith("postgres") or "/bin/postgres " in command
               or ("pgbouncer" in command and "agent" not in command) or int(pid) == os.getpid()):
@@ -117,10 +122,13 @@ def pin_processes(proxy_pid: int) -> None:
                 os.sched_setaffinity(int(thread), {cpu})
 
 
-def cpu_seconds(proxy_pid: int) -> dict[str, float]:
+def cpu_seconds(relays: dict[str, int]) -> dict[str, float]:
     """CPU time so far (user + system, from /proc) of the processes a pgbench run goes through,
-    by kind; the proxy's split into user and system time."""
+    by kind; each relay's (proxy, haproxy) split into user and system time. Kernel work done
+    for the proxy's spliced connections in softirq and kworkers is charged to whoever the CPU
+    was running, mostly pgbench, PgBouncer and Postgres."""
     totals: dict[str, float] = {}
+    by_pid = {pid: name for name, pid in relays.items()}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
@@ -128,14 +136,16 @@ def cpu_seconds(proxy_pid: int) -> dict[str, float]:
         except OSError:
             continue
         user, system = (ticks / CLOCK_TICKS for ticks in user_system_ticks(stat))
-        if int(pid) == proxy_pid:
-            totals["proxy user"] = user
-            totals["proxy sys"] = system
+        if int(pid) in by_pid:
+            totals[f"{by_pid[int(pid)]} user"] = user
+            totals[f"{by_pid[int(pid)]} sys"] = system
             continue
         if "pgbouncer" in command and "agent" not in command:
             kind = "pgbouncer"
         elif command.startswith("postgres") or "/bin/postgres " in command:
             kind = "postgres"
+        elif "(kworker/" in stat.split(")", 1)[0]:  # where the kernel's sockmap redirects run
+            kind = "kworkers"
         else:
             continue
         totals[kind] = totals.get(kind, 0.0) + user + system
@@ -157,10 +167,11 @@ def p99(values: list[float]) -> float:
 
 
 def start_proxy(env: dict[str, str], port: int, metrics: int, replica: str,
-                busy_poll_us: int = 0) -> subprocess.Popen[bytes]:
+                busy_poll_us: int = 0, kernel_splice: str = "auto") -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "dynabase.cli", "proxy", "--listen", f"127.0.0.1:{port}",
-         "--metrics-port", str(metrics), "--replica-id", replica, "--busy-poll-us", str(busy_poll_us)],
+         "--metrics-port", str(metrics), "--replica-id", replica, "--busy-poll-us", str(busy_poll_us),
+         "--kernel-splice", kernel_splice],
         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
@@ -172,6 +183,71 @@ def start_proxy(env: dict[str, str], port: int, metrics: int, replica: str,
         except OSError:
             time.sleep(0.1)
     raise SystemExit("proxy did not start")
+
+
+@dataclass
+class Column:
+    """One path's runs at one mode and client count."""
+
+    tps: list[float] = field(default_factory=list)
+    p99_us: list[float] = field(default_factory=list)
+    cpu: str = ""
+
+    def median(self) -> float:
+        return statistics.median(self.tps)
+
+    def spread(self) -> str:
+        return f"{min(self.tps):.0f}-{max(self.tps):.0f}"
+
+
+def throughput(paths: dict[str, int], relays: dict[str, int], db: str, password: str, *, modes: list[str],
+               seconds: int, rounds: int, logs: Path) -> tuple[int, int]:
+    """pgbench -S through each path, alternating, ``rounds`` times; prints medians and ratios.
+    Returns how many transactions and pgbench runs went through the proxy."""
+    through_proxy = runs = 0
+    print(f"== pgbench -S, {seconds} s runs alternating PgBouncer alone / HAProxy / proxy, medians of {rounds}",
+          flush=True)
+    print(f"{'mode':<9}{'clients':>8}{'pgbouncer':>11}{'haproxy':>9}{'proxy':>8}{'proxy/pgb':>11}"
+          f"{'proxy/hap':>11}{'hap/pgb':>9}   (ranges; p99 at 1 client; CPU us per transaction, last round)",
+          flush=True)
+    for mode in modes:
+        for clients in (1, 8, 50):
+            columns = {name: Column() for name in paths}
+            for _ in range(rounds):
+                for name, port in paths.items():
+                    before = cpu_seconds(relays)
+                    tps, count, latencies = pgbench(port, db, password, clients=clients, mode=mode,
+                                                    seconds=seconds, log_dir=logs if clients == 1 else None)
+                    columns[name].tps.append(tps)
+                    if name == "proxy":
+                        through_proxy, runs = through_proxy + count, runs + 1
+                    if latencies:
+                        columns[name].p99_us.append(p99(latencies) * 1000)
+                    if clients > 1:
+                        columns[name].cpu = cpu_per_transaction(before, cpu_seconds(relays), count)
+            base, hap, prox = (columns[n].median() for n in ("pgbouncer", "haproxy", "proxy"))
+            ranges = ", ".join(c.spread() for c in columns.values())
+            line = (f"{mode:<9}{clients:>8}{base:>11.0f}{hap:>9.0f}{prox:>8.0f}{prox / base:>11.2f}"
+                    f"{prox / hap:>11.2f}{hap / base:>9.2f}   ranges {ranges}")
+            if clients == 1:
+                p99s = {n: statistics.median(c.p99_us) for n, c in columns.items()}
+                line += (f"; p99 {p99s['pgbouncer']:.0f} / {p99s['haproxy']:.0f} / {p99s['proxy']:.0f} us"
+                         f" (proxy - haproxy {p99s['proxy'] - p99s['haproxy']:+.0f} us)")
+            print(line, flush=True)
+            if clients > 1:
+                for name, column in columns.items():
+                    print(f"{'':17}CPU per transaction, {name}: {column.cpu}", flush=True)
+    return through_proxy, runs
+
+
+def counted_queries(redis_url: str, tenant: str) -> int:
+    """Queries the proxies' usage flushes recorded for a tenant."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        return sum(int(sample.counters["queries"]) for key in client.scan_iter(USAGE_PATTERN)
+                   for sample in decode_usage(client.hgetall(key)) if sample.tenant == tenant)
+    finally:
+        client.close()
 
 
 def scrape(metrics: int, name: str) -> float:
@@ -225,48 +301,46 @@ def offer_limited(ports: list[tuple[int, int]], db: str, password: str, script: 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per path; the table has medians")
+    parser.add_argument("--modes", default="simple,extended", help="pgbench -M modes, comma-separated")
     parser.add_argument("--skip-throughput", action="store_true", help="only the limiter and metering parts")
+    parser.add_argument("--skip-limiter", action="store_true", help="only the throughput part")
     parser.add_argument("--busy-poll-us", type=int, default=0, help="the proxy's --busy-poll-us (default 0 = off)")
+    parser.add_argument("--kernel-splice", default="auto", choices=("auto", "on", "off"),
+                        help="the proxy's --kernel-splice (off: forward in Python)")
     parser.add_argument("--pin", action="store_true",
-                        help="the proxy on CPU 1, everything else (Postgres, PgBouncer, pgbench) on CPU 0, as when "
-                             "the proxy runs as a service of its own; both columns are measured so")
+                        help="the relays on CPU 1, everything else (Postgres, PgBouncer, pgbench) on CPU 0, as when "
+                             "the proxy runs as a service of its own; every column is measured so")
     args = parser.parse_args()
     with devstack(["postgres", "redis", "pgbouncer"]) as env:
         passwords, pool_ports = asyncio.run(setup(env))
         db, pw = "bench_main", passwords["bench_main"]
         subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", env["PGPORT"], "-U", db, db],
                        env={**os.environ, "PGPASSWORD": pw}, check=True, capture_output=True)
-        proxy_port, metrics = free_port(), free_port()
-        proxies = [start_proxy(env, proxy_port, metrics, "bench-0", args.busy_poll_us)]
-        if args.pin:
-            pin_processes(proxies[0].pid)
+        proxy_port, metrics, haproxy_port = free_port(), free_port(), free_port()
         logs = Path(tempfile.mkdtemp(prefix="dynabase-bench-proxy-"))
+        proxies = [start_proxy(env, proxy_port, metrics, "bench-0", args.busy_poll_us, args.kernel_splice)]
+        haproxy = start_haproxy(haproxy_port, pool_ports[db], logs)
+        relays = {"proxy": proxies[0].pid, "haproxy": haproxy.pid}
+        if args.pin:
+            pin_processes(relays)
         try:
-            print("== pgbench -S: PgBouncer alone vs proxy -> PgBouncer", flush=True)
-            print(f"{'mode':<9}{'clients':>8}{'pgbouncer tps':>15}{'proxy tps':>12}{'ratio':>8}", flush=True)
-            for mode in () if args.skip_throughput else ("simple", "extended", "prepared"):
-                for clients in (1, 8, 50):
-                    log_dir = logs if clients == 1 else None
-                    cpu_before = cpu_seconds(proxies[0].pid)
-                    base, base_count, base_lat = pgbench(pool_ports[db], db, pw, clients=clients, mode=mode,
-                                                         seconds=args.seconds, log_dir=log_dir)
-                    cpu_between = cpu_seconds(proxies[0].pid)
-                    prox, prox_count, prox_lat = pgbench(proxy_port, db, pw, clients=clients, mode=mode,
-                                                         seconds=args.seconds, log_dir=log_dir)
-                    cpu_after = cpu_seconds(proxies[0].pid)
-                    line = f"{mode:<9}{clients:>8}{base:>15.0f}{prox:>12.0f}{prox / base:>8.2f}"
-                    if clients > 1:  # where the CPU of both cores went, per transaction
-                        alone = cpu_per_transaction(cpu_before, cpu_between, base_count)
-                        line += (f"   CPU per transaction: alone {alone}"
-                                 f"; with proxy {cpu_per_transaction(cpu_between, cpu_after, prox_count)}")
-                    if clients == 1:
-                        added = (statistics.median(prox_lat) - statistics.median(base_lat)) * 1000
-                        added99 = (p99(prox_lat) - p99(base_lat)) * 1000
-                        line += (f"   p99 {p99(base_lat) * 1000:.0f}->{p99(prox_lat) * 1000:.0f} us"
-                                 f" (added: p50 {added:.0f} us, p99 {added99:.0f} us)")
-                    print(line, flush=True)
+            spliced = scrape(metrics, "dynabase_proxy_kernel_splice ")
+            print(f"proxy: kernel splice {'on' if spliced else 'off'} (--kernel-splice {args.kernel_splice})",
+                  flush=True)
+            if not args.skip_throughput:
+                paths = {"pgbouncer": pool_ports[db], "haproxy": haproxy_port, "proxy": proxy_port}
+                through_proxy, runs = throughput(paths, relays, db, pw, modes=args.modes.split(","),
+                                                 seconds=args.seconds, rounds=args.rounds, logs=logs)
+                time.sleep(2.5)  # a flush or two
+                # Each pgbench run also sends two queries of its own (the scale, and whether tables are partitioned).
+                print(f"metering: the proxy counted {counted_queries(env['DYNABASE_REDIS_URL'], 'bench/bench-main')} "
+                      f"queries for the tenant; pgbench completed {through_proxy} transactions through it in {runs} "
+                      f"runs, + 2 set-up queries each = {through_proxy + 2 * runs}", flush=True)
 
+            if args.skip_limiter:
+                return
             ldb, lpw = "bench_limited", passwords["bench_limited"]
             script = logs / "select1.sql"
             script.write_text("SELECT 1;\n")
@@ -278,17 +352,12 @@ def main() -> None:
             admitted += offer_limited([(proxy_port, metrics), *more], ldb, lpw, script, clients=4)
 
             time.sleep(2.5)  # a flush or two
-            client = redis.Redis.from_url(env["DYNABASE_REDIS_URL"], decode_responses=True)
-            counted = 0
-            for key in client.scan_iter(USAGE_PATTERN):
-                for sample in decode_usage(client.hgetall(key)):
-                    if sample.tenant == "bench/bench-limited":
-                        counted += int(sample.counters["queries"])
+            counted = counted_queries(env["DYNABASE_REDIS_URL"], "bench/bench-limited")
             print(f"\n== metering: proxies counted {counted} queries for the limited tenant; "
                   f"pgbench completed {admitted} transactions (+ its own connection checks)", flush=True)
             proxy_path.report(proxy_path.measure())
         finally:
-            for proc in proxies:
+            for proc in [*proxies, haproxy]:
                 proc.terminate()
                 proc.wait(timeout=10)
             shutil.rmtree(logs, ignore_errors=True)

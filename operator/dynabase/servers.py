@@ -81,6 +81,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         redis_url=args.redis_url, agent_id=args.agent_id, replica_id=args.replica_id or default_replica_id(port),
         metrics_port=args.metrics_port, tls_cert=args.tls_cert, tls_key=args.tls_key,
         pgbouncer_advertise_host=args.pgbouncer_advertise_host, busy_poll_us=args.busy_poll_us,
+        kernel_splice=args.kernel_splice,
     ))
     return EXIT_OK
 
@@ -239,6 +240,10 @@ def _proxy_parser(sub: Any) -> None:
               default_text="0 = off", example="300",
               help="after traffic keep polling this many microseconds instead of sleeping: lower latency "
                    "on VMs, for CPU")
+    px.option("--kernel-splice", env="DYNABASE_PROXY_KERNEL_SPLICE", parse=parse_choice("auto", "on", "off"),
+              default="auto", example="off",
+              help="forward connections of tenants without a QPS limit in the kernel (eBPF sockmap) once "
+                   "authenticated: auto = where this machine allows it, on = required, off = all in Python")
     px.done(_cmd_proxy)
 
 

@@ -226,6 +226,7 @@ class Coordinator:
     async def flush(self) -> None:
         """Absolute per-hour values per replica: idempotent, so a retry never double-counts.
         Returns once Redis has them (or raises)."""
+        self.tenants.meter()
         now = time.time()
         by_hour: dict[int, dict[Any, Any]] = {}
         active: dict[str, float] = {}

@@ -35,6 +35,7 @@ class ProxySettings:
     tls_key: str | None = None
     pgbouncer_advertise_host: str | None = None  # how other replicas reach our PgBouncer (cancels)
     busy_poll_us: int = 0  # spin this long after traffic instead of sleeping (busypoll.py); 0 = off
+    kernel_splice: str = "auto"  # forward in the kernel where possible (fastpath.py): auto, on, off
 
 
 class TenantCollector(Collector):
@@ -60,6 +61,7 @@ class TenantCollector(Collector):
             "bytes_out": CounterMetricFamily("dynabase_proxy_bytes_out", "Bytes to clients.", labels=labels),
         }
         active = GaugeMetricFamily("dynabase_proxy_connections", "Authenticated client connections.", labels=labels)
+        self.proxy.tenants.meter()
         hits = CounterMetricFamily(
             "dynabase_proxy_limit_hits", "Times a tenant hit a tier limit at the proxy, by kind: connections "
             "(refused, 53300), qps (throttled or refused), statement_timeout (cancelled by the proxy, 57014).",
@@ -94,7 +96,7 @@ async def serve(settings: ProxySettings, stop: asyncio.Event, ready: asyncio.Eve
                     pgbouncer_host=settings.pgbouncer_host,
                     ssl_context=ssl_context(settings.tls_cert, settings.tls_key),
                     pgbouncer_advertise_host=settings.pgbouncer_advertise_host,
-                    busy_poll_us=settings.busy_poll_us),
+                    busy_poll_us=settings.busy_poll_us, kernel_splice=settings.kernel_splice),
         coordinator.tenants,
     )
     watcher = asyncio.create_task(coordinator.watch(stop))

@@ -51,6 +51,8 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is not None:  # back from the kernel (handover.py): paused until it has resumed
+            transport.pause_reading()  # type: ignore[attr-defined]
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
@@ -75,6 +77,7 @@ class Scanner(asyncio.Protocol):
         self.upstream: Upstream | None = None
         self.state = STARTUP
         self.tenant: TenantState | None = None
+        self.in_kernel = False  # spliced (handover.py): neither socket is read here
         # client -> server
         self.c_remaining = 0  # bytes of a forwarded message still to come
         self.c_skip = 0  # bytes of a skipped message still to come
@@ -118,7 +121,7 @@ class Scanner(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_client(self) -> None:
-        if self.transport and self.held is None:  # a held query keeps reading paused
+        if self.transport and self.held is None and not self.in_kernel:  # a held query keeps reading paused
             self.transport.resume_reading()
 
     def pause_writing(self) -> None:  # the client reads slowly: stop reading the server
@@ -126,7 +129,7 @@ class Scanner(asyncio.Protocol):
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.upstream and self.upstream.transport:
+        if self.upstream and self.upstream.transport and not self.in_kernel:
             self.upstream.transport.resume_reading()
 
     # -- client -> server ------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from typing import Any
 from prometheus_client import Counter
 
 from dynabase.desired.proxy import ProxyTenantLimits
+from dynabase.settings import cache_dir
 
+from . import fastpath
 from .busypoll import BusyPoll
 from .coordination import Coordination, LocalOnly, Target
 from .session import COLD_STARTS, ClientConnection
@@ -42,6 +44,9 @@ class Proxy:
         self.connections: set[ClientConnection] = set()
         self.cancel_targets: dict[tuple[int, int], Target] = {}
         self.poke = BusyPoll(config.busy_poll_us).poke if config.busy_poll_us else None
+        self.kernel = fastpath.start(config.kernel_splice, cache_dir())
+        if self.kernel is not None:
+            self.tenants.meters.append(self.kernel.meter)
         self.server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -67,6 +72,10 @@ class Proxy:
             self.server.close()
         for conn in list(self.connections):
             conn.close()
+        if self.kernel is not None:
+            self.tenants.meters.remove(self.kernel.meter)
+            self.kernel.close()
+            self.kernel = None
 
     @property
     def port(self) -> int:

@@ -16,7 +16,10 @@ from prometheus_client import Histogram
 
 from . import wire
 from .coordination import Coordination, Target
-from .scanner import AUTH, CLOSED, CONNECTING, READY, STARTUP, Scanner, SyncPoint, Upstream
+from .fastpath import FastPath, Splice
+from .handover import Handover
+from .kernel import Conn
+from .scanner import AUTH, CLOSED, CONNECTING, READY, STARTUP, SyncPoint, Upstream
 from .tenants import ProxyConfig, Tenants
 
 COLD_STARTS = Histogram(
@@ -34,11 +37,12 @@ class Host(Protocol):
     connections: set[ClientConnection]
     cancel_targets: dict[tuple[int, int], Target]  # backend keys this replica handed out
     poke: Callable[[], None] | None
+    kernel: FastPath | None  # forwards spliced connections (fastpath.py); None: all in Python
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
 
-class ClientConnection(Scanner):
+class ClientConnection(Handover):
     cancel_target: Target = ("127.0.0.1", 0)  # the PgBouncer serving this connection
 
     def __init__(self, proxy: Host) -> None:
@@ -55,6 +59,10 @@ class ClientConnection(Scanner):
     # -- connection lifecycle ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.state == READY:  # back from the kernel (handover.py): paused until it has resumed
+            transport.pause_reading()  # type: ignore[attr-defined]
+            self.transport = transport  # type: ignore[assignment]
+            return
         self.transport = transport  # type: ignore[assignment]
         self.proxy.connections.add(self)
         loop = asyncio.get_running_loop()
@@ -73,6 +81,7 @@ class ClientConnection(Scanner):
             return
         self.state = CLOSED
         self.proxy.connections.discard(self)
+        self.end_splice()
         if self.startup_timer:
             self.startup_timer.cancel()
         if self.hold_timer:
@@ -104,7 +113,16 @@ class ClientConnection(Scanner):
 
     @property
     def idle(self) -> bool:
+        kernel = self.kernel_counters()
+        if kernel is not None:
+            return Splice.idle(kernel)
         return self.tx_status == b"I" and not self.syncs and self.held is None
+
+    def fastpath(self) -> FastPath | None:
+        return self.proxy.kernel
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.proxy.spawn(coro)
 
     # -- client -> proxy --------------------------------------------------------------
 
@@ -283,9 +301,10 @@ class ClientConnection(Scanner):
         self.state = READY
         if self.startup_timer:
             self.startup_timer.cancel()
-        self.transport.write(ready)
-        if rest:
-            self.server_data(rest)
+        if rest or not self.spliceable(tenant) or not self.try_splice(ready):
+            self.transport.write(ready)
+            if rest:
+                self.server_data(rest)
 
     # -- timeouts the tenant cannot switch off ---------------------------------------------
 
@@ -293,6 +312,11 @@ class ClientConnection(Scanner):
         if self.state != READY or self.tenant is None:
             return
         limits = self.tenant.limits
+        if self.in_kernel:  # spliced, or being taken back (the scanners check again once it is)
+            if self.splice is not None and not self.splice.taken and (
+                    limits.statement_timeout_ms or limits.idle_in_transaction_ms):
+                self._check_spliced(now, self.splice.counters())
+            return
         if limits.statement_timeout_ms and self.syncs and self.cancel_sent_for is None:
             point: SyncPoint = self.syncs[0]
             if point.synthetic is None and (now - point.started) * 1000 > limits.statement_timeout_ms:
@@ -300,9 +324,26 @@ class ClientConnection(Scanner):
                 self.proxy.spawn(self._cancel_upstream())
         if (limits.idle_in_transaction_ms and self.idle_in_tx_since and not self.syncs
                 and (now - self.idle_in_tx_since) * 1000 > limits.idle_in_transaction_ms):
-            self.fail("FATAL", "25P03",
-                      f"terminating connection: idle in transaction longer than the tier {limits.tier} "
-                      f"limit of {limits.idle_in_transaction_ms} ms")
+            self._idle_in_transaction_too_long()
+
+    def _check_spliced(self, now: float, kernel: Conn) -> None:
+        """The same limits, from the kernel's counters. An overdue statement is taken back
+        first, so the next sweep cancels it and rewords the error as above."""
+        assert self.tenant is not None
+        limits = self.tenant.limits
+        running = Splice.running_since(kernel)
+        if limits.statement_timeout_ms and running is not None and (now - running) * 1000 > limits.statement_timeout_ms:
+            self.take_back()
+            return
+        idle = Splice.idle_in_transaction_since(kernel)
+        if limits.idle_in_transaction_ms and idle is not None and (now - idle) * 1000 > limits.idle_in_transaction_ms:
+            self._idle_in_transaction_too_long()
+
+    def _idle_in_transaction_too_long(self) -> None:
+        assert self.tenant is not None
+        limits = self.tenant.limits
+        self.fail("FATAL", "25P03", f"terminating connection: idle in transaction longer than the tier "
+                                    f"{limits.tier} limit of {limits.idle_in_transaction_ms} ms")
 
     async def _cancel_upstream(self) -> None:
         if self.backend_key is None:

@@ -39,6 +39,9 @@ class ProxyConfig:
     # (default: pgbouncer_host, which is only right when they share it).
     pgbouncer_advertise_host: str | None = None
     busy_poll_us: int = 0  # spin this long after traffic instead of sleeping (see busypoll.py); 0 = off
+    # Forward authenticated connections of tenants without a QPS limit in the kernel
+    # (fastpath.py): "auto" where this machine allows it, "on" (required) or "off".
+    kernel_splice: str = "off"
 
 
 class Client(Protocol):
@@ -50,6 +53,9 @@ class Client(Protocol):
     def idle(self) -> bool: ...
 
     def fail(self, severity: str, sqlstate: str, message: str, hint: str | None = None) -> None: ...
+
+    def limits_changed(self) -> None:
+        """Its tenant's limits changed (a spliced connection may have to come back to Python)."""
 
 
 @dataclass
@@ -110,6 +116,12 @@ class Tenants:
         self.replicas = 1
         self.states: dict[str, TenantState] = {}
         self.changes = Changes()
+        self.meters: list[Callable[[], None]] = []  # bring usage counted elsewhere (the kernel) in
+
+    def meter(self) -> None:
+        """Before usage is read: every tenant's usage, counts made outside this process's Python included."""
+        for meter in self.meters:
+            meter()
 
     @property
     def limits(self) -> dict[str, ProxyTenantLimits]:
@@ -173,14 +185,19 @@ class Tenants:
 
     def applied(self, databases: list[str]) -> None:
         """New limits are in ``limits``: tenants take them now (also those whose organization's
-        budget changed with another database's limits), and connections over a lowered cap are
-        ended (a suspended tenant's: all)."""
+        budget changed with another database's limits), connections over a lowered cap are ended
+        (a suspended tenant's: all), and every connection of a changed tenant hears of it (one
+        forwarded in the kernel is taken back when its tenant now has a QPS limit)."""
         named = set(databases)
         for database, state in list(self.states.items()):
             if database in named or state.budget != self.budgets.get(database):
                 current = self.get(database)
-                if current is not None and database in named:
+                if current is None:
+                    continue
+                if database in named:
                     self._drain(database, current)
+                for client in list(current.clients):
+                    client.limits_changed()
         self.changes.notify()
 
     def _drain(self, database: str, state: TenantState) -> None:
