@@ -25,6 +25,7 @@ class TenantResult:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     password: Password | None = field(default=None, repr=False)
     cold: bool = False  # scaled to zero: idle past the tier's idleTimeout
+    activity_unknown: str | None = None  # why the proxies' activity could not be read (cold is then the last verdict)
     overage: OverageVerdict | None = None  # this month's usage against the included usage
     sessions_ended: int = 0
 
