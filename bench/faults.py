@@ -1,6 +1,6 @@
 """Faults, measured: each with traffic through a real proxy and PgBouncer and a tier change in flight.
 
-    python -m bench.faults --tenants 8 --outage 3
+    python -m bench.faults --tenants 8 --outage 6
 
 A real `dynabase operator` runs against the devstack's apiserver (drift interval
 --drift seconds), a `dynabase proxy` in front of the devstack's PgBouncer agent,
@@ -36,22 +36,16 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import asyncpg
-import psycopg
-import redis
 from tests.railway.fake import FakeRailway, fake_in_thread
 
 from bench.common import ROOT
+from bench.fault_probes import NAMESPACE, RESTRICTED_QPS, Probes, Tenant
 from bench.proxy import start_proxy
 from dynabase.devstack.stack import Devstack, free_port
-from dynabase.keyspace import LIMITS_KEY, USAGE_PATTERN, decode_usage, encode_usage, usage_field, usage_key
 
-NAMESPACE = "faults"
-RESTRICTED_QPS = 2
 POLICY = f"""apiVersion: dynabase.io/v1alpha1
 kind: TierPolicy
 metadata: {{name: faults}}
@@ -71,34 +65,6 @@ spec:
 
 
 @dataclass
-class Tenant:
-    name: str
-    tier: str
-    railway: bool = False
-
-    @property
-    def key(self) -> str:
-        return f"{NAMESPACE}/{self.name}"
-
-    @property
-    def database(self) -> str:
-        return self.name.replace("-", "_")
-
-    def manifest(self) -> str:
-        railway = (f", railway: {{projectId: proj, environmentId: env, serviceName: {self.name}}}"
-                   if self.railway else "")
-        return (f"apiVersion: dynabase.io/v1alpha1\nkind: TenantDatabase\nmetadata: {{name: {self.name}, "
-                f"namespace: {NAMESPACE}}}\nspec: {{orgId: org-{self.name}, tier: {self.tier}, "
-                f"tierPolicyRef: faults{railway}}}\n")
-
-
-@dataclass
-class Traffic:
-    ok: Counter[str] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass
 class Row:
     fault: str
     converge: float | None  # seconds from the tier change
@@ -115,9 +81,7 @@ class Bench:
         self.env = stack.env()
         self.workdir = Path(tempfile.mkdtemp(prefix="dynabase-faults-bench-"))
         self.operator: subprocess.Popen[bytes] | None = None
-        self.proxy_port, self.replica = free_port(), "bench-proxy"
-        self.passwords: dict[str, str] = {}
-        self.traffic = Traffic()
+        self.probes = Probes(self.env, tenants, free_port(), "bench-proxy")
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -143,132 +107,20 @@ class Bench:
             self.operator.send_signal(signal.SIGKILL)
             self.operator.wait(10)
 
-    def statuses(self) -> dict[str, dict[str, Any]] | None:
-        out = subprocess.run([self.env["DYNABASE_KUBECTL"], "get", "tdb", "-n", NAMESPACE, "-o", "json"],
-                             capture_output=True, text=True, env={**os.environ, "KUBECONFIG": self.env["KUBECONFIG"]},
-                             timeout=30)
-        if out.returncode != 0:
-            return None  # the apiserver is away
-        return {f"{NAMESPACE}/{i['metadata']['name']}": i.get("status") or {} for i in json.loads(out.stdout)["items"]}
-
-    def converged(self, statuses: dict[str, dict[str, Any]] | None) -> bool:
-        if statuses is None:
-            return False
-        for t in self.tenants:
-            status = statuses.get(t.key, {})
-            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
-            if not ready or status.get("appliedTier") != t.tier:
-                return False
-        return True
-
-    def explain(self, statuses: dict[str, dict[str, Any]] | None) -> None:
-        """Why the tenants are not converged: their tier and failing conditions."""
-        for t in self.tenants:
-            status = (statuses or {}).get(t.key, {})
-            failing = [f"{c['type']}: {c.get('reason')}: {c.get('message', '')[:160]}"
-                       for c in status.get("conditions", []) if c["status"] == "False" and c["type"] != "Ready"]
-            print(f"    {t.key}: want {t.tier}, applied {status.get('appliedTier')}; {failing}", flush=True)
-
     def passwords_from_secrets(self) -> None:
         for t in self.tenants:
             data = json.loads(self.kubectl("get", "secret", "-n", NAMESPACE, f"{t.name}-dynabase-password",
                                            "-o", "json"))["data"]["password"]
-            self.passwords[t.key] = base64.b64decode(data).decode()
-
-    # -- traffic, usage and restrictions ------------------------------------------------------
-
-    async def client(self, t: Tenant, stop: asyncio.Event) -> None:
-        conn: asyncpg.Connection | None = None
-        while not stop.is_set():
-            try:
-                if conn is None or conn.is_closed():
-                    conn = await asyncpg.connect(host="127.0.0.1", port=self.proxy_port, user=t.database,
-                                                 password=self.passwords[t.key], database=t.database, ssl=False,
-                                                 statement_cache_size=0, timeout=5)
-                await conn.fetchval("SELECT 1", timeout=10)
-                self.traffic.ok[t.key] += 1
-                await asyncio.sleep(0.02)
-            except asyncpg.PostgresError as exc:
-                self.traffic.errors[str(exc.sqlstate)] += 1
-                await asyncio.sleep(0.1)
-            except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
-                self.traffic.errors[type(exc).__name__] += 1
-                if conn is not None:
-                    conn.terminate()
-                conn = None
-                await asyncio.sleep(0.1)
-        if conn is not None:
-            conn.terminate()
-
-    def metered(self) -> Counter[str]:
-        """Queries the proxy replica wrote to the usage hashes, per tenant."""
-        client = redis.Redis.from_url(self.env["DYNABASE_REDIS_URL"], decode_responses=True)
-        totals: Counter[str] = Counter()
-        try:
-            for key in client.scan_iter(USAGE_PATTERN):
-                for sample in decode_usage({str(k): str(v) for k, v in client.hgetall(key).items()}):
-                    if sample.replica == self.replica:
-                        totals[sample.tenant] += int(sample.counters.get("queries", 0))
-        finally:
-            client.close()
-        return totals
-
-    async def settled_metering(self) -> Counter[str]:
-        """The usage hashes once the proxy's flushes have caught up with the (stopped) clients."""
-        last, stable_since = Counter[str](), time.monotonic()
-        while time.monotonic() - stable_since < 3:  # three flushes with nothing new
-            now = await asyncio.to_thread(self.metered)
-            if now != last:
-                last, stable_since = now, time.monotonic()
-            await asyncio.sleep(0.5)
-        return last
-
-    async def seed_usage(self, stop: asyncio.Event, over: list[Tenant]) -> None:
-        """A replica that metered the restricted tenants over their included usage, rewriting its
-        absolute counters every second as proxies do (so it survives Redis losing its data)."""
-        client = redis.Redis.from_url(self.env["DYNABASE_REDIS_URL"], decode_responses=True)
-        hour = int(time.time()) // 3600
-        try:
-            while not stop.is_set():
-                with contextlib.suppress(redis.RedisError):
-                    client.hset(usage_key(hour), mapping={
-                        usage_field(t.key, "seed"): encode_usage({"queries": 10, "query_seconds": 100.0}, t.tier)
-                        for t in over})
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
-        finally:
-            client.close()
-
-    def restrictions(self, slow: Tenant, read_only: Tenant, statuses: dict[str, dict[str, Any]] | None) -> int:
-        """How many restrictions are not in force right now (what cannot be read is not counted)."""
-        lifted = 0
-        with contextlib.suppress(psycopg.Error), \
-                psycopg.connect(self.env["DYNABASE_POSTGRES_DSN"], connect_timeout=2) as conn:
-            row = conn.execute("SELECT coalesce(rolconfig, '{}') FROM pg_roles WHERE rolname = %s",
-                               (read_only.database,)).fetchone()
-            if row is not None and "default_transaction_read_only=on" not in row[0]:
-                lifted += 1
-        with contextlib.suppress(redis.RedisError):
-            client = redis.Redis.from_url(self.env["DYNABASE_REDIS_URL"], decode_responses=True, socket_timeout=2)
-            try:
-                text = client.hget(LIMITS_KEY, slow.database)
-            finally:
-                client.close()
-            if text and (json.loads(text).get("qps") or 10 ** 9) > RESTRICTED_QPS:
-                lifted += 1
-        for t in (slow, read_only):
-            if statuses is not None and not (statuses.get(t.key, {}).get("usage") or {}).get("restriction"):
-                lifted += 1
-        return lifted
+            self.probes.passwords[t.key] = base64.b64decode(data).decode()
 
     # -- one fault ----------------------------------------------------------------------------
 
     async def run(self, name: str, inject: Callable[[], Awaitable[None]], undo: Callable[[], Awaitable[None]],
                   outage: float, restricted: tuple[Tenant, Tenant]) -> Row:
         stop = asyncio.Event()
-        before_ok, before_metered = Counter(self.traffic.ok), await asyncio.to_thread(self.metered)
-        errors_before = Counter(self.traffic.errors)
-        clients = [asyncio.create_task(self.client(t, stop)) for t in self.tenants]
+        before_ok, before_metered = Counter(self.probes.traffic.ok), await asyncio.to_thread(self.probes.metered)
+        errors_before = Counter(self.probes.traffic.errors)
+        clients = [asyncio.create_task(self.probes.client(t, stop)) for t in self.tenants]
         await asyncio.sleep(1.0)  # traffic flowing before anything changes
         for t in self.tenants:
             if t.tier in ("SMALL", "BIG"):
@@ -286,26 +138,26 @@ class Bench:
             if not undone and time.monotonic() - started >= outage:
                 await undo()
                 undone = time.monotonic()
-            statuses = await asyncio.to_thread(self.statuses)
-            lifted += await asyncio.to_thread(self.restrictions, *restricted, statuses)
-            if undone and self.converged(statuses):
+            statuses = await asyncio.to_thread(self.probes.statuses)
+            lifted += await asyncio.to_thread(self.probes.restrictions, *restricted, statuses)
+            if undone and self.probes.converged(statuses):
                 converge = time.monotonic() - started
                 break
             await asyncio.sleep(0.3)
         if not undone:
             await undo()
         if converge is None:
-            self.explain(await asyncio.to_thread(self.statuses))
+            self.probes.explain(await asyncio.to_thread(self.probes.statuses))
         await asyncio.sleep(1.0)  # traffic on the new tier
         stop.set()
         await asyncio.gather(*clients)
-        metered = await self.settled_metering()
-        ok = self.traffic.ok - before_ok
+        metered = await self.probes.settled_metering()
+        ok = self.probes.traffic.ok - before_ok
         counted = Counter({k: metered[k] - before_metered[k] for k in metered})
         lost = sum(max(0, ok[t.key] - counted[t.key]) for t in self.tenants)
         extra = sum(max(0, counted[t.key] - ok[t.key]) for t in self.tenants)
         recovered = None if converge is None else started + converge - undone
-        row = Row(name, converge, recovered, lifted, lost, extra, self.traffic.errors - errors_before)
+        row = Row(name, converge, recovered, lifted, lost, extra, self.probes.traffic.errors - errors_before)
         print(f"  {name}: converge {converge if converge is None else round(converge, 1)}s, lifted {lifted}, "
               f"lost {lost} (of {sum(ok.values())} ok), errors {dict(row.errors)}", flush=True)
         return row
@@ -346,14 +198,14 @@ async def main_async(args: argparse.Namespace, stack: Devstack, fake: FakeRailwa
     bench.kubectl("create", "namespace", NAMESPACE)
     bench.kubectl("apply", "-f", "-", stdin=POLICY)
     seeding = asyncio.Event()
-    seeder = asyncio.create_task(bench.seed_usage(seeding, [slow, read_only]))
-    proxy = start_proxy(bench.env, bench.proxy_port, free_port(), bench.replica)
+    seeder = asyncio.create_task(bench.probes.seed_usage(seeding, [slow, read_only]))
+    proxy = start_proxy(bench.env, bench.probes.proxy_port, free_port(), bench.probes.replica)
     bench.start_operator()
     try:
         bench.kubectl("apply", "-f", "-", stdin="---\n".join(t.manifest() for t in bench.tenants))
         started = time.monotonic()
-        while not bench.converged(await asyncio.to_thread(bench.statuses)) or \
-                bench.restrictions(slow, read_only, await asyncio.to_thread(bench.statuses)):
+        while not bench.probes.converged(await asyncio.to_thread(bench.probes.statuses)) or \
+                bench.probes.restrictions(slow, read_only, await asyncio.to_thread(bench.probes.statuses)):
             if time.monotonic() - started > 180:
                 raise SystemExit(f"not converged and restricted after 180s; see {bench.workdir}/operator.log")
             await asyncio.sleep(0.5)

@@ -1,25 +1,14 @@
 """Safe failure: a backend that cannot be read keeps its last verdict and says so in a
 condition; nothing is lifted, reset or announced, and the next pass after it is back converges.
 
-Each fault is real: servers of a devstack of this module's own (so the session's stack
-stays whole for the other tests) are killed and started again on the same port.
+Each fault is real: servers of a devstack of this module's own are killed and started
+again on the same ports (tests/fault_helpers.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
-import json
-import os
-import shutil
-import signal
-import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -27,158 +16,44 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from dynabase.backends.mongo import MongoBackend
-from dynabase.backends.pgbouncer import PgBouncerBackend
-from dynabase.backends.proxy import ProxyBackend
 from dynabase.backends.railway import OwnService, RailwayBackend
 from dynabase.backends.railway.client import RailwayAuth, RailwayClient
 from dynabase.backends.redis_acl import RedisBackend
 from dynabase.desired.effective import BillingEffective
 from dynabase.desired.overage import carried_overage, decide_overage, usage_outcome
-from dynabase.devstack.stack import Devstack
-from dynabase.engine.reconciler import Engine, TenantResult
+from dynabase.engine.reconciler import Engine
 from dynabase.engine.runtime import close_engine
-from dynabase.engine.stores import MemorySecretStore, MemoryStatusStore
-from dynabase.keyspace import ACTIVITY_KEY, AGENTS_KEY, LIMITS_KEY, decode_agent_report, usage_field, usage_key
-from dynabase.keyspace import encode_usage as encode
-from dynabase.proxy.metering import HourlyMeter, Usage
-from dynabase.spec import TenantDatabase, TenantDatabaseStatus, TierPolicy
+from dynabase.engine.stores import MemoryStatusStore
 from dynabase.spec.tenant import UsageStatus
 
 from .conftest import Stack
 from .engine_helpers import FakeClock, make_engine
-from .events import activity_recorded, key_writes
-from .proxy_helpers import running_proxy
+from .fault_helpers import (
+    Faults,
+    condition,
+    devstack,
+    faulty_engine,
+    faulty_stack,
+    metered,
+    one,
+    published,
+    role_config,
+    tenant,
+    with_tier,
+)
 from .railway.fake import FakeRailway
-
-POLICY = TierPolicy.model_validate({
-    "apiVersion": "dynabase.io/v1alpha1", "kind": "TierPolicy", "metadata": {"name": "faults"},
-    "spec": {"tiers": {
-        # 0.01 vCPU-hours (36 vCPU-seconds) included, a soft period of a minute.
-        "TINY": {"rank": 0, "proxy": {"qps": 50},
-                 "billing": {"includedVcpuHours": 0.01, "softOveragePeriod": "1m", "restrictedQps": 2}},
-        "TINYRO": {"rank": 1, "proxy": {"qps": 50},
-                   "billing": {"includedVcpuHours": 0.01, "softOveragePeriod": "1m",
-                               "overageRestriction": "readOnly"}},
-        "NAP": {"rank": 2, "lifecycle": {"idleTimeout": "1s"}},
-        "LOW": {"rank": 3, "postgres": {"connectionLimit": 4}, "redis": {"maxKeys": 5}, "pgbouncer": {"poolSize": 2},
-                "railway": {"replicas": 1, "vCPUs": 0.5, "memoryGB": 0.5}},
-        "HOT": {"rank": 4, "postgres": {"connectionLimit": 9}, "redis": {"maxKeys": 100},
-                "pgbouncer": {"poolSize": 3}, "railway": {"replicas": 2, "vCPUs": 1, "memoryGB": 1}},
-    }},
-})
-POLICIES = {"faults": POLICY}
-
-
-def tenant(tier: str, **spec: Any) -> TenantDatabase:
-    db = f"sf_{tier.lower()}_{uuid.uuid4().hex[:6]}"
-    return TenantDatabase.model_validate({
-        "apiVersion": "dynabase.io/v1alpha1", "kind": "TenantDatabase",
-        "metadata": {"name": db.replace("_", "-"), "namespace": "faults", "generation": 1},
-        "spec": {"orgId": "org", "tier": tier, "tierPolicyRef": "faults", "databaseName": db, **spec},
-    })
-
-
-def with_tier(t: TenantDatabase, tier: str) -> TenantDatabase:
-    raw = t.model_dump(by_alias=True, exclude_none=True, mode="json")
-    raw["spec"]["tier"] = tier
-    raw["metadata"]["generation"] += 1
-    return TenantDatabase.model_validate(raw)
-
-
-@contextlib.contextmanager
-def devstack(services: list[str]) -> Iterator[Devstack]:
-    # Not pytest's tmp_path: its 0700 parents keep the postgres user out when run as root.
-    root = Path(tempfile.mkdtemp(prefix="dynabase-faults-"))
-    stack = Devstack(root)
-    try:
-        stack.up(services, build=False)
-        yield stack
-    finally:
-        stack.down()
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@dataclass
-class Faults:
-    """A devstack to break: services are killed and started again on their ports."""
-
-    devstack: Devstack
-
-    @property
-    def env(self) -> dict[str, str]:
-        return self.devstack.env()
-
-    async def kill(self, service: str) -> None:
-        await asyncio.to_thread(self.devstack.stop, service, kill=True)
-
-    async def start(self, service: str) -> None:
-        await asyncio.to_thread(self.devstack.start, service)
-
-    @contextlib.asynccontextmanager
-    async def down(self, service: str) -> AsyncIterator[None]:
-        """``service`` killed inside the block, running again after it (also when the block fails)."""
-        await self.kill(service)
-        try:
-            yield
-        finally:
-            await self.start(service)
 
 
 @pytest.fixture(scope="module")
 def faults(stack: Stack) -> Iterator[Faults]:
-    with devstack(["postgres", "redis", "pgbouncer"]) as own:
-        yield Faults(own)
+    with faulty_stack() as own:
+        yield own
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def engine(faults: Faults) -> AsyncIterator[tuple[Engine, FakeClock, MemoryStatusStore]]:
-    """An engine over the faulty stack's Postgres and platform Redis (proxy limits, usage, activity)."""
-    clock = FakeClock()
-    # Mid-month and long ago: the month's usage is what a test writes, whatever the date today.
-    clock.now = dt.datetime(2001, 3, 15, 12, 0, tzinfo=dt.UTC)
-    built, _, statuses = await make_engine(faults.env["DYNABASE_POSTGRES_DSN"], clock)
-    built.proxy = ProxyBackend(faults.env["DYNABASE_REDIS_URL"])
-    try:
-        yield built, clock, statuses
-    finally:
-        await close_engine(built)
-
-
-async def one(engine: Engine, t: TenantDatabase) -> TenantResult:
-    return (await engine.reconcile_all(POLICIES, [t])).tenants[0]
-
-
-def condition(status: TenantDatabaseStatus | None, type_: str) -> Any:
-    assert status is not None
-    found = status.condition(type_)
-    assert found is not None, f"no {type_} condition in {status.conditions}"
-    return found
-
-
-async def role_config(dsn: str, role: str) -> list[str]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await conn.fetchval("SELECT coalesce(rolconfig, '{}') FROM pg_roles WHERE rolname = $1", role))
-    finally:
-        await conn.close()
-
-
-async def published(url: str, database: str) -> dict[str, Any]:
-    client = aioredis.Redis.from_url(url, decode_responses=True)
-    try:
-        return dict(json.loads(await client.hget(LIMITS_KEY, database) or "{}"))
-    finally:
-        await client.aclose()
-
-
-async def metered(url: str, t: TenantDatabase, now: dt.datetime, query_seconds: float) -> None:
-    """Usage as a proxy replica flushes it (0.42 vCPU-s per query-second in the default model)."""
-    client = aioredis.Redis.from_url(url, decode_responses=True)
-    try:
-        await client.hset(usage_key(int(now.timestamp()) // 3600), usage_field(t.key, "r1"),
-                          encode({"queries": 100, "query_seconds": query_seconds, "connections": 1}, t.spec.tier))
-    finally:
-        await client.aclose()
+    async with faulty_engine(faults) as built:
+        yield built
 
 
 # -- pure: what a pass that cannot read the usage decides -----------------------------------
@@ -213,22 +88,6 @@ def test_a_carried_verdict_keeps_level_clock_and_restriction_and_follows_only_th
     december = carried_overage(billing(), late.status, dt.datetime(2026, 12, 1, 0, 5, tzinfo=dt.UTC), "down")
     assert december is not None and december.status == UsageStatus(month="2026-12")
     assert carried_overage(BillingEffective(included_vcpu_hours=0), late.status, NOW, "down") is None
-
-
-def test_the_meter_writes_the_last_ended_hour_again_when_asked() -> None:
-    meter, usage = HourlyMeter(), Usage("ns/t", "LOW")
-    hour = 500_000 * 3600.0
-    usage.queries = 7
-    assert meter.per_hour(usage, hour + 10) == [(500_000, {**usage.snapshot(), "queries": 7})]
-    usage.queries = 9
-    ended_and_current = meter.per_hour(usage, hour + 3600 + 5)
-    assert [(h, c["queries"]) for h, c in ended_and_current] == [(500_000, 9), (500_001, 0)]
-    meter.flushed()
-    assert [h for h, _ in meter.per_hour(usage, hour + 3600 + 6)] == [500_001]
-    # Redis lost what it had: the ended hour is written again with its final values.
-    usage.queries = 12
-    assert [(h, c["queries"]) for h, c in meter.per_hour(usage, hour + 3600 + 7, again=True)] == \
-        [(500_000, 9), (500_001, 3)]
 
 
 # -- usage and activity that cannot be read ------------------------------------------------
@@ -447,117 +306,3 @@ async def test_tenant_redis_down_or_unmeasured_keeps_an_over_quota_user_read_onl
         finally:
             await admin.aclose()
             await close_engine(eng)
-
-
-# -- the platform's Redis lost its data: proxies and agents keep serving what they had ------
-
-
-async def test_platform_redis_restarted_empty_proxies_and_agents_keep_serving_and_metering(
-        faults: Faults, engine: tuple[Engine, FakeClock, MemoryStatusStore]) -> None:
-    eng = engine[0]
-    url = faults.env["DYNABASE_REDIS_URL"]
-    eng.pgbouncer = PgBouncerBackend(url)
-    secrets = eng.secrets
-    assert isinstance(secrets, MemorySecretStore)
-    low = tenant("LOW")
-    try:
-        replica = f"faults-{uuid.uuid4().hex[:6]}"
-        async with running_proxy(url, replica) as (port, proxy):
-            first = await one(eng, low)
-            assert first.ready, first.outcomes
-            await asyncio.wait_for(proxy.serves(low.database_name, lambda limits: limits.tier == "LOW"), 15)
-
-            async def query(count: int) -> None:
-                conn = await asyncpg.connect(host="127.0.0.1", port=port, user=low.database_name,
-                                             password=secrets.passwords[low.key], database=low.database_name,
-                                             ssl=False, statement_cache_size=0)
-                try:
-                    for _ in range(count):
-                        assert await conn.fetchval("SELECT 1") == 1
-                finally:
-                    await conn.close()
-
-            async with activity_recorded(url, low.database_name):
-                await query(5)
-            async with faults.down("redis"):
-                pass  # killed and started again: everything it held is gone
-
-            client = aioredis.Redis.from_url(url, decode_responses=True)
-            hour = usage_key(int(dt.datetime.now(dt.UTC).timestamp()) // 3600)
-            field = usage_field(low.key, replica)
-
-            async def counted() -> bool:
-                text = await client.hget(hour, field)
-                return text is not None and json.loads(text)["queries"] == 5
-
-            async def active() -> bool:
-                return await client.zscore(ACTIVITY_KEY, low.database_name) is not None
-            try:
-                # The proxy writes again what Redis lost, with no new query to prompt it.
-                async with key_writes(url, hour) as writes:
-                    await writes.until(counted, "the 5 queries metered again")
-                async with key_writes(url, ACTIVITY_KEY) as writes:
-                    await writes.until(active, "the tenant's last activity written again")
-                async with key_writes(url, AGENTS_KEY) as writes:
-                    async def keeping() -> bool:
-                        reports = [decode_agent_report(k, v) for k, v in (await client.hgetall(AGENTS_KEY)).items()]
-                        return bool(reports) and all(r.seq == 0 for r in reports)
-                    await writes.until(keeping, "the agent keeping its pools, confirming nothing")
-            finally:
-                await client.aclose()
-            # Through the proxy and the tenant's tier pool, as before: nothing was published since.
-            assert proxy.tenants.limits[low.database_name].tier == "LOW"
-            await query(5)
-
-            back = await one(eng, low)  # publishes the layout and limits again; the agent confirms
-            assert back.ready and back.events == [], (back.outcomes, back.events)
-            await query(1)
-    finally:
-        assert eng.pgbouncer is not None
-        await eng.pgbouncer.close()
-        eng.pgbouncer = None
-
-
-async def test_a_killed_pgbouncer_agent_leaves_its_pools_serving_and_the_next_one_adopts_them(
-        faults: Faults, engine: tuple[Engine, FakeClock, MemoryStatusStore]) -> None:
-    eng, _, _ = engine
-    url = faults.env["DYNABASE_REDIS_URL"]
-    eng.pgbouncer = PgBouncerBackend(url, confirm_timeout=2)
-    secrets = eng.secrets
-    assert isinstance(secrets, MemorySecretStore)
-    low = tenant("LOW")
-    try:
-        first = await one(eng, low)
-        assert first.ready, first.outcomes
-        route = await eng.pgbouncer.route(low.database_name)
-        assert route is not None and route[0] == "faults.LOW"
-        conn = await asyncpg.connect(host="127.0.0.1", port=route[1], user=low.database_name,
-                                     password=secrets.passwords[low.key], database=low.database_name,
-                                     statement_cache_size=0)
-        try:
-            os.kill(faults.devstack.state.services["pgbouncer"].pid, signal.SIGKILL)  # its PgBouncers live on
-            assert await conn.fetchval("SELECT 2") == 2
-
-            # A tier change the dead agent cannot confirm: published, and said to be pending.
-            blind = await one(eng, with_tier(low, "HOT"))
-            assert condition(blind.status, "PgBouncerReady").reason == "AgentPending"
-
-            async with key_writes(url, AGENTS_KEY) as writes:
-                await faults.start("pgbouncer")
-
-                async def confirmed() -> bool:
-                    observed = await eng.pgbouncer.observe()  # type: ignore[union-attr]
-                    published_seq = observed.published.seq if observed.published else -1
-                    return bool(observed.agents) and all(a.seq >= published_seq and all(
-                        p.ok for p in a.pools.values()) for a in observed.agents)
-                await writes.until(confirmed, "the new agent on the published layout")
-            assert await conn.fetchval("SELECT 3") == 3  # the same server connection: adopted, not replaced
-            back = await one(eng, with_tier(low, "HOT"))
-            assert back.ready, back.outcomes
-        finally:
-            await conn.close()
-    finally:
-        assert eng.pgbouncer is not None
-        await eng.pgbouncer.close()
-        eng.pgbouncer = None
-

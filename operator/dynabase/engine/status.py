@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 from collections import Counter as Tally
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from dynabase.desired.lifecycle import idle_message, phase, was_cold
 from dynabase.desired.overage import usage_outcome
@@ -102,30 +101,24 @@ def build_status(result: TenantResult, previous: TenantDatabaseStatus | None, no
         awake(result, previous)
     woke(result, previous)
     usage(result, previous)
-    tiers = TierRecord(decision.applied_tier, decision.pending_tier, decision.effective_at)
+    applied: str | None = decision.applied_tier
+    pending, effective_at = decision.pending_tier, decision.effective_at
     if unobserved(result) and previous is not None:
         # A backend that could not be read may not hold the tier: the record stays until a pass sees it.
-        tiers = TierRecord(previous.applied_tier, previous.pending_tier, previous.effective_at)
+        applied, pending, effective_at = previous.applied_tier, previous.pending_tier, previous.effective_at
         history = list(previous.history)
     else:
         history = tier_history(result, previous, now)
     return TenantDatabaseStatus(
         observed_generation=generation,
         phase=phase(suspended=tenant.spec.suspended, ready=result.ready, cold=result.cold),
-        applied_tier=tiers.applied,
-        pending_tier=tiers.pending,
-        effective_at=tiers.effective_at,
+        applied_tier=applied,
+        pending_tier=pending,
+        effective_at=effective_at,
         conditions=build_conditions(result.outcomes, previous, generation, now),
         history=history,
         usage=result.overage.status if result.overage is not None else None,
     )
-
-
-@dataclass(frozen=True)
-class TierRecord:
-    applied: str | None
-    pending: str | None
-    effective_at: dt.datetime | None
 
 
 def tier_history(result: TenantResult, previous: TenantDatabaseStatus | None, now: dt.datetime) -> list[TierChange]:
