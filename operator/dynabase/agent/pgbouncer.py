@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -48,6 +49,12 @@ class PoolProcess:
     port: int
     ini: Path
     process: subprocess.Popen[bytes] | None = None
+    adopted: int | None = None  # pid of a PgBouncer an earlier agent process started, still serving
+
+    def running(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        return self.adopted is not None and _alive(self.adopted)
 
 
 class PgBouncerAgent:
@@ -81,6 +88,7 @@ class PgBouncerAgent:
         )
         self.pools: dict[str, PoolProcess] = {}
         self.version: str | None = None
+        self.layout: PgBouncerDesired | None = None  # the last layout read from Redis
         self._ports_file = workdir / "ports.json"
         self._as_root = os.geteuid() == 0
 
@@ -191,7 +199,31 @@ class PgBouncerAgent:
                     mismatches.append(f"{route.database}.{column} is {row.get(column)!r}, want {want!r}")
         return PoolReport(pool.port, not mismatches, mismatches)
 
+    def _adopt(self, pool: PoolProcess) -> bool:
+        """A PgBouncer of this pool left running by an agent that died (its pidfile names a live
+        pgbouncer): adopted and reloaded, not replaced, so its clients keep their connections."""
+        pidfile = self.workdir / f"{pool.name}.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except (OSError, ValueError):
+            return False
+        if comm != "pgbouncer" or not _alive(pid):
+            return False
+        pool.adopted = pid
+        log.info("adopted a running pgbouncer", extra={"pool": pool.name, "pid": pid})
+        return True
+
     def _stop(self, pool: PoolProcess) -> None:
+        if pool.adopted is not None and pool.running():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pool.adopted, signal.SIGINT)  # safe shutdown, as below
+            deadline = time.monotonic() + 10
+            while pool.running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pool.adopted, signal.SIGKILL)
+            return
         if pool.process is not None and pool.process.poll() is None:
             pool.process.send_signal(signal.SIGINT)  # safe shutdown: wait for servers to be released
             try:
@@ -212,7 +244,10 @@ class PgBouncerAgent:
             pool = self.pools.setdefault(name, PoolProcess(name, port, self.workdir / f"{name}.ini"))
             changed = self._write(pool.ini, render_ini(desired, name, port, self.config))
             try:
-                if pool.process is None or pool.process.poll() is not None:
+                if pool.process is None and pool.adopted is None and self._adopt(pool):
+                    self._reload(pool)  # its file may have changed while no agent watched
+                elif not pool.running():
+                    pool.adopted = None
                     self._spawn(pool)
                 elif changed:
                     self._reload(pool)
@@ -227,11 +262,17 @@ class PgBouncerAgent:
 
     async def sync_once(self) -> None:
         text = await self.redis.get(LAYOUT_KEY)
-        desired = PgBouncerDesired.from_json(str(text)) if text else PgBouncerDesired()
-        version = desired.version
+        if text:
+            desired = self.layout = PgBouncerDesired.from_json(str(text))
+        elif self.layout is not None:
+            # Redis lost the layout (restarted without its data): that says nothing about the pools,
+            # so the last one stays, and is reported as confirming nothing until one is published.
+            desired = dataclasses.replace(self.layout, seq=0)
+        else:
+            desired = PgBouncerDesired()  # nothing published yet: the default pool only
         reports = await asyncio.to_thread(self.converge, desired)
-        self.version = version
-        report = AgentReport(self.agent_id, version, time.time(), desired.seq, reports)
+        self.version = desired.version
+        report = AgentReport(self.agent_id, desired.version, time.time(), desired.seq, reports)
         await self.redis.hset(AGENTS_KEY, self.agent_id, encode_agent_report(report))
 
     async def run(self, stop: asyncio.Event, *, interval: float = 1.0) -> None:
@@ -253,6 +294,18 @@ class PgBouncerAgent:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             await self.redis.aclose()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):  # a zombie answers kill(0) too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
 
 
 async def run_agent(agent: PgBouncerAgent) -> None:

@@ -12,6 +12,9 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dynabase.desired.pgbouncer import DEFAULT_POOL, PgBouncerDesired
 from dynabase.keyspace import AGENTS_KEY, LAYOUT_CHANNEL, LAYOUT_KEY, LAYOUT_SEQ_KEY, AgentReport, decode_agent_report
@@ -29,7 +32,9 @@ class PgBouncerBackend:
     name = "pgbouncer"
 
     def __init__(self, redis_url: str, *, confirm_timeout: float = 10.0) -> None:
-        self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        # One retry on a fresh connection: after a Redis restart the pooled ones are dead.
+        self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True, retry=Retry(NoBackoff(), 1),
+                                              retry_on_error=[RedisConnectionError])
         self.confirm_timeout = confirm_timeout
         self.writes = 0
 

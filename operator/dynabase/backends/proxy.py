@@ -13,6 +13,9 @@ import logging
 from collections.abc import Callable, Iterable
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dynabase.desired.proxy import ProxyTenantLimits
 from dynabase.keyspace import (
@@ -35,7 +38,9 @@ class ProxyBackend:
     name = "proxy"
 
     def __init__(self, redis_url: str) -> None:
-        self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        # One retry on a fresh connection: after a Redis restart the pooled ones are dead.
+        self._redis = aioredis.Redis.from_url(redis_url, decode_responses=True, retry=Retry(NoBackoff(), 1),
+                                              retry_on_error=[RedisConnectionError])
         self.writes = 0
         self.wakes_subscribed = asyncio.Event()  # set while Redis confirms wakes() is subscribed
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from dynabase.spec.tenant import TenantDatabaseStatus
 from dynabase.spec.units import Duration
 
 
@@ -51,3 +52,14 @@ def phase(*, suspended: bool, ready: bool, cold: bool) -> str:
     if not ready:
         return "Degraded"
     return "Cold" if cold else "Active"
+
+
+def was_cold(previous: TenantDatabaseStatus | None) -> bool:
+    """Whether the last status recorded the tenant Cold. Its Awake condition says so even when a
+    failing backend made the phase Degraded: the phase alone would forget it."""
+    if previous is None:
+        return False
+    awake = previous.condition("Awake")
+    if awake is not None:
+        return awake.status == "False"
+    return previous.phase == "Cold"

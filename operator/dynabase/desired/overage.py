@@ -28,8 +28,9 @@ def month_start(now: dt.datetime) -> dt.datetime:
 @dataclass(frozen=True)
 class OverageVerdict:
     status: UsageStatus
-    ratio: float  # used / included
+    ratio: float | None  # used / included; None when the usage could not be read
     message: str
+    unknown: str | None = None  # why this pass could not read the usage: the verdict is the last one, carried
 
     @property
     def restriction(self) -> str | None:
@@ -42,9 +43,36 @@ def decide_overage(billing: BillingEffective, used_vcpu_hours: float, previous: 
     included = billing.included_vcpu_hours
     if included <= 0:
         return None
-    month = month_of(now)
-    before = previous if previous is not None and previous.month == month else None  # a new month starts clean
     level = warning_level(used_vcpu_hours, included)
+    used = f"{used_vcpu_hours:.2f} of {included:g} included vCPU-hours"
+    return _verdict(billing, level, _this_month(previous, now), now, used, used_vcpu_hours / included)
+
+
+def carried_overage(billing: BillingEffective, previous: UsageStatus | None, now: dt.datetime,
+                    why: str) -> OverageVerdict | None:
+    """The verdict of a pass that could not read the month's usage: the last one holds.
+
+    The level, the over-since date and a restriction are carried, never lifted or
+    restarted, and nothing new is claimed about the usage. What follows from rules
+    alone still follows, as it would with the usage known: usage only grows within
+    a month, so a soft period that ends now restricts; a tier that sells overage is
+    never restricted; a new month starts clean.
+    """
+    if billing.included_vcpu_hours <= 0:
+        return None
+    before = _this_month(previous, now)
+    level = before.level if before is not None else None
+    known = f"{level} % of the included usage" if level else "under 80 % of the included usage"
+    return _verdict(billing, level, before, now, f"usage unknown ({why}); last known {known}", None, unknown=why)
+
+
+def _this_month(previous: UsageStatus | None, now: dt.datetime) -> UsageStatus | None:
+    """The previous verdict if it is this month's: a new month starts clean."""
+    return previous if previous is not None and previous.month == month_of(now) else None
+
+
+def _verdict(billing: BillingEffective, level: str | None, before: UsageStatus | None, now: dt.datetime,
+             used: str, ratio: float | None, *, unknown: str | None = None) -> OverageVerdict:
     over_since = None
     if level == "100":
         over_since = before.over_since if before is not None and before.over_since is not None else now
@@ -53,7 +81,6 @@ def decide_overage(billing: BillingEffective, used_vcpu_hours: float, previous: 
     soft = dt.timedelta(milliseconds=billing.soft_overage_period.milliseconds)
     if over_since is not None and not sells_overage and now - over_since >= soft:
         restriction = billing.overage_restriction
-    used = f"{used_vcpu_hours:.2f} of {included:g} included vCPU-hours"
     if restriction == "qps":
         message = f"{used}; restricted to {billing.restricted_qps} queries/s until next month or an upgrade"
     elif restriction == "readOnly":
@@ -66,8 +93,8 @@ def decide_overage(billing: BillingEffective, used_vcpu_hours: float, previous: 
         message = f"{used}; the excess is billed at {billing.overage_per_vcpu_hour_usd} USD per vCPU-hour"
     else:
         message = used
-    status = UsageStatus(month=month, level=level, over_since=over_since, restriction=restriction)
-    return OverageVerdict(status, used_vcpu_hours / included, message)
+    status = UsageStatus(month=month_of(now), level=level, over_since=over_since, restriction=restriction)
+    return OverageVerdict(status, ratio, message, unknown)
 
 
 Event = tuple[str, str, str]  # (type, reason, message), as Kubernetes Events have them
@@ -99,6 +126,8 @@ def usage_outcome(verdict: OverageVerdict, billing: BillingEffective, previous: 
         ok, reason, advisory = True, "NearIncludedUsage", False
     else:
         ok, reason, advisory = True, "WithinIncludedUsage", False
+    if verdict.unknown is not None:  # the condition keeps its status and says why it is not measured now
+        reason = "UsageUnknown"
     events: list[Event] = []
     level_before = before.level if before is not None else None
     crossed = None

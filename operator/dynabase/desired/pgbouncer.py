@@ -169,6 +169,9 @@ def render_ini(desired: PgBouncerDesired, pool: str, port: int, config: AgentCon
         *(f"{key} = {value}" for key, value in settings.pairs("ini")),
         "max_client_conn = 10000",
         "server_idle_timeout = 60",
+        # After a failed server login PgBouncer refuses every client of the pool for this long (default
+        # 15 s): once Postgres is back from a restart, clients wait at most a second.
+        "server_login_retry = 1",
         "ignore_startup_parameters = extra_float_digits,options,application_name",
         "server_reset_query = DISCARD ALL",
         "log_connections = 0",

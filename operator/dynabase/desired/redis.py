@@ -104,11 +104,18 @@ def _rule_diff(observed: str, wanted: str) -> str:
 class QuotaVerdict:
     over: bool
     message: str
+    measured: bool = True  # False: the census has not counted the tenant yet; ``over`` is the last verdict
 
 
-def quota_verdict(limits: RedisEffective, keys: int | None, memory_bytes: int | None) -> QuotaVerdict:
+def quota_verdict(limits: RedisEffective, keys: int | None, memory_bytes: int | None,
+                  *, read_only_before: bool = False) -> QuotaVerdict:
+    """``read_only_before``: the user is read-only now. Until the census has counted the tenant (a
+    new operator process walks the keyspace over several passes) that verdict holds."""
     if keys is None:
-        return QuotaVerdict(False, "usage not measured yet")
+        if read_only_before and (limits.max_keys is not None or limits.max_memory is not None):
+            return QuotaVerdict(True, "usage not measured yet since this reconciler started; writes stay "
+                                      "refused until it is", measured=False)
+        return QuotaVerdict(False, "usage not measured yet", measured=False)
     if limits.max_keys is not None and keys > limits.max_keys:
         return QuotaVerdict(True, f"{keys} keys, tier allows {limits.max_keys}; writes are refused until "
                                   "keys are deleted or the tier is raised")

@@ -173,6 +173,28 @@ class Devstack:
         if self.state_file.exists():
             self._save()
 
+    def stop(self, name: str, *, kill: bool = False) -> None:
+        """Stop one service (``kill``: SIGKILL to its process group, as a crash would) and keep its
+        port, data and credentials, so ``start`` brings it back where clients expect it."""
+        service = self.state.services.get(name)
+        if service is None:
+            raise DevstackError(f"{name} is not part of this devstack")
+        if kill:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(service.pid, signal.SIGKILL)
+        self._stop(service)
+        _progress(f"{name}: {'killed' if kill else 'stopped'}")
+
+    def start(self, name: str) -> Service:
+        """Start a stopped service again on the port it had."""
+        self.up([name], build=False)
+        return self.state.services[name]
+
+    def _port(self, name: str) -> int:
+        """The port a service had (a restart keeps it), or a free one."""
+        known = self.state.services.get(name)
+        return known.port if known is not None else free_port()
+
     def env(self) -> dict[str, str]:
         s = self.state.services
         sec = self.state.secrets
@@ -346,7 +368,7 @@ class Devstack:
                 "host all all 127.0.0.1/32 scram-sha-256\n"
                 "host all all ::1/128 scram-sha-256\n"
             )
-        port = free_port()
+        port = self._port("postgres")
         pid, log = self._spawn(
             "postgres",
             [str(bindir / "postgres"), "-D", str(data), "-p", str(port),
@@ -369,7 +391,7 @@ class Devstack:
         base = self._dir("pgbouncer", service_user=True)
         admin_password = self.state.secrets.setdefault("pgbouncer_admin", secrets.token_urlsafe(18))
         self._save()
-        port = free_port()
+        port = self._port("pgbouncer")
         redis_url = f"redis://default:{self.state.secrets['redis']}@127.0.0.1:{redis_service.port}/0"
         pid, log = self._spawn(
             "pgbouncer",
@@ -396,7 +418,7 @@ class Devstack:
             digest = hashlib.sha256(password.encode()).hexdigest()
             aclfile.write_text(f"user default on #{digest} ~* &* +@all\n")
             aclfile.chmod(0o600)
-        port = free_port()
+        port = self._port("redis")
         conf = base / "redis.conf"
         conf.write_text(
             f"bind 127.0.0.1\nport {port}\ndir {base}\naclfile {aclfile}\n"
@@ -432,8 +454,9 @@ class Devstack:
         if etcd is None:
             raise DevstackError("kube-apiserver needs etcd in the same devstack")
         base = self._dir("kube")
-        certs = pki.create(base / "pki")
-        port = free_port()
+        restart = "kube-apiserver" in self.state.services and pki.at(base / "pki").ca_key.exists()
+        certs = pki.at(base / "pki") if restart else pki.create(base / "pki")  # clients keep trusting it
+        port = self._port("kube-apiserver")
         server = f"https://127.0.0.1:{port}"
         kubeconfig = base / "kubeconfig"
         kubeconfig.write_text(pki.kubeconfig(certs, server))
@@ -473,7 +496,7 @@ class Devstack:
         (base / "data").mkdir(exist_ok=True)
         password = self.state.secrets.setdefault("mongo", secrets.token_urlsafe(18))
         self._save()
-        port = free_port()
+        port = self._port("ferretdb")
         pid, log = self._spawn(
             "ferretdb",
             [binary, "--handler=sqlite", f"--sqlite-url=file:{base / 'data'}/",

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping
 
 from dynabase.backends.proxy import ProxyBackend
-from dynabase.desired.lifecycle import goes_cold_at, is_cold
+from dynabase.desired.lifecycle import goes_cold_at, is_cold, was_cold
 from dynabase.spec import TenantDatabaseStatus
 
 from .failures import describe_error
@@ -31,7 +31,7 @@ async def mark_cold(proxy: ProxyBackend | None, results: list[TenantResult],
     try:
         activity = await proxy.activity([r.tenant.database_name for r in judged])
     except Exception as exc:
-        activity_unknown(judged, exc)
+        activity_unknown(judged, statuses, exc)
         return
     for result in judged:
         assert result.limits is not None
@@ -43,6 +43,13 @@ async def mark_cold(proxy: ProxyBackend | None, results: list[TenantResult],
         result.cold_at = goes_cold_at(result.limits.lifecycle.idle_timeout, last_query, since)
 
 
-def activity_unknown(judged: list[TenantResult], exc: Exception) -> None:
-    """The proxy's activity could not be read: nobody goes Cold this pass."""
-    log.warning("proxy activity unavailable", extra={"error": describe_error(exc), "tenants": len(judged)})
+def activity_unknown(judged: list[TenantResult], statuses: Mapping[str, TenantDatabaseStatus],
+                     exc: Exception) -> None:
+    """The proxy's activity could not be read: each tenant stays as it was (Cold stays Cold, Active
+    stays Active), its Awake condition says why, and no Event claims that it woke or went Cold."""
+    why = describe_error(exc)
+    log.warning("proxy activity unavailable; tenants stay as they were", extra={"error": why, "tenants": len(judged)})
+    for result in judged:
+        result.cold = was_cold(statuses.get(result.key))
+        result.activity_unknown = why
+

@@ -16,6 +16,11 @@ from .results import TenantResult
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+OBSERVE_FAILED = "ObserveFailed"  # the reason of a condition whose backend could not be read this pass
+# Reasons that mean this pass does not know a backend's state for the tenant (a secret store that
+# cannot answer leaves the tenant's users unwritten): nothing it recorded before is lifted or reset.
+UNKNOWN_REASONS = frozenset({OBSERVE_FAILED, "SecretUnavailable"})
+
 _TRANSIENT = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
               asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
 
@@ -50,3 +55,8 @@ def record_failure(results: Iterable[TenantResult], condition: str, reason: str,
             result.events.append(("Warning", event, message))
     if keys:
         log.warning("%s %s", condition, reason, extra={"tenants": len(keys), "tenant": keys[0], "error": message})
+
+
+def unobserved(result: TenantResult) -> list[Outcome]:
+    """The tenant's failed conditions that say a backend could not be read this pass."""
+    return [o for o in result.outcomes if not o.ok and o.reason in UNKNOWN_REASONS]

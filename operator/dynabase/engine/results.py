@@ -27,6 +27,7 @@ class TenantResult:
     password: Password | None = field(default=None, repr=False)
     cold: bool = False  # scaled to zero: idle past the tier's idleTimeout
     cold_at: dt.datetime | None = None  # when it goes Cold unless queried first (tiers with idleTimeout)
+    activity_unknown: str | None = None  # why the proxies' activity could not be read (cold is then the last verdict)
     overage: OverageVerdict | None = None  # this month's usage against the included usage
     sessions_ended: int = 0
 

@@ -8,13 +8,14 @@ import datetime as dt
 from collections import Counter as Tally
 from collections.abc import Mapping
 
-from dynabase.desired.lifecycle import cold_soon_message, idle_message, phase
+from dynabase.desired.lifecycle import cold_soon_message, idle_message, phase, was_cold
 from dynabase.desired.overage import usage_outcome
 from dynabase.spec import TenantDatabaseStatus
 from dynabase.spec.tenant import TierChange
 
 from . import metrics
 from .conditions import Outcome, build_conditions, make_condition
+from .failures import unobserved
 from .results import TenantResult
 from .stores import StatusStore
 
@@ -43,7 +44,7 @@ def count_drift(result: TenantResult, previous: TenantDatabaseStatus | None) -> 
     ready = previous.condition("Ready")
     if ready is None or ready.status != "True" or previous.applied_tier != result.limits_tier:
         return
-    if (previous.phase == "Cold") != result.cold:
+    if was_cold(previous) != result.cold:
         return  # going Cold or waking changes backends on purpose
     for backend, lines in result.plans.items():
         if lines:
@@ -102,20 +103,28 @@ def build_status(result: TenantResult, previous: TenantDatabaseStatus | None, no
             conditions=[make_condition("Ready", False, result.error.reason, result.error.message, previous,
                                        generation, now)],
             history=list(previous.history) if previous else [],
+            usage=previous.usage if previous else None,  # the month's verdict and its clock outlive the error
         )
     decision = result.decision
     assert decision is not None
-    history = tier_history(result, previous, now)
     if idle_tracked:
         awake(result, previous, now)
     woke(result, previous)
     usage(result, previous)
+    applied: str | None = decision.applied_tier
+    pending, effective_at = decision.pending_tier, decision.effective_at
+    if unobserved(result) and previous is not None:
+        # A backend that could not be read may not hold the tier: the record stays until a pass sees it.
+        applied, pending, effective_at = previous.applied_tier, previous.pending_tier, previous.effective_at
+        history = list(previous.history)
+    else:
+        history = tier_history(result, previous, now)
     return TenantDatabaseStatus(
         observed_generation=generation,
         phase=phase(suspended=tenant.spec.suspended, ready=result.ready, cold=result.cold),
-        applied_tier=decision.applied_tier,
-        pending_tier=decision.pending_tier,
-        effective_at=decision.effective_at,
+        applied_tier=applied,
+        pending_tier=pending,
+        effective_at=effective_at,
         conditions=build_conditions(result.outcomes, previous, generation, now),
         history=history,
         usage=result.overage.status if result.overage is not None else None,
@@ -153,10 +162,14 @@ def awake(result: TenantResult, previous: TenantDatabaseStatus | None, now: dt.d
     idle_timeout = limits.lifecycle.idle_timeout
     if idle_timeout is None or result.tenant.spec.suspended:
         return
-    was_cold = previous is not None and previous.phase == "Cold"
+    before = was_cold(previous)
+    if result.activity_unknown is not None:  # the last verdict holds, and says why
+        why = f"activity could not be read ({result.activity_unknown}); stays {'Cold' if result.cold else 'Active'}"
+        result.outcomes.append(Outcome("Awake", not result.cold, "ActivityUnknown", why, advisory=result.cold))
+        return
     if result.cold:
         result.outcomes.append(Outcome("Awake", False, "IdleTimeout", idle_message(idle_timeout), advisory=True))
-        if not was_cold:
+        if not before:
             result.events.append(("Normal", "TenantCold", idle_message(idle_timeout)))
             metrics.COLD_TRANSITIONS.labels("cold").inc()
         return
@@ -165,13 +178,13 @@ def awake(result: TenantResult, previous: TenantDatabaseStatus | None, now: dt.d
         result.outcomes.append(Outcome("Awake", True, "Active", f"queried within {idle_timeout}"))
         return
     result.outcomes.append(Outcome("Awake", True, "ColdSoon", warning))
-    before = previous.condition("Awake") if previous is not None else None
-    if before is None or (before.reason, before.message) != ("ColdSoon", warning):
+    shown = previous.condition("Awake") if previous is not None else None
+    if shown is None or (shown.reason, shown.message) != ("ColdSoon", warning):
         result.events.append(("Normal", "ColdSoon", warning))
 
 
 def woke(result: TenantResult, previous: TenantDatabaseStatus | None) -> None:
-    if previous is not None and previous.phase == "Cold" and not result.cold:
+    if was_cold(previous) and not result.cold:
         result.events.append(("Normal", "TenantWoke", "a connection arrived; tenant is active again"))
         metrics.COLD_TRANSITIONS.labels("woke").inc()
 

@@ -15,7 +15,7 @@ from dynabase.backends.mongo import MongoBackend
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.desired.cost import FittedModel, UsageTotals, usage_by_tenant
 from dynabase.desired.mongo import rollup
-from dynabase.desired.overage import decide_overage, month_start
+from dynabase.desired.overage import carried_overage, decide_overage, month_start
 from dynabase.spec import TenantDatabaseStatus
 
 from . import metrics
@@ -28,16 +28,21 @@ log = logging.getLogger(__name__)
 @dataclass
 class MonthUsage:
     """Month-to-date usage per tenant. Hours before the previous one no longer change: they are
-    read and summed once, so a pass reads and parses only the last two hours."""
+    read and summed once, so a pass reads and parses only the last two hours.
+
+    Within a month a tenant's counters only grow. A lower reading means metering was lost
+    (a Redis restart without persistence, before the proxies wrote their hours again), not
+    less use: each counter never falls below the highest this process read this month."""
 
     month: int = -1  # the month's first hour (hours since the epoch)
     final_through: int = -1  # the last hour summed into ``final``
     final: dict[str, UsageTotals] = field(default_factory=dict)
+    highest: dict[str, UsageTotals] = field(default_factory=dict)  # this month's highest reading per tenant
 
     async def read(self, proxy: ProxyBackend, now: dt.datetime) -> dict[str, UsageTotals]:
         first, current = int(month_start(now).timestamp()) // 3600, int(now.timestamp()) // 3600
         if self.month != first:
-            self.month, self.final_through, self.final = first, first - 1, {}
+            self.month, self.final_through, self.final, self.highest = first, first - 1, {}, {}
         final_hours = list(range(self.final_through + 1, current - 1))
         recent_hours = list(range(max(first, current - 1), current + 1))
         fetched = await proxy.usage_hours(final_hours + recent_hours)
@@ -52,7 +57,17 @@ class MonthUsage:
         month = dict(self.final)
         for tenant, value in totals(recent_hours).items():
             month[tenant] = month.get(tenant, UsageTotals()) + value
-        return month
+        for tenant, value in month.items():
+            month[tenant] = self.highest[tenant] = highest_of(self.highest.get(tenant), value)
+        return {**self.highest, **month}
+
+
+def highest_of(before: UsageTotals | None, now: UsageTotals) -> UsageTotals:
+    """Each counter at the higher of the two readings."""
+    if before is None:
+        return now
+    return UsageTotals(max(before.queries, now.queries), max(before.query_seconds, now.query_seconds),
+                       max(before.connections, now.connections))
 
 
 def candidates(results: list[TenantResult]) -> list[TenantResult]:
@@ -74,21 +89,28 @@ async def judge_usage(proxy: ProxyBackend | None, month: MonthUsage, cost_model:
         if cost_models is not None:
             cost_model = await cost_models.current()
     except Exception as exc:
-        usage_unknown(judged, exc)
+        usage_unknown(judged, statuses, now, exc)
         return cost_model
     for result in judged:
         assert result.limits is not None
         used = cost_model.vcpu_hours(result.key, usage.get(result.key, UsageTotals()))
         previous = statuses.get(result.key)
         result.overage = decide_overage(result.limits.billing, used, previous.usage if previous else None, now)
-        metrics.set_usage_ratio(result.key, result.limits.tier,
-                                round(result.overage.ratio, 4) if result.overage is not None else None)
+        ratio = result.overage.ratio if result.overage is not None else None
+        metrics.set_usage_ratio(result.key, result.limits.tier, round(ratio, 4) if ratio is not None else None)
     return cost_model
 
 
-def usage_unknown(judged: list[TenantResult], exc: Exception) -> None:
-    """The month's usage could not be read: no verdict this pass."""
-    log.warning("proxy usage unavailable", extra={"error": describe_error(exc), "tenants": len(judged)})
+def usage_unknown(judged: list[TenantResult], statuses: Mapping[str, TenantDatabaseStatus], now: dt.datetime,
+                  exc: Exception) -> None:
+    """The month's usage could not be read: each tenant's last verdict holds (restrictions keep
+    applying, the over-since date stays) and its UsageWithinPlan condition says why."""
+    why = describe_error(exc)
+    log.warning("proxy usage unavailable; last verdicts hold", extra={"error": why, "tenants": len(judged)})
+    for result in judged:
+        assert result.limits is not None
+        previous = statuses.get(result.key)
+        result.overage = carried_overage(result.limits.billing, previous.usage if previous else None, now, why)
 
 
 @dataclass

@@ -30,7 +30,7 @@ USAGE_REASONS = ("UsageWarning", "IncludedUsageExceeded", "UsageRestricted", "Us
 
 class Verdict(Protocol):
     @property
-    def ratio(self) -> float: ...
+    def ratio(self) -> float | None: ...  # None: the usage could not be read (a carried verdict)
 
 
 class PassTenant(Protocol):
@@ -64,7 +64,7 @@ def event_data(result: PassTenant, reason: str) -> dict[str, Any]:
         billing, usage = limits.billing, status.usage
         data: dict[str, Any] = {"includedVcpuHours": billing.included_vcpu_hours,
                                 "overagePerVcpuHourUSD": billing.overage_per_vcpu_hour_usd}
-        if result.overage is not None:
+        if result.overage is not None and result.overage.ratio is not None:
             data["usedVcpuHours"] = round(result.overage.ratio * billing.included_vcpu_hours, 4)
         if usage is not None:
             data.update(month=usage.month, level=int(usage.level) if usage.level else None)

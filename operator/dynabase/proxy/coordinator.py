@@ -64,6 +64,11 @@ class Coordinator:
         self.flushes = 0
         self._lease = self.redis.register_script(LEASE_SCRIPT)
         self._queries_seen: dict[str, int] = {}
+        self._last_active: dict[str, float] = {}  # database -> when this replica last saw a query
+        # Redis lost this replica's writes (restarted without its data, or a long outage): the next
+        # flush writes again all it still knows (the last ended hour, every tenant's last activity).
+        self._rewrite_owed = False
+        self._registered = False  # in the replica registry once; missing later means Redis lost it
         self._cancel_keys: dict[BackendKey, tuple[str, float]] = {}  # -> (target, written at)
         self._cancel_gone: list[BackendKey] = []  # closed: deleted with the next flush
         self._tasks: set[asyncio.Task[None]] = set()
@@ -78,6 +83,12 @@ class Coordinator:
 
     async def load_all(self) -> None:
         raw = await self.redis.hgetall(LIMITS_KEY)
+        if not raw and self.tenants.limits:
+            # Gone, not emptied (the engine removes tenants one by one): Redis lost its data. The last
+            # copy holds, restrictions included, until the engine publishes again.
+            log.warning("proxy limits missing in Redis; serving the last copy until they are published again",
+                        extra={"tenants": len(self.tenants.limits)})
+            return
         table, unreadable = decode_limits_table({str(k): str(v) for k, v in raw.items()})
         _log_unreadable(unreadable)
         self.tenants.limits = table
@@ -101,7 +112,14 @@ class Coordinator:
             pipe.zremrangebyscore(REPLICAS_KEY, 0, now - REPLICA_TTL)
             pipe.zcard(REPLICAS_KEY)
             pipe.hgetall(AGENTS_KEY)
-            _, _, replicas, agents = await pipe.execute()
+            added, _, replicas, agents = await pipe.execute()
+        if added and self._registered:
+            # This replica was not in the registry: Redis lost it (a restart without its data, or an
+            # outage longer than REPLICA_TTL). A reconnect may have been silent, so reload the limits
+            # and write again what Redis may have lost.
+            self._rewrite_owed = True
+            await self.load_all()
+        self._registered = True
         ports: dict[str, int] = {}
         for agent_id, text in agents.items():
             if self.agent_id and agent_id != self.agent_id:
@@ -228,17 +246,20 @@ class Coordinator:
         Returns once Redis has them (or raises)."""
         self.tenants.meter()
         now = time.time()
+        rewrite = self._rewrite_owed
         by_hour: dict[int, dict[Any, Any]] = {}
         active: dict[str, float] = {}
         counts: dict[str, int] = {}
         for database, state in self.tenants.states.items():
             usage = state.usage
             field = usage_field(usage.tenant, self.replica_id)
-            for hour, counters in self.meter.per_hour(usage, now):
+            for hour, counters in self.meter.per_hour(usage, now, again=rewrite):
                 by_hour.setdefault(hour, {})[field] = encode_usage(counters, usage.tier)
             counts[database] = usage.queries
             if self._queries_seen.get(database) != usage.queries:
                 active[database] = now
+        if rewrite:
+            active = {**self._last_active, **active}
         async with self.redis.pipeline(transaction=False) as pipe:
             renewed, gone = self._queue_cancel_updates(pipe)
             if active:
@@ -257,6 +278,9 @@ class Coordinator:
                 raise
         self.meter.flushed()
         self._queries_seen.update(counts)
+        self._last_active.update(active)
+        if rewrite:
+            self._rewrite_owed = False
         self.flushes += 1
 
     async def flush_loop(self, stop: asyncio.Event) -> None:

@@ -41,23 +41,30 @@ class HourlyMeter:
 
     What was counted between an hour's last flush and the next hour's first one belongs to
     the hour that ended: that hour is written once more, with its final values, until a
-    flush of it succeeds (``flushed``)."""
+    flush of it succeeds (``flushed``). The last ended hour is kept too, so that it can be
+    written again if Redis loses what it had (``again``)."""
 
     def __init__(self) -> None:
         self.base: dict[str, tuple[int, dict[str, float]]] = {}  # tenant -> (hour, counters when it began)
         self.closed: dict[str, list[tuple[int, dict[str, float]]]] = {}  # tenant -> ended hours not yet flushed
+        self.previous: dict[str, tuple[int, dict[str, float]]] = {}  # tenant -> the last ended hour, final
 
-    def per_hour(self, usage: Usage, now: float) -> list[tuple[int, dict[str, float]]]:
-        """(hour, counters in it) to write now for this tenant: the current hour, and any ended one."""
+    def per_hour(self, usage: Usage, now: float, *, again: bool = False) -> list[tuple[int, dict[str, float]]]:
+        """(hour, counters in it) to write now for this tenant: the current hour, any ended one not
+        yet flushed, and with ``again`` the last ended hour even if it was."""
         hour = int(now // 3600)
         current = usage.snapshot()
         began = self.base.get(usage.tenant)
         if began is None:
             began = self.base[usage.tenant] = (hour, {k: 0 for k in current})
         elif began[0] != hour:
-            self.closed.setdefault(usage.tenant, []).append((began[0], _since(current, began[1])))
+            ended = self.previous[usage.tenant] = (began[0], _since(current, began[1]))
+            self.closed.setdefault(usage.tenant, []).append(ended)
             began = self.base[usage.tenant] = (hour, current)
-        return [*self.closed.get(usage.tenant, ()), (hour, _since(current, began[1]))]
+        closed = self.closed.get(usage.tenant, [])
+        previous = self.previous.get(usage.tenant)
+        rewrite = [previous] if again and previous is not None and previous not in closed else []
+        return [*rewrite, *closed, (hour, _since(current, began[1]))]
 
     def flushed(self) -> None:
         """Everything per_hour returned so far is stored."""

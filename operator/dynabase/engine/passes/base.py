@@ -3,8 +3,10 @@
 A pass is built for one reconcile. At its first step it observes its backend
 once for all tenants and plans per tenant (pure); then, unless it is a dry run,
 it applies the phase each step names. An observation that fails becomes each
-affected tenant's False condition and the pass applies nothing; a failure while
-applying becomes the tenant's condition too. Either way the other passes run.
+affected tenant's False condition (ObserveFailed) and the pass applies nothing:
+what the backend holds stays, and the status keeps the tier it recorded
+(engine.status). A failure while applying becomes the tenant's condition too.
+Either way the other passes run.
 State that outlives one reconcile (caches, locks) is handed in by the engine.
 A pass reads what earlier passes settle (passwords) at its first step, not when
 it is built.
@@ -20,7 +22,7 @@ from typing import ClassVar
 
 from dynabase.spec import TierPolicy
 
-from ..failures import record_failure
+from ..failures import OBSERVE_FAILED, record_failure
 from ..results import TenantResult
 
 
@@ -94,7 +96,9 @@ class BackendPass(ABC):
         try:
             await self.observe()
         except Exception as exc:  # this backend's condition; the other passes go on
-            self.fail(self.affected(), "ObserveFailed", exc)
+            # No Event: nothing changed that a reader could know of. Nothing is applied either,
+            # so what the backend holds (a restriction, a quota's read-only user) stays as it is.
+            self.fail(self.affected(), OBSERVE_FAILED, exc)
             return False
         self.plan()
         return True

@@ -22,7 +22,7 @@ from dynabase.desired.railway import (
 
 from .. import metrics
 from ..conditions import Outcome
-from ..failures import describe_error
+from ..failures import OBSERVE_FAILED, describe_error
 from ..results import TenantResult
 from .base import BackendPass, PassRun, Phase
 
@@ -113,15 +113,15 @@ class RailwayPass(BackendPass):
                     found.v_cpus is None and found.memory_gb is None:
                 async with semaphore:
                     found = await self.railway.with_limits(target.ref.environment_id, found)
-        except Exception as exc:
-            self._failed(service, exc)
+        except Exception as exc:  # a read that failed: nothing was applied, so no apply-failure Event
+            self._settle(service, Outcome(self.condition, False, OBSERVE_FAILED, describe_error(exc)))
             return
         service.observed = found
 
     def _find(self, ref: ServiceRef, environment: EnvironmentObserved | Exception) -> ServiceObserved | Outcome:
         """The service ``ref`` names, or why it cannot be managed."""
         if isinstance(environment, Exception):
-            return Outcome(self.condition, False, "ObserveFailed", describe_error(environment))
+            return Outcome(self.condition, False, OBSERVE_FAILED, describe_error(environment))
         if environment.project_id != ref.project_id:
             return Outcome(self.condition, False, "WrongProject",
                            f"environment {ref.environment_id} belongs to project {environment.project_id}, "

@@ -60,10 +60,10 @@ class RedisPass(BackendPass):
             tenant, limits = result.tenant, result.limits
             assert limits is not None and result.password is not None
             keys, memory = self.redis.usage(key_prefix(tenant.database_name))
-            verdict = quota_verdict(limits.redis, keys, memory)
+            before = self.observed.get(acl_username(tenant.database_name))
+            verdict = quota_verdict(limits.redis, keys, memory, read_only_before=self._read_only(before))
             target = RedisTarget(tenant.key, tenant.database_name, password_hash(result.password.reveal()),
                                  read_only=verdict.over, enabled=not tenant.spec.suspended)
-            before = self.observed.get(target.username)
             drift = acl_drift(target, before, self.canonical[target.read_only])
             if drift:
                 result.plans["redis"] = [f"ACL SETUSER {target.username} ({'; '.join(drift)})"]
@@ -98,11 +98,15 @@ class RedisPass(BackendPass):
             with contextlib.suppress(Exception):
                 await self.redis.persist()
 
+    def _read_only(self, before: ObservedAcl | None) -> bool:
+        return before is not None and before.commands == self.canonical[True]
+
     def _judge(self, user: _UserPlan) -> None:
         result, verdict, username = user.result, user.verdict, user.target.username
-        was_read_only = user.before is not None and user.before.commands == self.canonical[True]
+        was_read_only = self._read_only(user.before)
         if verdict.over:
-            result.outcomes.append(Outcome(self.condition, False, "QuotaExceeded", verdict.message))
+            reason = "QuotaExceeded" if verdict.measured else "QuotaUnknown"
+            result.outcomes.append(Outcome(self.condition, False, reason, verdict.message))
             if not was_read_only:
                 metrics.REDIS_DEMOTIONS.inc()
                 metrics.limit_hit(result.key, "redis_quota")
