@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from dynabase.backends.cost_models import PostgresCostModels
 from dynabase.backends.mongo import MongoBackend
@@ -120,11 +120,13 @@ class Engine:
         dry_run: bool = False,
         deleted: Sequence[TenantDatabase] = (),
         complete: bool = False,
+        unusable_policies: Mapping[str, str] | None = None,
     ) -> PassResult:
         """Reconcile ``tenants`` (and remove ``deleted``).
 
         ``complete`` says the tenants are *all* tenants (headless, CLI): shared
         state such as the PgBouncer layout is then rebuilt instead of patched.
+        ``unusable_policies`` are declared policies the engine cannot use, with why.
         """
         started = time.monotonic()
         writes_before = self.postgres.counter.writes
@@ -132,7 +134,7 @@ class Engine:
         if not dry_run:
             await self.bootstrap()
         statuses = await self.status_store.load([t.key for t in [*tenants, *deleted]])
-        results = [resolve(t, policies, statuses.get(t.key), now) for t in tenants]
+        results = [resolve(t, policies, statuses.get(t.key), now, unusable_policies) for t in tenants]
         await mark_cold(self.proxy, results, statuses, now)
         self.cost_model = await judge_usage(self.proxy, self._month_usage, self.cost_model, self.cost_models,
                                             results, statuses, now)
