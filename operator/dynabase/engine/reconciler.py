@@ -23,6 +23,7 @@ from dynabase.backends.proxy import ProxyBackend
 from dynabase.backends.railway import RailwayBackend
 from dynabase.backends.redis_acl import RedisBackend
 from dynabase.desired.cost import FittedModel
+from dynabase.desired.pg_hba import AllowedSources
 from dynabase.desired.railway import ServiceTarget
 from dynabase.spec import TenantDatabase, TierPolicy
 
@@ -74,6 +75,7 @@ class Engine:
         railway_pg_host: str | None = None,
         railway_pg_port: int | None = None,
         cost_models: PostgresCostModels | None = None,
+        postgres_allowed_sources: AllowedSources | None = None,
     ) -> None:
         self.postgres = postgres
         self.secrets = secrets
@@ -91,6 +93,8 @@ class Engine:
         # Proxy usage -> vCPU-hours: the stored version in force (the report and billing read the same).
         self.cost_models = cost_models
         self.cost_model = FittedModel()
+        # Where tenant roles may log in to Postgres from; each tenant's DirectAccess says if pg_hba.conf agrees.
+        self.postgres_allowed_sources = postgres_allowed_sources
         self.mongo_checks_per_pass = 100
         # What outlives one pass; each is defined and used by the one module that needs it.
         self._month_usage = MonthUsage()
@@ -163,7 +167,7 @@ class Engine:
 
     def _passes(self, run: PassRun) -> dict[str, BackendPass]:
         """This pass's backend passes, built from the backends configured now (tests swap them)."""
-        passes: list[BackendPass] = [PostgresPass(run, self.postgres, self.secrets)]
+        passes: list[BackendPass] = [PostgresPass(run, self.postgres, self.secrets, self.postgres_allowed_sources)]
         if self.proxy is not None:
             passes.append(ProxyPass(run, self.proxy))
         if self.pgbouncer is not None:
