@@ -3,7 +3,8 @@
 The evaluator (``desired.pg_hba``) is checked line by line against Postgres' rule (first
 matching line wins, ``reject`` refuses), then the engine reads ``pg_hba_file_rules`` of a
 Postgres of its own whose pg_hba.conf the test edits and reloads, and a real login from
-127.0.0.1 agrees with the verdict.
+127.0.0.1 agrees with the verdict. The NetworkPolicies in manifests/optional admit exactly
+DynaBase's pods to Postgres (checked against the manifests' pod labels and by the apiserver).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+import yaml
 
 from dynabase.desired.pg_hba import AllowedSources, HbaRule, PgHbaObserved, direct_access
 from dynabase.engine.conditions import Outcome, build_conditions
@@ -21,6 +25,7 @@ from dynabase.engine.reconciler import Engine
 from dynabase.engine.stores import MemorySecretStore
 from dynabase.spec import TenantDatabase
 
+from .conftest import ROOT, Stack
 from .engine_helpers import example_policy, make_engine, make_tenant, unique
 from .fresh_postgres import FreshPostgres, fresh_postgres
 
@@ -237,3 +242,59 @@ async def test_the_verdict_agrees_with_a_real_login(postgres: FreshPostgres,
     assert verdicts[role][:2] == ("False", "ProxyOnly")
     with pytest.raises(psycopg.OperationalError, match=r"pg_hba\.conf rejects connection"):
         psycopg.connect(host=host, port=port, user=role, password=password, dbname=role).close()
+
+
+# -- the NetworkPolicies of manifests/optional ------------------------------------------------
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _pod_names(manifest: Path) -> set[str]:
+    """app.kubernetes.io/name of each pod template in a manifest file."""
+    names = set()
+    for doc in _documents(manifest):
+        spec = doc.get("spec", {})
+        template = spec.get("template") or spec.get("jobTemplate", {}).get("spec", {}).get("template")
+        if template:
+            names.add(template["metadata"]["labels"]["app.kubernetes.io/name"])
+    return names
+
+
+def test_postgres_ingress_admits_exactly_the_pods_that_need_postgres() -> None:
+    [policy] = _documents(ROOT / "manifests" / "optional" / "postgres-ingress" / "networkpolicy.yaml")
+    [rule] = policy["spec"]["ingress"]
+    [source] = rule["from"]
+    assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "dynabase-system"}
+    [expression] = source["podSelector"]["matchExpressions"]
+    admitted = set(expression["values"])
+    deployed = set().union(*(_pod_names(ROOT / "manifests" / name)
+                             for name in ("operator.yaml", "proxy.yaml", "billing-close.yaml")))
+    # The pods of the manifests that read Postgres (the agent runs in the proxy pod), and headless
+    # mode for whoever runs it in the cluster; a renamed label would silently shut one out.
+    assert deployed == {"dynabase-operator", "dynabase-proxy", "dynabase-billing-close"}
+    assert admitted == deployed | {"dynabase-headless"}
+    assert rule["ports"] == [{"protocol": "TCP", "port": 5432}] and policy["spec"]["policyTypes"] == ["Ingress"]
+
+
+def test_tenant_egress_allows_everything_but_postgres() -> None:
+    [policy] = _documents(ROOT / "manifests" / "optional" / "tenant-egress" / "networkpolicy.yaml")
+    [rule] = policy["spec"]["egress"]
+    blocks = [peer["ipBlock"] for peer in rule["to"] if "ipBlock" in peer]
+    assert {"namespaceSelector": {}} in rule["to"]  # the proxy, DNS: every pod stays reachable
+    assert blocks == [{"cidr": "0.0.0.0/0", "except": ["192.0.2.10/32"]}, {"cidr": "::/0"}]
+    assert policy["spec"]["podSelector"] == {} and policy["spec"]["policyTypes"] == ["Egress"]
+
+
+@pytest.mark.kube
+def test_the_network_policies_are_accepted_by_the_apiserver(stack: Stack, crds_applied: None) -> None:
+    for namespace in ("databases", "tenants-egress-check"):
+        if stack.kubectl("get", "namespace", namespace, check=False).returncode != 0:
+            stack.kubectl("create", "namespace", namespace)
+    optional = ROOT / "manifests" / "optional"
+    ingress = stack.kubectl("apply", "--dry-run=server", "-k", str(optional / "postgres-ingress"))
+    assert "networkpolicy.networking.k8s.io/postgres-only-from-dynabase" in ingress.stdout
+    egress = stack.kubectl("apply", "--dry-run=server", "-n", "tenants-egress-check", "-k",
+                           str(optional / "tenant-egress"))
+    assert "networkpolicy.networking.k8s.io/no-direct-postgres" in egress.stdout
