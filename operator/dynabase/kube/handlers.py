@@ -159,17 +159,15 @@ class Runtime:
         try:
             tenant = TenantDatabase.model_validate(_plain(body))
         except ValidationError as exc:
-            errors = field_errors(exc)
-            if key not in self._invalid:
-                _event(body, "Warning", "InvalidSpec", "; ".join(f"{f}: {m}" for f, m in errors)[:1000])
-            self._invalid[key] = (body, errors)
+            self._invalid[key] = (body, field_errors(exc))
             return None
         self._invalid.pop(key, None)
         self.statuses.remember(tenant)
         return tenant
 
     async def _record_invalid(self, bodies: list[Mapping[str, Any]]) -> None:
-        """Ready=False on the status of each tenant the engine cannot use, naming the fields."""
+        """Ready=False on the status of each tenant the engine cannot use, naming the fields, and a
+        Warning Event when that starts (posted through the API: drift passes run outside kopf's handlers)."""
         for body in bodies:
             key = _key(body)
             if key not in self._invalid:
@@ -180,8 +178,17 @@ class Runtime:
             except ValidationError:
                 previous = None
             status = invalid_tenant_status(body.get("metadata", {}).get("generation"), errors, previous, utcnow())
-            if status != previous:
-                await self.statuses.save(key, status)
+            if status == previous:
+                continue
+            await self.statuses.save(key, status)
+            was = previous.condition("Ready") if previous is not None else None
+            if was is None or was.reason != "InvalidSpec":
+                meta = body["metadata"]
+                namespace = meta.get("namespace", "default")
+                await self.api.post_warning(
+                    {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TenantDatabase", "name": meta["name"],
+                     "namespace": namespace, "uid": str(meta.get("uid", ""))},
+                    namespace, "InvalidSpec", "; ".join(f"{f}: {m}" for f, m in errors), "dynabase-operator")
 
     async def reconcile(self, bodies: list[Mapping[str, Any]], policy_index: Mapping[str, Any]) -> list[TenantResult]:
         tenants = [t for t in (self.tenant(b) for b in bodies) if t is not None]
