@@ -154,6 +154,13 @@ def test_validate_refuses_what_the_engine_cannot_use(tmp_path: Path, capsys: pyt
     assert cli.main(["validate", str(tmp_path / "a.yaml")]) == cli.EXIT_OK
 
 
+def test_plan_and_apply_print_each_policy_that_is_not_ready() -> None:
+    policies = {"broken": _policy("broken", BROKEN_TIERS), "fine": _policy("fine", {"FREE": {"rank": 0}})}
+    lines = cli._policy_problems(policies, [make_tenant("a", "FREE", tierPolicyRef="broken")])
+    assert len(lines) == 1 and lines[0].startswith("TierPolicy broken: not ready (InvalidTier): 1 tier(s)")
+    assert "(1 tenant on them)" in lines[0] and "spec.tiers.FREE.pgbouncer.poolSize" in lines[0]
+
+
 # -- headless mode (the devstack's Postgres) --------------------------------------
 
 

@@ -20,8 +20,11 @@ import pytest
 import yaml
 
 from dynabase.desired.pg_hba import AllowedSources, HbaRule, PgHbaObserved, direct_access
+from dynabase.engine import metrics
 from dynabase.engine.conditions import Outcome, build_conditions
 from dynabase.engine.reconciler import Engine
+from dynabase.engine.results import TenantResult
+from dynabase.engine.status import count_failures
 from dynabase.engine.stores import MemorySecretStore
 from dynabase.spec import TenantDatabase
 
@@ -298,3 +301,17 @@ def test_the_network_policies_are_accepted_by_the_apiserver(stack: Stack, crds_a
     egress = stack.kubectl("apply", "--dry-run=server", "-n", "tenants-egress-check", "-k",
                            str(optional / "tenant-egress"))
     assert "networkpolicy.networking.k8s.io/no-direct-postgres" in egress.stdout
+
+
+def test_an_open_pg_hba_is_not_counted_as_a_backend_error() -> None:
+    def errors() -> float:
+        return sum(s.value for m in metrics.BACKEND_ERRORS.collect() for s in m.samples if s.name.endswith("_total"))
+
+    result = TenantResult(make_tenant("open_hba", "FREE"))
+    result.outcomes.append(Outcome("DirectAccess", False, "OpenInPgHba", "…", advisory=True, status="True"))
+    before = errors()
+    count_failures([result])
+    assert errors() == before  # every pass would otherwise raise the reconcile-errors alert
+    result.outcomes.append(Outcome("PostgresReady", False, "ApplyFailed", "boom"))
+    count_failures([result])
+    assert errors() == before + 1
