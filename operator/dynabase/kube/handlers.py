@@ -172,23 +172,28 @@ class Runtime:
             key = _key(body)
             if key not in self._invalid:
                 continue
-            errors = self._invalid[key][1]
+            async with self._locks[key]:  # one writer per tenant: the event is posted once
+                await self._record_one_invalid(key, body, self._invalid[key][1])
+
+    async def _record_one_invalid(self, key: str, body: Mapping[str, Any], errors: list[tuple[str, str]]) -> None:
+        previous = self.statuses.known.get(key)  # what this operator wrote last, newer than the body's
+        if previous is None:
             try:
                 previous = TenantDatabaseStatus.model_validate(body.get("status") or {})
             except ValidationError:
                 previous = None
-            status = invalid_tenant_status(body.get("metadata", {}).get("generation"), errors, previous, utcnow())
-            if status == previous:
-                continue
-            await self.statuses.save(key, status)
-            was = previous.condition("Ready") if previous is not None else None
-            if was is None or was.reason != "InvalidSpec":
-                meta = body["metadata"]
-                namespace = meta.get("namespace", "default")
-                await self.api.post_warning(
-                    {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TenantDatabase", "name": meta["name"],
-                     "namespace": namespace, "uid": str(meta.get("uid", ""))},
-                    namespace, "InvalidSpec", "; ".join(f"{f}: {m}" for f, m in errors), "dynabase-operator")
+        status = invalid_tenant_status(body.get("metadata", {}).get("generation"), errors, previous, utcnow())
+        if status == previous:
+            return
+        await self.statuses.save(key, status)
+        was = previous.condition("Ready") if previous is not None else None
+        if was is None or was.reason != "InvalidSpec":
+            meta = body["metadata"]
+            namespace = meta.get("namespace", "default")
+            await self.api.post_warning(
+                {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TenantDatabase", "name": meta["name"],
+                 "namespace": namespace, "uid": str(meta.get("uid", ""))},
+                namespace, "InvalidSpec", "; ".join(f"{f}: {m}" for f, m in errors), "dynabase-operator")
 
     async def reconcile(self, bodies: list[Mapping[str, Any]], policy_index: Mapping[str, Any]) -> list[TenantResult]:
         tenants = [t for t in (self.tenant(b) for b in bodies) if t is not None]
