@@ -59,7 +59,12 @@ def test_merged_limits_are_checked_with_the_crds_rules(tier: dict[str, Any], ove
     tenant = make_tenant("x", "T", overrides=override)
     with pytest.raises(ResolveError) as info:
         effective_limits(tenant, policy, "T")
-    assert message in info.value.message and info.value.message.startswith("tier T with overrides: ")
+    assert message in info.value.message
+    if override is None:  # nothing to fix in the tenant but its choice of tier
+        assert info.value.message.startswith("tier T of TierPolicy 'p': ") and info.value.field == "spec.tier"
+    else:
+        assert info.value.message.startswith("tier T of TierPolicy 'p' with the overrides: ")
+        assert info.value.field is not None and info.value.field.startswith("spec.overrides.")
 
 
 def test_defaults_come_from_the_declarations() -> None:

@@ -284,7 +284,7 @@ def _histogram_count() -> float:
     return 0.0
 
 
-async def test_the_operator_reconciles_a_woken_tenant_at_once(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_operator_reconciles_a_woken_tenant_at_once(env: Env) -> None:
     """A connection to a Cold tenant at the proxy reaches the operator's runtime, whose own pass
     (not the test's) brings the tenant back to Active."""
     from dynabase.kube import handlers
@@ -293,9 +293,13 @@ async def test_the_operator_reconciles_a_woken_tenant_at_once(env: Env, monkeypa
 
     nap = tenant("NAP")
     await gone_cold(env, nap)
-    posted: list[tuple[str, str, str]] = []  # kopf posts events only inside a running operator
-    monkeypatch.setattr(handlers, "_event", lambda body, type_, reason, _message: posted.append(
-        (body["metadata"]["name"], type_, reason)))
+    posted: list[tuple[str, str, str]] = []
+
+    class EventsApi:  # the Events the runtime posts, recorded instead of sent to an apiserver
+        async def post_event(self, involved: dict[str, str], namespace: str, type_: str, reason: str,
+                             message: str, component: str) -> None:
+            posted.append((involved["name"], type_, reason))
+
     passes: asyncio.Queue[TenantResult | None] = asyncio.Queue()
 
     class Runtime(handlers.Runtime):  # the real submit, its results also handed to the test
@@ -304,7 +308,7 @@ async def test_the_operator_reconciles_a_woken_tenant_at_once(env: Env, monkeypa
             passes.put_nowait(result)
             return result
 
-    runtime = Runtime(env.engine, cast(Any, None), KubeStatusStore(cast(Any, None)), OperatorSettings())
+    runtime = Runtime(env.engine, cast(Any, EventsApi()), KubeStatusStore(cast(Any, None)), OperatorSettings())
     body = nap.model_dump(by_alias=True, exclude_none=True, mode="json")
     del body["spec"]["databaseName"]  # found by the name it is derived from
     bystander = tenant("NAP").model_dump(by_alias=True, exclude_none=True, mode="json")

@@ -72,6 +72,28 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_), {})
 
 
+def events_seen(stack: Stack, namespace: str, name: str, reason: str, count: int, timeout: float = 30) -> list[str]:
+    """The messages of the first ``count`` Events of ``reason`` about a TenantDatabase, read from a
+    watch on the apiserver (``kubectl get events --watch``), not by polling."""
+    proc = subprocess.Popen(
+        [stack.env["DYNABASE_KUBECTL"], "get", "events", "-n", namespace, "--watch", "-o",
+         "jsonpath={.message}{'\\n'}", f"--request-timeout={int(timeout)}s",
+         f"--field-selector=involvedObject.kind=TenantDatabase,involvedObject.name={name},reason={reason}"],
+        env={**os.environ, "KUBECONFIG": stack.env["KUBECONFIG"]}, stdout=subprocess.PIPE, text=True)
+    messages: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip():
+                messages.append(line.strip())
+            if len(messages) >= count:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    return messages
+
+
 def kube_wait(stack: Stack, namespace: str, what: str, *names: str, timeout: int = 60) -> None:
     """`kubectl wait` (a watch on the apiserver) for each TenantDatabase: ``what`` is a condition
     (``condition=Ready``) or a JSONPath (``jsonpath={.status.appliedTier}=PRO``)."""
@@ -175,6 +197,9 @@ def test_downgrade_waits_then_applies(operator: Operator) -> None:
     final = get(stack, ns, "downgrader")["status"]
     assert not final.get("pendingTier") and rolconnlimit(stack, db) == 5
     assert [h["to"] for h in final["history"]] == ["PRO", "FREE"]
+    # The drift pass that applied it posted its Event too (drift passes run outside kopf's handlers).
+    applied = events_seen(stack, ns, "downgrader", "TierApplied", 2)
+    assert sorted(applied) == ["tier FREE applied (was PRO)", "tier PRO applied (was none)"], applied
 
 
 def test_missing_tier_is_a_condition_and_others_are_unaffected(operator: Operator) -> None:

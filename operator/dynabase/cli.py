@@ -54,9 +54,11 @@ def _cmd_crds(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from dynabase.desired.declared_status import unusable_declarations
     from dynabase.spec.documents import load_paths
 
     result = load_paths(args.paths)
+    result.errors += unusable_declarations(result.documents)
     for error in result.errors:
         print(error, file=sys.stderr)
     counts: dict[str, int] = {}
@@ -147,6 +149,8 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with open_engine(settings) as engine:
             result = await engine.reconcile_all(policies, tenants, dry_run=dry_run, complete=True)
+        for line in _policy_problems(policies, tenants):
+            print(line)
         print(result.render())
         if dry_run:
             return EXIT_CHANGES if result.changes else EXIT_OK
@@ -163,6 +167,20 @@ def _cmd_reconcile(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"dynabase {args.command}: cannot reach Postgres: {exc}", file=sys.stderr)
         return EXIT_INVALID
+
+
+def _policy_problems(policies: dict[str, Any], tenants: list[Any]) -> list[str]:
+    """A line for each policy that is not Ready, as its status in the cluster would say."""
+    import datetime as dt
+
+    from dynabase.desired.declared_status import policy_statuses
+
+    out = []
+    for name, status in policy_statuses(policies, {}, tenants, {}, dt.datetime.now(dt.UTC)).items():
+        ready = status.condition("Ready")
+        if ready is not None and ready.status != "True":
+            out.append(f"TierPolicy {name}: not ready ({ready.reason}): {ready.message}")
+    return out
 
 
 def _cmd_devstack(args: argparse.Namespace) -> int:

@@ -118,17 +118,22 @@ class KubeApi:
     async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
         return await self.request("PATCH", path, patch, MERGE_PATCH)
 
-    async def post_warning(self, involved: dict[str, str], namespace: str, reason: str, message: str,
-                           component: str) -> None:
-        """A Warning Event about ``involved`` (apiVersion, kind, name[, namespace]), as kubectl describe shows."""
+    async def post_event(self, involved: dict[str, str], namespace: str, type_: str, reason: str, message: str,
+                         component: str) -> None:
+        """An Event (Normal or Warning) about ``involved`` (apiVersion, kind, name[, namespace, uid]),
+        as kubectl describe shows. Usable from any task, unlike kopf.event (handlers only)."""
         now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         event = {
-            "apiVersion": "v1", "kind": "Event", "type": "Warning", "reason": reason, "message": message[:1024],
+            "apiVersion": "v1", "kind": "Event", "type": type_, "reason": reason, "message": message[:1024],
             "metadata": {"name": f"{involved['name']}.{uuid.uuid4().hex[:12]}", "namespace": namespace},
             "involvedObject": involved, "source": {"component": component},
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         }
         await self.request("POST", f"/api/v1/namespaces/{namespace}/events", event)
+
+    async def post_warning(self, involved: dict[str, str], namespace: str, reason: str, message: str,
+                           component: str) -> None:
+        await self.post_event(involved, namespace, "Warning", reason, message, component)
 
     async def close(self) -> None:
         if self._session is not None:

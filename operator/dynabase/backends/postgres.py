@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from dynabase.desired.pg_hba import HbaRule, PgHbaObserved
 from dynabase.desired.postgres import (
     FORBIDDEN_ATTRIBUTES,
     PGBOUNCER_AUTH_ROLE,
@@ -47,6 +48,24 @@ WHERE d.datname = ANY($1::text[])
 _OBSERVE_SESSIONS = """
 SELECT usename, count(*) AS n FROM pg_catalog.pg_stat_activity
 WHERE usename = ANY($1::text[]) GROUP BY usename
+"""
+
+# pg_hba.conf as it is on disk (what a reload loads); readable by superusers only.
+_OBSERVE_HBA = """
+SELECT line_number, type, database, user_name, address, netmask, auth_method, error
+FROM pg_catalog.pg_hba_file_rules ORDER BY line_number
+"""
+# The roles each tenant role is a member of, directly or through others (for +group and samerole lines).
+_OBSERVE_MEMBERSHIPS = """
+WITH RECURSIVE member_of(member, roleid) AS (
+    SELECT m.member, m.roleid FROM pg_catalog.pg_auth_members m
+    JOIN pg_catalog.pg_roles r ON r.oid = m.member WHERE r.rolname = ANY($1::text[])
+  UNION
+    SELECT g.member, m.roleid FROM member_of g JOIN pg_catalog.pg_auth_members m ON m.member = g.roleid
+)
+SELECT r.rolname AS role, array_agg(DISTINCT g.rolname) AS groups
+FROM member_of x JOIN pg_catalog.pg_roles r ON r.oid = x.member JOIN pg_catalog.pg_roles g ON g.oid = x.roleid
+GROUP BY r.rolname
 """
 
 # PgBouncer looks tenants up through this function instead of a userlist file, so
@@ -173,6 +192,23 @@ class PostgresBackend:
             for row in await conn.fetch(_OBSERVE_SESSIONS, role_names):
                 observed.sessions[row["usename"]] = row["n"]
         return observed
+
+    async def observe_hba(self, roles: Iterable[str]) -> PgHbaObserved:
+        """pg_hba.conf's lines, and the groups of ``roles`` when a line names groups."""
+        async with self.pool.acquire() as conn:
+            self.counter.reads += 1
+            rules = tuple(
+                HbaRule(line_number=row["line_number"], type=row["type"], databases=tuple(row["database"] or ()),
+                        users=tuple(row["user_name"] or ()), address=row["address"], netmask=row["netmask"],
+                        auth_method=row["auth_method"] or "", error=row["error"])
+                for row in await conn.fetch(_OBSERVE_HBA)
+            )
+            memberships: dict[str, frozenset[str]] = {}
+            if any(rule.uses_groups for rule in rules):
+                self.counter.reads += 1
+                for row in await conn.fetch(_OBSERVE_MEMBERSHIPS, sorted(set(roles))):
+                    memberships[row["role"]] = frozenset(row["groups"])
+        return PgHbaObserved(rules, memberships)
 
     async def apply(self, plan: PostgresPlan) -> int:
         """Consecutive transactional statements share one transaction; returns the sessions ended."""

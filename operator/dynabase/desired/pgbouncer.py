@@ -228,9 +228,11 @@ def layout(
     for tenant, decision in tenants:
         database = tenant.database_name
         if decision is None:
-            # Unresolvable now: keep serving it as it was rather than drop its route.
+            # Unresolvable now: keep serving it as it was rather than drop its route (or its pool).
             if database in base.routes:
-                desired.routes[database] = base.routes[database]
+                route = desired.routes[database] = base.routes[database]
+                if route.pool in base.pools:
+                    desired.pools.setdefault(route.pool, base.pools[route.pool])
             continue
         pool = pool_name(tenant.spec.tier_policy_ref, decision.applied_tier)
         own = PoolSettings.of(decision.limits.pgbouncer)

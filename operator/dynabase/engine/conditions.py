@@ -7,6 +7,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from dynabase.spec import Condition, TenantDatabaseStatus
+from dynabase.spec.tenant import ConditionStatus
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class Outcome:
     # Shown as its own False condition but not held against Ready: a known limit of the
     # server (FerretDB's missing roles), not something a reconcile can fix.
     advisory: bool = False
+    # The condition's status when it is not simply ok's: a condition whose True is the
+    # abnormal state (DirectAccess=True: a tenant can go around the proxy), or Unknown.
+    status: ConditionStatus | None = None
 
 
 def build_conditions(
@@ -29,7 +33,7 @@ def build_conditions(
     out: list[Condition] = []
     for outcome in outcomes:
         out.append(make_condition(outcome.condition_type, outcome.ok, outcome.reason, outcome.message,
-                              previous, generation, now))
+                                  previous, generation, now, status=outcome.status))
     failing = [o for o in outcomes if not o.ok and not o.advisory]
     notes = [f"{o.condition_type}: {o.reason}" for o in outcomes if not o.ok and o.advisory]
     if failing:
@@ -50,8 +54,9 @@ def build_conditions(
 def make_condition(
     type_: str, ok: bool, reason: str, message: str,
     previous: TenantDatabaseStatus | None, generation: int | None, now: dt.datetime,
+    *, status: ConditionStatus | None = None,
 ) -> Condition:
-    status = "True" if ok else "False"
+    status = status or ("True" if ok else "False")
     before = previous.condition(type_) if previous else None
     since = before.last_transition_time if before is not None and before.status == status else now
     return Condition(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from dynabase.backends.cost_models import PostgresCostModels
 from dynabase.backends.mongo import MongoBackend
@@ -23,6 +23,7 @@ from dynabase.backends.proxy import ProxyBackend
 from dynabase.backends.railway import RailwayBackend
 from dynabase.backends.redis_acl import RedisBackend
 from dynabase.desired.cost import FittedModel
+from dynabase.desired.pg_hba import AllowedSources
 from dynabase.desired.railway import ServiceTarget
 from dynabase.spec import TenantDatabase, TierPolicy
 
@@ -74,6 +75,7 @@ class Engine:
         railway_pg_host: str | None = None,
         railway_pg_port: int | None = None,
         cost_models: PostgresCostModels | None = None,
+        postgres_allowed_sources: AllowedSources | None = None,
     ) -> None:
         self.postgres = postgres
         self.secrets = secrets
@@ -91,6 +93,8 @@ class Engine:
         # Proxy usage -> vCPU-hours: the stored version in force (the report and billing read the same).
         self.cost_models = cost_models
         self.cost_model = FittedModel()
+        # Where tenant roles may log in to Postgres from; each tenant's DirectAccess says if pg_hba.conf agrees.
+        self.postgres_allowed_sources = postgres_allowed_sources
         self.mongo_checks_per_pass = 100
         # What outlives one pass; each is defined and used by the one module that needs it.
         self._month_usage = MonthUsage()
@@ -120,11 +124,13 @@ class Engine:
         dry_run: bool = False,
         deleted: Sequence[TenantDatabase] = (),
         complete: bool = False,
+        unusable_policies: Mapping[str, str] | None = None,
     ) -> PassResult:
         """Reconcile ``tenants`` (and remove ``deleted``).
 
         ``complete`` says the tenants are *all* tenants (headless, CLI): shared
         state such as the PgBouncer layout is then rebuilt instead of patched.
+        ``unusable_policies`` are declared policies the engine cannot use, with why.
         """
         started = time.monotonic()
         writes_before = self.postgres.counter.writes
@@ -132,7 +138,7 @@ class Engine:
         if not dry_run:
             await self.bootstrap()
         statuses = await self.status_store.load([t.key for t in [*tenants, *deleted]])
-        results = [resolve(t, policies, statuses.get(t.key), now) for t in tenants]
+        results = [resolve(t, policies, statuses.get(t.key), now, unusable_policies) for t in tenants]
         await mark_cold(self.proxy, results, statuses, now)
         self.cost_model = await judge_usage(self.proxy, self._month_usage, self.cost_model, self.cost_models,
                                             results, statuses, now)
@@ -163,7 +169,7 @@ class Engine:
 
     def _passes(self, run: PassRun) -> dict[str, BackendPass]:
         """This pass's backend passes, built from the backends configured now (tests swap them)."""
-        passes: list[BackendPass] = [PostgresPass(run, self.postgres, self.secrets)]
+        passes: list[BackendPass] = [PostgresPass(run, self.postgres, self.secrets, self.postgres_allowed_sources)]
         if self.proxy is not None:
             passes.append(ProxyPass(run, self.proxy))
         if self.pgbouncer is not None:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import asyncpg
 
@@ -21,6 +21,7 @@ from dynabase.backends.railway.client import DEFAULT_URL as RAILWAY_URL
 from dynabase.backends.redis_acl import RedisBackend
 from dynabase.backends.secrets_pg import KEY_VARIABLE, PostgresSecretStore, SecretsKeyring
 from dynabase.backends.status_pg import PostgresStatusStore
+from dynabase.desired.pg_hba import ALLOWED_VARIABLE, AllowedSources
 from dynabase.desired.railway import ServiceRef, ServiceTarget
 from dynabase.settings import SettingsError, data_dir, env_int, env_str, from_env, secret_from_env
 
@@ -97,6 +98,8 @@ class EngineSettings:
     secrets_store: SecretsStoreKind = "files"
     secrets_keyring: SecretsKeyring | None = None  # the postgres store's keys
     read_only: bool = False  # `dynabase plan`: stores write nothing either
+    # Where tenant roles may log in to Postgres from (DirectAccess); None: pg_hba.conf is not judged.
+    postgres_allowed_sources: AllowedSources | None = field(default_factory=AllowedSources)
 
     @classmethod
     def from_env(cls, *, postgres_dsn: str | None = None, secrets_dir: str | None = None,
@@ -119,6 +122,9 @@ class EngineSettings:
             redis_url=redis, tenant_redis_url=env_str("DYNABASE_TENANT_REDIS_URL") or redis,
             mongo_url=env_str("DYNABASE_MONGO_URL"), railway=RailwaySettings.from_env(),
             secrets_store=store, secrets_keyring=keyring,
+            postgres_allowed_sources=from_env(ALLOWED_VARIABLE, AllowedSources.from_setting,
+                                              cast(AllowedSources | None, AllowedSources()),
+                                              example="local,10.0.0.0/8"),
         )
 
 
@@ -184,6 +190,7 @@ async def start_engine(
         clock=clock,
         concurrency=settings.concurrency,
         cost_models=PostgresCostModels(postgres.pool),
+        postgres_allowed_sources=settings.postgres_allowed_sources,
     )
 
 

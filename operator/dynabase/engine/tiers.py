@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 
 from dynabase.desired.effective import ResolveError, find_policy
 from dynabase.desired.transition import decide_tier
@@ -12,10 +13,11 @@ from .results import TenantResult
 
 
 def resolve(tenant: TenantDatabase, policies: dict[str, TierPolicy], previous: TenantDatabaseStatus | None,
-            now: dt.datetime) -> TenantResult:
+            now: dt.datetime, unusable: Mapping[str, str] | None = None) -> TenantResult:
+    """``unusable``: declared policies the engine cannot use, with why (their tenants are told so)."""
     result = TenantResult(tenant)
     try:
-        policy = find_policy(tenant, policies)
+        policy = find_policy(tenant, policies, unusable)
         result.decision = decide_tier(
             tenant, policy,
             applied_tier=previous.applied_tier if previous else None,

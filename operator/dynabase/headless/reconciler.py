@@ -20,10 +20,11 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from dynabase.desired.declared_status import describe, policy_statuses, spec_problems
 from dynabase.engine.reconciler import Engine, PassResult, utcnow
 from dynabase.events.delivery import Deliverer
 from dynabase.events.record import EventRecorder
-from dynabase.spec import TenantDatabase, TierPolicy
+from dynabase.spec import TenantDatabase, TierPolicy, TierPolicyStatus
 from dynabase.spec.documents import ManifestError, load_paths
 
 from .month_end import MonthEndClose
@@ -44,6 +45,8 @@ class HeadlessState:
     tenants: dict[str, TenantDatabase] = field(default_factory=dict)  # last good, by namespace/name
     absent_since: dict[str, dt.datetime] = field(default_factory=dict)
     errors: list[ManifestError] = field(default_factory=list)
+    policy_status: dict[str, TierPolicyStatus] = field(default_factory=dict)
+    unusable_policies: dict[str, str] = field(default_factory=dict)  # declared, no valid version: why
     last_pass: PassResult | None = None
     last_pass_at: dt.datetime | None = None
     passes: int = 0
@@ -123,13 +126,26 @@ class HeadlessReconciler:
                 tenants[key] = tenant  # still managed until the absence is confirmed
         self.state.policies = policies
         self.state.tenants = dict(tenants)
+        self._judge_policies(result.errors, policies, list(tenants.values()), now)
         return policies, list(tenants.values()), deleted
+
+    def _judge_policies(self, errors: list[ManifestError], policies: dict[str, TierPolicy],
+                        tenants: list[TenantDatabase], now: dt.datetime) -> None:
+        """Each policy's status (as the operator writes it on the TierPolicy), for /status."""
+        invalid: dict[str, list[tuple[str, str]]] = {}
+        for error in errors:
+            if error.kind == "TierPolicy":
+                invalid.setdefault(error.name, []).append((error.field, error.message))
+        self.state.policy_status = policy_statuses(policies, invalid, tenants, self.state.policy_status, now)
+        self.state.unusable_policies = {name: describe(spec_problems(found)) for name, found in invalid.items()
+                                        if name not in policies}
 
     async def run_once(self) -> PassResult | None:
         if not await self.acquire():
             return None
         policies, tenants, deleted = await asyncio.to_thread(self.load)
-        result = await self.engine.reconcile_all(policies, tenants, deleted=deleted, complete=True)
+        result = await self.engine.reconcile_all(policies, tenants, deleted=deleted, complete=True,
+                                                 unusable_policies=self.state.unusable_policies)
         self.state.last_pass, self.state.last_pass_at = result, self.clock()
         if self.events is not None:
             await self.events.record_quietly(result.tenants, self.state.last_pass_at)
@@ -187,6 +203,8 @@ class HeadlessReconciler:
             "lastPassSeconds": round(last.seconds, 3) if last else None,
             "invalidManifests": [str(e) for e in self.state.errors],
             "pendingDeletion": {k: v.isoformat() for k, v in self.state.absent_since.items()},
+            "policies": {name: status.model_dump(mode="json", by_alias=True, exclude_none=True)
+                         for name, status in self.state.policy_status.items()},
             "tenants": {
                 t.key: {
                     "tier": t.status.applied_tier if t.status else None,

@@ -3,6 +3,8 @@
 - TenantDatabase create/update/resume reconcile that tenant; one drift loop (drift
   correction and due downgrades) reconciles all tenants every drift interval.
 - A TierPolicy change reconciles the tenants that use it, found through a kopf index.
+- A declaration the engine cannot use says so on its own status: a TierPolicy's
+  status (policy_status.py) and an invalid TenantDatabase's Ready condition.
 - Deletion holds a finalizer, honours deletionPolicy, and gives up after bounded
   retries with a Warning event instead of hanging forever.
 """
@@ -20,14 +22,17 @@ import kopf
 from prometheus_client import start_http_server
 from pydantic import ValidationError
 
+from dynabase.desired.declared_status import invalid_tenant_status
 from dynabase.engine.reconciler import Engine, TenantResult, describe_error, utcnow
 from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
 from dynabase.events.pipeline import event_pipeline
 from dynabase.kubeapi import KubeApi, kopf_login
-from dynabase.spec import GROUP, VERSION, TenantDatabase, TierPolicy
+from dynabase.spec import GROUP, VERSION, TenantDatabase, TenantDatabaseStatus, TierPolicy
+from dynabase.spec.documents import field_errors
 from dynabase.spec.tenant import database_name_from
 
 from . import memory
+from .policy_status import PolicyCatalog, PolicyStatuses
 from .settings import OperatorSettings
 from .stores import KubeSecretStore, KubeStatusStore
 from .webhooks import kube_endpoints
@@ -44,7 +49,9 @@ class Runtime:
         self.api = api
         self.statuses = statuses
         self.settings = settings
-        self._policy_cache: dict[tuple[str, str], TierPolicy] = {}
+        self.catalog = PolicyCatalog()
+        self.policy_statuses = PolicyStatuses(api, self.catalog)
+        self._invalid: dict[str, tuple[Mapping[str, Any], list[tuple[str, str]]]] = {}  # tenants, by key
         # kopf runs a tenant's timer beside its event handlers: one pass per tenant at a time.
         self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._queue: dict[str, tuple[Mapping[str, Any], Mapping[str, Any]]] = {}
@@ -78,7 +85,7 @@ class Runtime:
         and publishes the PgBouncer layout once, instead of once per tenant.
         """
         future: asyncio.Future[TenantResult | None] = asyncio.get_running_loop().create_future()
-        key = f"{body['metadata'].get('namespace', 'default')}/{body['metadata']['name']}"
+        key = _key(body)
         self._queue[key] = (body, policy_index)  # the newest body of a tenant wins
         self._waiters[key].append(future)
         if self._batch_task is None or self._batch_task.done():
@@ -148,47 +155,91 @@ class Runtime:
             log.warning("wake-up reconcile failed", extra={"error": describe_error(error)})
 
     def policies(self, index: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[str, TierPolicy]:
-        out: dict[str, TierPolicy] = {}
-        for name, bodies in index.items():
-            for body in bodies:
-                key = (name, str(body.get("metadata", {}).get("resourceVersion", "")))
-                if key not in self._policy_cache:
-                    try:
-                        self._policy_cache[key] = TierPolicy.model_validate(_plain(body))
-                    except ValidationError as exc:
-                        log.warning("invalid TierPolicy ignored", extra={"policy": name, "error": str(exc)})
-                        continue
-                out[name] = self._policy_cache[key]
-        return out
+        return self.catalog.split(index)[0]
 
     def tenant(self, body: Mapping[str, Any]) -> TenantDatabase | None:
+        """The tenant, or None when its spec does not validate (its status then says why)."""
+        key = _key(body)
         try:
             tenant = TenantDatabase.model_validate(_plain(body))
         except ValidationError as exc:
-            _event(body, "Warning", "InvalidSpec", str(exc)[:1000])
+            self._invalid[key] = (body, field_errors(exc))
             return None
+        self._invalid.pop(key, None)
         self.statuses.remember(tenant)
         return tenant
 
+    async def _record_invalid(self, bodies: list[Mapping[str, Any]]) -> None:
+        """Ready=False on the status of each tenant the engine cannot use, naming the fields, and a
+        Warning Event when that starts (posted through the API: drift passes run outside kopf's handlers)."""
+        for body in bodies:
+            key = _key(body)
+            if key not in self._invalid:
+                continue
+            async with self._locks[key]:  # one writer per tenant: the event is posted once
+                await self._record_one_invalid(key, body, self._invalid[key][1])
+
+    async def _record_one_invalid(self, key: str, body: Mapping[str, Any], errors: list[tuple[str, str]]) -> None:
+        previous = self.statuses.known.get(key)  # what this operator wrote last, newer than the body's
+        if previous is None:
+            try:
+                previous = TenantDatabaseStatus.model_validate(body.get("status") or {})
+            except ValidationError:
+                previous = None
+        status = invalid_tenant_status(body.get("metadata", {}).get("generation"), errors, previous, utcnow())
+        if status == previous:
+            return
+        await self.statuses.save(key, status)
+        was = previous.condition("Ready") if previous is not None else None
+        if was is None or was.reason != "InvalidSpec":
+            meta = body["metadata"]
+            namespace = meta.get("namespace", "default")
+            await self.api.post_warning(
+                {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TenantDatabase", "name": meta["name"],
+                 "namespace": namespace, "uid": str(meta.get("uid", ""))},
+                namespace, "InvalidSpec", "; ".join(f"{f}: {m}" for f, m in errors), "dynabase-operator")
+
     async def reconcile(self, bodies: list[Mapping[str, Any]], policy_index: Mapping[str, Any]) -> list[TenantResult]:
         tenants = [t for t in (self.tenant(b) for b in bodies) if t is not None]
+        await self._record_invalid(bodies)
         if not tenants:
             return []
+        policies, unusable = self.catalog.split(policy_index)
         async with contextlib.AsyncExitStack() as stack:
             for key in sorted({t.key for t in tenants}):  # sorted: no lock-order deadlocks
                 await stack.enter_async_context(self._locks[key])
-            result = await self.engine.reconcile_all(self.policies(policy_index), tenants)
-        by_key = {f"{b['metadata'].get('namespace', 'default')}/{b['metadata']['name']}": b for b in bodies}
-        for tenant_result in result.tenants:
-            for type_, reason, message in tenant_result.events:
-                _event(by_key[tenant_result.key], type_, reason, message)
+            result = await self.engine.reconcile_all(policies, tenants, unusable_policies=unusable)
+        await self._post_events(result.tenants, {_key(b): b for b in bodies})
         await self.events.record_quietly(result.tenants, utcnow())
         return result.tenants
+
+    async def _post_events(self, results: list[TenantResult], bodies: Mapping[str, Mapping[str, Any]]) -> None:
+        """The pass's Events, through the API: passes also run in the drift and wake-up tasks, where
+        kopf.event cannot post. A refused post is logged; it never fails the pass (the Events are
+        kept in Postgres too)."""
+        posting = asyncio.Semaphore(8)
+
+        async def post(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+            meta = body["metadata"]
+            namespace = meta.get("namespace", "default")
+            involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TenantDatabase", "name": meta["name"],
+                        "namespace": namespace, "uid": str(meta.get("uid", ""))}
+            async with posting:
+                try:
+                    await self.api.post_event(involved, namespace, type_, reason, message, "dynabase-operator")
+                except Exception as exc:
+                    log.warning("posting an Event failed", extra={"reason": reason, "error": describe_error(exc)})
+
+        await asyncio.gather(*(post(bodies[r.key], *event) for r in results for event in r.events))
 
 
 def _event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     # kopf only reads apiVersion/kind/metadata of the body to address the event.
     kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message)
+
+
+def _key(body: Mapping[str, Any]) -> str:
+    return f"{body['metadata'].get('namespace', 'default')}/{body['metadata']['name']}"
 
 
 def _database_of(body: Mapping[str, Any]) -> str:
@@ -231,6 +282,8 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         memo.runtime = await Runtime.start(operator_settings, settings)
         if operator_settings.drift_interval > 0:  # 0 turns drift correction off (e.g. to measure without it)
             memo.drift = asyncio.create_task(memo.runtime.drift(kwargs["tenants_by_policy"], kwargs["policy_index"]))
+        memo.policy_statuses = asyncio.create_task(memo.runtime.policy_statuses.run(
+            kwargs["policy_index"], kwargs["tenants_by_policy"], every=operator_settings.drift_interval))
         memo.wake_stop = asyncio.Event()
         memo.wakes = asyncio.create_task(
             memo.runtime.wakes(kwargs["tenants_by_policy"], kwargs["policy_index"], memo.wake_stop))
@@ -244,7 +297,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         if getattr(memo, "wake_stop", None) is not None:
             memo.wake_stop.set()
-        for name in ("memory_log", "drift", "wakes", "notify"):
+        for name in ("memory_log", "drift", "wakes", "notify", "policy_statuses"):
             task = getattr(memo, name, None)
             if task is not None:
                 task.cancel()
@@ -261,6 +314,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         return {spec.get("tierPolicyRef", "default"): _plain(body)}
 
     async def reconcile_one(body: kopf.Body, memo: kopf.Memo, policy_index: kopf.Index[str, Any]) -> None:
+        memo.runtime.policy_statuses.schedule()  # the tenants using a policy may have changed
         result = await memo.runtime.submit(body, policy_index)
         if result is not None and not result.ready:
             failing = [o for o in result.outcomes if not o.ok]
@@ -277,13 +331,20 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     @kopf.on.create(GROUP, VERSION, POLICIES, registry=registry)
     @kopf.on.update(GROUP, VERSION, POLICIES, registry=registry)
     async def policy_changed(name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+        memo.runtime.policy_statuses.schedule()
         bodies = list(kwargs["tenants_by_policy"].get(name, []))
         if bodies:
             await memo.runtime.reconcile(bodies, kwargs["policy_index"])
 
+    @kopf.on.resume(GROUP, VERSION, POLICIES, registry=registry)
+    async def policy_resumed(memo: kopf.Memo, **_: Any) -> None:
+        # A policy stored before the operator (re)started, maybe before the CRD was tightened.
+        memo.runtime.policy_statuses.schedule()
+
     @kopf.on.delete(GROUP, VERSION, TENANTS, registry=registry, retries=settings.delete_retries, backoff=3)
     async def tenant_deleted(body: kopf.Body, memo: kopf.Memo, retry: int, **kwargs: Any) -> None:
         runtime: Runtime = memo.runtime
+        runtime.policy_statuses.schedule()
         tenant = runtime.tenant(body)
         if tenant is None:
             return

@@ -1,5 +1,6 @@
 """Declared models of the dynabase.io API: TierPolicy and TenantDatabase."""
 
+from .policy_status import PolicyProblem, TierPolicyStatus
 from .resources import API_VERSION, GROUP, KINDS, VERSION, Metadata, Resource, TenantDatabase, TierPolicy
 from .tenant import (
     CONDITION_TYPES,
@@ -13,7 +14,7 @@ from .units import ByteSize, Duration
 
 __all__ = [
     "API_VERSION", "CONDITION_TYPES", "GROUP", "KINDS", "SECTION_MODELS", "VERSION",
-    "ByteSize", "Condition", "Duration", "Metadata", "Resource",
+    "ByteSize", "Condition", "Duration", "Metadata", "PolicyProblem", "Resource",
     "SecretRef", "TenantDatabase", "TenantDatabaseSpec", "TenantDatabaseStatus", "Tier",
-    "TierLimits", "TierPolicy", "TierPolicySpec",
+    "TierLimits", "TierPolicy", "TierPolicySpec", "TierPolicyStatus",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import tenant
+from .policy_status import TierPolicyStatus
 from .resources import GROUP, VERSION
 from .tenant import TenantDatabaseSpec, TenantDatabaseStatus
 from .tier import TierPolicySpec
@@ -86,13 +87,16 @@ def _object_schema(model: type[BaseModel], *, keep_defaults: bool) -> dict[str, 
     return structural(raw, defs, keep_defaults=keep_defaults)
 
 
-def _status_schema() -> dict[str, Any]:
-    status = _object_schema(TenantDatabaseStatus, keep_defaults=False)
+def _status_schema(model: type[BaseModel], max_conditions: int) -> dict[str, Any]:
+    status = _object_schema(model, keep_defaults=False)
     conditions = status["properties"]["conditions"]
     conditions["x-kubernetes-list-type"] = "map"
     conditions["x-kubernetes-list-map-keys"] = ["type"]
-    conditions["maxItems"] = 16
+    conditions["maxItems"] = max_conditions
     return status
+
+
+_READY_COLUMN = {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'}
 
 
 def _crd(
@@ -154,9 +158,12 @@ def tier_policy_crd() -> dict[str, Any]:
         short_names=["tp", "tierpol"],
         scope="Cluster",
         spec_schema=spec,
-        status_schema=None,
+        status_schema=_status_schema(TierPolicyStatus, max_conditions=8),
         columns=[
-            {"name": "Tiers", "type": "string", "jsonPath": ".spec.tiers", "priority": 1},
+            _READY_COLUMN,
+            {"name": "Tenants", "type": "integer", "jsonPath": ".status.tenants"},
+            {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+             "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     )
@@ -200,18 +207,14 @@ def tenant_database_crd() -> dict[str, Any]:
         short_names=["tdb", "tenantdb"],
         scope="Namespaced",
         spec_schema=spec,
-        status_schema=_status_schema(),
+        status_schema=_status_schema(TenantDatabaseStatus, max_conditions=16),
         columns=[
             {"name": "Org", "type": "string", "jsonPath": ".spec.orgId"},
             {"name": "Tier", "type": "string", "jsonPath": ".spec.tier"},
             {"name": "Applied", "type": "string", "jsonPath": ".status.appliedTier", "priority": 1},
             {"name": "Pending", "type": "string", "jsonPath": ".status.pendingTier", "priority": 1},
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-            {
-                "name": "Ready",
-                "type": "string",
-                "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
-            },
+            _READY_COLUMN,
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
         root_rules=root_rules,

@@ -118,6 +118,23 @@ def _message(error: Any) -> str:
     return text
 
 
+def located_errors(exc: ValidationError) -> list[tuple[Loc, str]]:
+    """Each error of a model validation: where (the path from the document's root) and what to do."""
+    out: list[tuple[Loc, str]] = []
+    for error in exc.errors():
+        loc: Loc = tuple(error["loc"])
+        ctx_field = (error.get("ctx") or {}).get("field")
+        if ctx_field:
+            loc = (*loc, *ctx_field.split("."))
+        out.append((loc, _message(error)))
+    return out
+
+
+def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """(field, message) of each error, as ``dynabase validate`` words them (for status, where there is no line)."""
+    return [(_field_name(loc), message) for loc, message in located_errors(exc)]
+
+
 def parse_documents(text: str, filename: str) -> LoadResult:
     """Parse one file's YAML text. Errors never raise; they are collected."""
     result = LoadResult()
@@ -157,15 +174,9 @@ def parse_documents(text: str, filename: str) -> LoadResult:
             namespace = (raw.get("metadata") or {}).get("namespace") or "default"
             key = name if kind == "TierPolicy" else f"{namespace}/{name}"
             result.invalid_keys.add((kind, key))
-            for error in exc.errors():
-                loc: Loc = tuple(error["loc"])
-                ctx_field = (error.get("ctx") or {}).get("field")
-                if ctx_field:
-                    loc = (*loc, *ctx_field.split("."))
+            for loc, message in located_errors(exc):
                 result.errors.append(
-                    ManifestError(
-                        filename, _line_for(loc, lines), kind, name, _field_name(loc), _message(error)
-                    )
+                    ManifestError(filename, _line_for(loc, lines), kind, name, _field_name(loc), message)
                 )
             continue
         result.documents.append(Document(filename, doc_line, resource))

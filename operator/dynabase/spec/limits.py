@@ -206,6 +206,7 @@ POOL_FITS = CrossRule(
     " <= self.postgres.connectionLimit",
     message="pgbouncer.poolSize + reservePoolSize must not exceed postgres.connectionLimit, or PgBouncer "
     "opens server connections Postgres refuses; lower the pool or raise the connection limit",
+    field_path=".pgbouncer.poolSize",
 )
 BURST_COVERS_QPS = CrossRule(
     at="proxy",

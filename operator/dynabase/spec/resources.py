@@ -7,6 +7,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from .policy_status import TierPolicyStatus
 from .tenant import (
     IDENTIFIER_PATTERN,
     TenantDatabaseSpec,
@@ -43,6 +44,7 @@ class TierPolicy(BaseModel):
     kind: Literal["TierPolicy"] = "TierPolicy"
     metadata: Metadata
     spec: TierPolicySpec
+    status: TierPolicyStatus | None = None
 
     @property
     def name(self) -> str:

@@ -29,6 +29,7 @@ CONDITION_TYPES = (
     "RailwayReady",
     "ProxyReady",
     "Awake",
+    "DirectAccess",  # advisory, True when a tenant role could log in to Postgres around the proxy
     "Ready",
 )
 

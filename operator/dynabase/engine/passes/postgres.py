@@ -2,6 +2,8 @@
 
 A missing password is generated only once the roles are read: a role that already has
 one never gets another (``passwords``), and the plan shows the password it will set.
+With allowed sources configured, pg_hba.conf is read in the same observation and each
+tenant gets the advisory ``DirectAccess`` condition (``desired.pg_hba``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 from collections.abc import Sequence
 
 from dynabase.backends.postgres import PostgresBackend
+from dynabase.desired.pg_hba import AllowedSources, PgHbaObserved, direct_access
 from dynabase.desired.postgres import (
     PostgresObserved,
     PostgresPlan,
@@ -23,7 +26,7 @@ from dynabase.desired.postgres import (
 
 from .. import metrics
 from ..conditions import Outcome
-from ..failures import with_retries
+from ..failures import describe_error, with_retries
 from ..passwords import secret_failed, settle_passwords
 from ..results import TenantResult
 from ..stores import SecretStore
@@ -34,9 +37,12 @@ class PostgresPass(BackendPass):
     backend = "postgres"
     condition = "PostgresReady"
 
-    def __init__(self, run: PassRun, postgres: PostgresBackend, secrets: SecretStore) -> None:
+    def __init__(self, run: PassRun, postgres: PostgresBackend, secrets: SecretStore,
+                 allowed_sources: AllowedSources | None = None) -> None:
         super().__init__(run)
         self.postgres, self.secrets = postgres, secrets
+        self.allowed_sources = allowed_sources  # None: pg_hba.conf is not judged
+        self.hba: PgHbaObserved | str | None = None  # the rules, or why they could not be read
         self.targets: dict[str, PostgresTarget] = {}
         for result in run.resolved:
             assert result.limits is not None
@@ -58,6 +64,11 @@ class PostgresPass(BackendPass):
             lambda: self.postgres.observe([t.role for t in targets], [t.database for t in targets])
         )
         await settle_passwords(self.secrets, self.run.results, self.targets, self.observed, self.run.dry_run)
+        if self.allowed_sources is not None:
+            try:
+                self.hba = await self.postgres.observe_hba(t.role for t in targets)
+            except Exception as exc:  # advisory: its own Unknown condition, never the pass's failure
+                self.hba = describe_error(exc)
 
     def plan(self) -> None:
         self.plans = {k: plan_postgres(t, self.observed) for k, t in self.targets.items()}
@@ -70,6 +81,31 @@ class PostgresPass(BackendPass):
             target = self.targets[result.key]
             if target.password is None and target.state == "active" and not secret_failed(result):
                 result.plans["postgres"].append("(a password would be generated into the tenant's Secret)")
+        self._judge_direct_access()
+
+    def _judge_direct_access(self) -> None:
+        """DirectAccess for each active tenant: True (advisory) when its role could skip the proxy."""
+        allowed = self.allowed_sources
+        if allowed is None or self.hba is None:
+            return
+        for result in self.run.resolved:
+            target = self.targets[result.key]
+            if target.state != "active":
+                continue  # a role that cannot log in cannot go around the proxy either
+            if isinstance(self.hba, str):
+                result.outcomes.append(Outcome("DirectAccess", False, "PgHbaUnreadable",
+                                               f"pg_hba_file_rules could not be read ({self.hba})",
+                                               advisory=True, status="Unknown"))
+                continue
+            verdict = direct_access(self.hba, target.database, target.role, allowed)
+            if verdict.open is None:
+                result.outcomes.append(Outcome("DirectAccess", False, "PgHbaInvalid", verdict.message,
+                                               advisory=True, status="Unknown"))
+            elif verdict.open:
+                result.outcomes.append(Outcome("DirectAccess", False, "OpenInPgHba", verdict.message,
+                                               advisory=True, status="True"))
+            else:
+                result.outcomes.append(Outcome("DirectAccess", True, "ProxyOnly", verdict.message, status="False"))
 
     async def apply(self, phase: Phase) -> None:
         semaphore = asyncio.Semaphore(self.run.concurrency)
