@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -91,6 +92,12 @@ class Env:
     def mine(self, before: set[ClientConnection]) -> ClientConnection:
         (conn,) = self.proxy.connections - before  # type: ignore[operator]
         return conn  # type: ignore[no-any-return]
+
+
+def admissible(since: float, qps: int = 5, burst: int = 5) -> float:
+    """The most queries a token bucket of ``qps`` and ``burst`` admits from ``since`` until now
+    (one more for a slot leased as the loop began)."""
+    return burst + qps * (time.monotonic() - since) + 1
 
 
 def make(name: str, tier: str) -> TenantDatabase:
@@ -176,18 +183,20 @@ async def test_a_qps_limit_takes_spliced_connections_back_and_they_stay_usable(e
         await env.set_tier("moving", "LIMITED")
         await asyncio.wait_for(env.proxy.tenants.changes.until(lambda: not mine.in_kernel), 30)
         assert mine.splice.taken
-        rejected_in_tx = 0
+        started, rejected_in_tx = time.monotonic(), 0
         for _ in range(15):
             try:
                 await conn.execute("SELECT 1")
             except asyncpg.PostgresError as exc:
                 assert exc.sqlstate == "53400", exc
                 rejected_in_tx += 1
-        assert rejected_in_tx >= 3  # 5 q/s after a burst of 5: Python admits again...
+        # Python admits again: at most the burst of 5 and 5 q/s since (a loaded machine runs
+        # the loop slower, and the bucket refills meanwhile; without a limiter all 15 pass in ms)
+        assert 15 - rejected_in_tx <= admissible(started), rejected_in_tx
         assert conn.is_in_transaction()  # ...and its own answers carry the status the kernel last saw
         await asyncio.sleep(1.2)
         await conn.execute("ROLLBACK")
-        outcomes = []
+        outcomes, started = [], time.monotonic()
         for i in range(15):
             try:
                 assert await conn.fetchval("SELECT $1::int * 2", i) == i * 2
@@ -195,7 +204,7 @@ async def test_a_qps_limit_takes_spliced_connections_back_and_they_stay_usable(e
             except asyncpg.PostgresError as exc:
                 assert exc.sqlstate == "53400", exc
                 outcomes.append("rejected")
-        assert outcomes.count("ok") >= 1 and outcomes.count("rejected") >= 3
+        assert 1 <= outcomes.count("ok") <= admissible(started), outcomes
         new_before = set(env.proxy.connections)
         await asyncio.sleep(1.2)
         fresh = await asyncpg.connect(env.dsn("moving"), statement_cache_size=0)
