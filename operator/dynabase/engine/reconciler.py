@@ -22,8 +22,10 @@ from dynabase.backends.postgres import PostgresBackend
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.backends.railway import RailwayBackend
 from dynabase.backends.redis_acl import RedisBackend
+from dynabase.backends.warm_pool import WarmPoolStore
 from dynabase.desired.cost import FittedModel
 from dynabase.desired.railway import ServiceTarget
+from dynabase.desired.warm_pool import pool_sizes
 from dynabase.spec import TenantDatabase, TierPolicy
 
 from . import metrics, status
@@ -43,6 +45,7 @@ from .status import HISTORY_LIMIT
 from .stores import SecretStore, StatusStore
 from .tiers import resolve
 from .usage import MonthUsage, UsageRollup, judge_usage
+from .warm_pool import WarmPoolFiller
 
 __all__ = ["HISTORY_LIMIT", "Clock", "Engine", "PassResult", "TenantResult", "describe_error", "utcnow",
            "with_retries"]
@@ -100,6 +103,8 @@ class Engine:
         self._layout_lock = asyncio.Lock()
         self._bootstrapped = False
         self._bootstrap_lock = asyncio.Lock()
+        # Databases made ahead of sign-ups, refilled beside the passes (runtime.close_engine stops it).
+        self.warm_pool = WarmPoolFiller(WarmPoolStore(postgres.dsn))
 
     @property
     def platform_plans(self) -> list[str]:
@@ -131,6 +136,7 @@ class Engine:
         now = self.clock()
         if not dry_run:
             await self.bootstrap()
+            self.warm_pool.want(pool_sizes(policies))
         statuses = await self.status_store.load([t.key for t in [*tenants, *deleted]])
         results = [resolve(t, policies, statuses.get(t.key), now) for t in tenants]
         await mark_cold(self.proxy, results, statuses, now)
