@@ -275,3 +275,36 @@ async def test_a_template_change_drops_pool_databases_made_from_the_old_template
     finally:
         await fresh.close()
     assert await pool_of(admin, pooled) == {}
+
+
+async def test_a_first_connection_ahead_of_the_limits_message_is_served(stack: Stack) -> None:
+    """A sign-up connects right after its pass; the proxy may not have the change message yet."""
+    from dynabase.backends.pgbouncer import PgBouncerBackend
+    from dynabase.backends.proxy import ProxyBackend
+
+    from .proxy_helpers import running_proxy
+
+    engine, secrets, _ = await make_engine(stack.env["DYNABASE_POSTGRES_DSN"])
+    engine.pgbouncer = PgBouncerBackend(stack.env["DYNABASE_REDIS_URL"])
+    engine.proxy = ProxyBackend(stack.env["DYNABASE_REDIS_URL"])
+    policies = {"default": policy("default", None)}
+    try:
+        async with running_proxy(stack.env["DYNABASE_REDIS_URL"], f"signup-{uuid.uuid4().hex[:6]}") as (port, proxy):
+            tenant = make_tenant(unique("early"), "FREE")
+            assert (await engine.reconcile_all(policies, [tenant])).tenants[0].ready
+            db = tenant.database_name
+            tenants = proxy.tenants  # served once its limits and its tier's PgBouncer are known here
+            await asyncio.wait_for(tenants.changes.until(
+                lambda: db in tenants.limits and tenants.limits[db].pool in tenants.pool_ports), 30)
+            del tenants.limits[db]  # as if its change message were still on the way
+            conn = await asyncpg.connect(host="127.0.0.1", port=port, user=db, database=db, ssl=False,
+                                         password=secrets.passwords[tenant.key], statement_cache_size=0)
+            try:
+                assert await conn.fetchval("SELECT current_database()") == db
+            finally:
+                await conn.close()
+            with pytest.raises(asyncpg.InvalidCatalogNameError):  # an unknown name is still refused
+                await asyncpg.connect(host="127.0.0.1", port=port, user=db, database="no_such_tenant", ssl=False,
+                                      password="x", statement_cache_size=0)
+    finally:
+        await close_engine(engine)

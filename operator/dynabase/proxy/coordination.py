@@ -20,6 +20,10 @@ class Coordination(Protocol):
         or None when the other replicas cannot be reached (``connected`` is False then)."""
         ...
 
+    async def look_up(self, database: str) -> None:
+        """Read one tenant's published limits now, without waiting for its change message."""
+        ...
+
     def wake(self, database: str) -> None:
         """Announce that a connection reached a Cold tenant, so it is marked awake."""
         ...
@@ -43,6 +47,9 @@ class LocalOnly:
 
     async def lease(self, database: str, lanes: int, args: list[float]) -> list[int] | None:
         return None
+
+    async def look_up(self, database: str) -> None:
+        pass
 
     def wake(self, database: str) -> None:
         pass
