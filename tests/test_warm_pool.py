@@ -308,3 +308,45 @@ async def test_a_first_connection_ahead_of_the_limits_message_is_served(stack: S
                                       password="x", statement_cache_size=0)
     finally:
         await close_engine(engine)
+
+
+def test_only_what_agents_render_needs_their_confirmation() -> None:
+    from dynabase.desired.pgbouncer import PgBouncerDesired, PoolSettings, TenantRoute
+
+    pools = {"default.FREE": PoolSettings(pool_size=3)}
+    before = PgBouncerDesired(dict(pools), {"a": TenantRoute("a", "a", "default.FREE")})
+    plain = PgBouncerDesired(dict(pools), {**before.routes, "b": TenantRoute("b", "b", "default.FREE")})
+    own = PgBouncerDesired(dict(pools), {**before.routes, "b": TenantRoute("b", "b", "default.FREE",
+                                                                            PoolSettings(pool_size=9))})
+    grown = PgBouncerDesired({**pools, "default.PRO": PoolSettings(pool_size=9)}, dict(plain.routes))
+    assert plain.version != before.version and plain.rendered_version == before.rendered_version
+    assert own.rendered_version != before.rendered_version
+    assert grown.rendered_version != plain.rendered_version
+
+
+async def test_a_new_tenant_in_a_running_pool_does_not_wait_for_the_agents(stack: Stack) -> None:
+    from dynabase.backends.pgbouncer import PgBouncerBackend
+
+    engine, _, _ = await make_engine(stack.env["DYNABASE_POSTGRES_DSN"])
+    backend = engine.pgbouncer = PgBouncerBackend(stack.env["DYNABASE_REDIS_URL"])
+    waits: list[int] = []
+    real_wait = backend.wait_confirmed
+
+    async def counted(seq: int) -> Any:
+        waits.append(seq)
+        return await real_wait(seq)
+
+    backend.wait_confirmed = counted  # type: ignore[method-assign]
+    policies = {"default": policy("default", None)}
+    try:
+        first = await engine.reconcile_all(policies, [make_tenant(unique("pgb"), "FREE")])
+        assert first.tenants[0].ready, first.tenants[0].outcomes
+        waits.clear()
+        second = await engine.reconcile_all(policies, [make_tenant(unique("pgb"), "FREE")])
+        assert second.tenants[0].ready, second.tenants[0].outcomes
+        assert waits == [] and backend.writes == 2  # published, nothing to wait for
+        own = await engine.reconcile_all(policies, [make_tenant(unique("pgb"), "FREE",
+                                                                overrides={"pgbouncer": {"poolSize": 2}})])
+        assert own.tenants[0].ready and len(waits) == 1  # an entry of its own: the agents confirm it
+    finally:
+        await close_engine(engine)

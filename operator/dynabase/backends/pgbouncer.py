@@ -70,10 +70,12 @@ class PgBouncerBackend:
     async def wait_confirmed(self, seq: int) -> list[AgentReport]:
         """Agents' reports once all live agents applied publication ``seq`` or a newer one."""
         deadline = time.monotonic() + self.confirm_timeout
+        pause = 0.002  # agents answer in milliseconds; a sign-up's pass waits for this one
         while True:
             agents = await self._agents()
             if agents and all(a.seq >= seq for a in agents):
                 return agents
             if time.monotonic() >= deadline:
                 return agents
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(pause)
+            pause = min(0.05, pause * 2)

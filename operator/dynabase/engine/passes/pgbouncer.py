@@ -59,7 +59,10 @@ class PgBouncerPass(BackendPass):
             self.fail(self.affected(), "PublishFailed", exc)
 
     async def _confirm(self, seq: int) -> None:
-        agents = self.observed.agents
+        agents, published = self.observed.agents, self.observed.published
+        if (self.changed and published is not None and agents and all(a.seq >= published.seq for a in agents)
+                and published.rendered_version == self.desired.rendered_version):
+            seq, self.changed = published.seq, False  # nothing for the agents to do: their last report stands
         try:
             if self.changed or any(a.seq < seq for a in agents):
                 agents = await self.pgbouncer.wait_confirmed(seq)
