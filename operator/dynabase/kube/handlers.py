@@ -5,6 +5,8 @@
 - A TierPolicy change reconciles the tenants that use it, found through a kopf index.
 - Deletion holds a finalizer, honours deletionPolicy, and gives up after bounded
   retries with a Warning event instead of hanging forever.
+- With ``--shard N/M`` the apiserver sends this operator only the tenants labelled
+  for shard N (shards.py); a labeller labels the unlabelled ones that fall to it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from dynabase.spec import GROUP, VERSION, TenantDatabase, TierPolicy
 from dynabase.spec.tenant import database_name_from
 
 from . import memory
+from .labeller import Labeller
+from .peering import ensure_peering, peering_priority
 from .settings import OperatorSettings
 from .stores import KubeSecretStore, KubeStatusStore
 
@@ -55,7 +59,7 @@ class Runtime:
     @classmethod
     async def start(cls, settings: OperatorSettings, kopf_settings: kopf.OperatorSettings) -> Runtime:
         api = KubeApi(kopf_settings)
-        statuses = KubeStatusStore(api)
+        statuses = KubeStatusStore(api, field_manager=settings.shard.field_manager)
         engine = await start_engine(
             EngineSettings.from_env(concurrency=settings.concurrency),
             secrets=KubeSecretStore(api), status_store=statuses,
@@ -221,6 +225,10 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         # Many parallel workers fill the micro-batches (500 tenants: 32 s at 1000 workers, 56 s
         # at 100, about the same RSS); engine passes are capped, so memory stays bounded.
         settings.batching.worker_limit = operator_settings.max_workers or None
+        settings.peering.lifetime = operator_settings.peering_lifetime
+        shard = operator_settings.shard
+        if shard.sharded:  # filtered by the apiserver: other shards' tenants never reach this process
+            settings.watching.label_selectors[GROUP, TENANTS] = shard.selector
         if operator_settings.metrics_port:
             start_http_server(operator_settings.metrics_port)
         memo.runtime = await Runtime.start(operator_settings, settings)
@@ -229,6 +237,9 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         memo.wake_stop = asyncio.Event()
         memo.wakes = asyncio.create_task(
             memo.runtime.wakes(kwargs["tenants_by_policy"], kwargs["policy_index"], memo.wake_stop))
+        if shard.sharded:
+            memo.labeller = asyncio.create_task(
+                Labeller(memo.runtime.api, shard, operator_settings.namespaces).run(memo.wake_stop))
         if memory.enabled():
             memo.memory_log = asyncio.create_task(memory.log_periodically())
 
@@ -238,7 +249,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         if getattr(memo, "wake_stop", None) is not None:
             memo.wake_stop.set()
-        for name in ("memory_log", "drift", "wakes"):
+        for name in ("memory_log", "drift", "wakes", "labeller"):
             task = getattr(memo, name, None)
             if task is not None:
                 task.cancel()
@@ -301,11 +312,21 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
 
 def run(settings: OperatorSettings) -> None:
     registry = build_registry(settings)
+    peering = settings.shard.peering_name(settings.peering) if settings.peering else None
+    if peering is not None:
+        asyncio.run(_ensure_peering(peering, settings.namespaces))
+    log.warning("operator starting", extra={"shard": str(settings.shard), "peering": peering})
     kopf.run(
         registry=registry,
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
-        standalone=settings.peering is None,
-        peering_name=settings.peering,
+        standalone=peering is None,
+        peering_name=peering,
+        priority=peering_priority(),
         liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None,
     )
+
+
+async def _ensure_peering(name: str, namespaces: list[str]) -> None:
+    async with KubeApi() as api:
+        await ensure_peering(api, name, namespaces)

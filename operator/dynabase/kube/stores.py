@@ -83,8 +83,9 @@ def status_patch(status: TenantDatabaseStatus) -> dict[str, Any]:
 class KubeStatusStore:
     """Status comes from the bodies kopf hands us; writes go to the status subresource."""
 
-    def __init__(self, api: KubeApi) -> None:
+    def __init__(self, api: KubeApi, field_manager: str = "dynabase-operator") -> None:
         self.api = api
+        self.field_manager = field_manager  # the apiserver records it as the writer of the status fields
         self.known: dict[str, TenantDatabaseStatus] = {}
         self.writes = 0
 
@@ -99,8 +100,9 @@ class KubeStatusStore:
         namespace, name = key.split("/", 1)
         self.writes += 1
         try:
-            await self.api.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status",
-                                   status_patch(status), MERGE_PATCH)
+            await self.api.request(
+                "PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+                f"?fieldManager={self.field_manager}", status_patch(status), MERGE_PATCH)
         except KubeApiError as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to record
                 raise

@@ -30,8 +30,15 @@ class PgBouncerPass(BackendPass):
         self.seq: int | None = None  # the publication the agents must confirm, once published
 
     async def step(self, phase: Phase) -> None:
-        async with self.layout_lock:  # observe, plan and publish; waiting for the agents needs no lock
-            await super().step(phase)
+        # Observe, plan and publish one pass at a time here, and one engine at a time anywhere
+        # (operator shards share the layout); waiting for the agents needs no lock.
+        async with self.layout_lock:
+            try:
+                async with self.pgbouncer.layout_lock():
+                    await super().step(phase)
+            except Exception as exc:  # Redis unreachable for the lock: this backend's condition, as observing
+                self._planned = self._planned or False
+                self.fail(self.affected(), "ObserveFailed", exc)
         if self.seq is not None:
             await self._confirm(self.seq)
 
