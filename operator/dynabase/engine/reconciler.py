@@ -117,6 +117,13 @@ class Engine:
                 await with_retries(self.postgres.bootstrap)
                 self._bootstrapped = True
 
+    async def keep_warm(self, policies: dict[str, TierPolicy]) -> None:
+        """Start (or resize) the warm pools the policies declare, before any tenant's pass needs them."""
+        sizes = pool_sizes(policies)
+        if any(sizes.values()):
+            await self.bootstrap()  # pool databases are copies of the bootstrapped template
+        self.warm_pool.want(sizes)
+
     async def reconcile_all(
         self,
         policies: dict[str, TierPolicy],
@@ -135,8 +142,7 @@ class Engine:
         writes_before = self.postgres.counter.writes
         now = self.clock()
         if not dry_run:
-            await self.bootstrap()
-            self.warm_pool.want(pool_sizes(policies))
+            await self.keep_warm(policies)
         statuses = await self.status_store.load([t.key for t in [*tenants, *deleted]])
         results = [resolve(t, policies, statuses.get(t.key), now) for t in tenants]
         await mark_cold(self.proxy, results, statuses, now)

@@ -15,11 +15,12 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import kopf
-from prometheus_client import start_http_server
+from prometheus_client import Gauge, start_http_server
 from pydantic import ValidationError
 
 from dynabase.engine.reconciler import Engine, TenantResult, describe_error
@@ -36,6 +37,8 @@ from .stores import KubeSecretStore, KubeStatusStore
 
 log = logging.getLogger(__name__)
 TENANTS, POLICIES = "tenantdatabases", "tierpolicies"
+DRIFT_ROUND = Gauge("dynabase_operator_drift_round", "The last drift round over this operator's tenants: "
+                    "its wall time (seconds) and how many tenants it covered (tenants).", ["measure"])
 
 
 class Runtime:
@@ -118,6 +121,11 @@ class Runtime:
         """
         while True:
             await asyncio.sleep(self.settings.drift_interval)
+            started = time.monotonic()
+            try:  # also after a restart, before any tenant's pass: the pools fill without a sign-up
+                await self.engine.keep_warm(self.policies(policy_index))
+            except Exception as exc:
+                log.warning("warm pool not started", extra={"error": describe_error(exc)})
             bodies = [body for group in list(tenants.values()) for body in group
                       if not body.get("metadata", {}).get("deletionTimestamp")]
             for start in range(0, len(bodies), self.drift_batch):
@@ -125,6 +133,9 @@ class Runtime:
                     await self.reconcile(bodies[start:start + self.drift_batch], policy_index)
                 except Exception as exc:  # the next interval tries again, as kopf's timers did
                     log.warning("drift pass failed", extra={"error": describe_error(exc)})
+            # A shard is sized right while this stays well under the drift interval (README, Sizing).
+            DRIFT_ROUND.labels("seconds").set(time.monotonic() - started)
+            DRIFT_ROUND.labels("tenants").set(len(bodies))
 
     async def wakes(self, tenants: Mapping[str, Iterable[Mapping[str, Any]]], policy_index: Mapping[str, Any],
                     stop: asyncio.Event) -> None:
@@ -282,6 +293,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     @kopf.on.create(GROUP, VERSION, POLICIES, registry=registry)
     @kopf.on.update(GROUP, VERSION, POLICIES, registry=registry)
     async def policy_changed(name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+        await memo.runtime.engine.keep_warm(memo.runtime.policies(kwargs["policy_index"]))  # warmPool.size
         bodies = list(kwargs["tenants_by_policy"].get(name, []))
         if bodies:
             await memo.runtime.reconcile(bodies, kwargs["policy_index"])
