@@ -8,7 +8,9 @@ nothing is generated and no ``ALTER ROLE … PASSWORD`` is planned.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from collections.abc import Awaitable, Callable, Iterable
 
 from dynabase.desired.postgres import Password, PostgresObserved, PostgresTarget
 from dynabase.desired.sql import quote_ident
@@ -18,6 +20,20 @@ from .results import TenantResult
 from .stores import SecretStore, generate_password
 
 SECRET_CONDITION = "SecretReady"
+# Store calls in flight: a Kubernetes Secret is one apiserver request each, and a pass of 200 new
+# tenants reads and creates 200 of them; one at a time that was most of the pass.
+STORE_CALLS = 8
+
+
+async def for_each(results: Iterable[TenantResult], call: Callable[[TenantResult], Awaitable[None]]) -> None:
+    """``call`` for each tenant, ``STORE_CALLS`` at a time."""
+    slots = asyncio.Semaphore(STORE_CALLS)
+
+    async def one(result: TenantResult) -> None:
+        async with slots:
+            await call(result)
+
+    await asyncio.gather(*(one(r) for r in results))
 
 
 def _failed(result: TenantResult, reason: str, message: str) -> None:
@@ -41,23 +57,25 @@ async def stored_password(secrets: SecretStore, result: TenantResult) -> Passwor
 async def settle_passwords(secrets: SecretStore, results: list[TenantResult], targets: dict[str, PostgresTarget],
                            observed: PostgresObserved, dry_run: bool) -> None:
     """Give every active tenant without a stored password one, unless its role already has one."""
-    for result in results:
+    async def settle(result: TenantResult) -> None:
         target = targets.get(result.key)
         if target is None or target.password is not None or secret_failed(result):
-            continue
+            return
         role = observed.roles.get(target.role)
         if role is not None and role.verifier and role.comment == target.marker:
             _failed(result, "SecretMissing", (
                 f"role {target.role} has a password that no store holds, so none is generated: "
                 f"{secrets.restore_hint(result.tenant)}; or, to give the tenant a new one, "
                 f"ALTER ROLE {quote_ident(target.role)} PASSWORD NULL"))
-            continue
+            return
         if dry_run:
-            continue
+            return
         try:
             value = await secrets.create_password(result.tenant, generate_password())
         except Exception as exc:  # as above: this tenant's condition
             _failed(result, "SecretUnavailable", f"{type(exc).__name__}: {exc}")
-            continue
+            return
         targets[result.key] = dataclasses.replace(target, password=Password(value))
         result.password = targets[result.key].password
+
+    await for_each(results, settle)

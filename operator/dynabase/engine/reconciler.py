@@ -39,7 +39,7 @@ from .passes.postgres import PostgresPass
 from .passes.proxy import ProxyPass
 from .passes.railway import PlatformSchedule, RailwayPass
 from .passes.redis import RedisPass
-from .passwords import stored_password
+from .passwords import for_each, stored_password
 from .results import PassResult, TenantResult
 from .status import HISTORY_LIMIT
 from .stores import SecretStore, StatusStore
@@ -142,6 +142,7 @@ class Engine:
         writes_before = self.postgres.counter.writes
         now = self.clock()
         if not dry_run:
+            await self.bootstrap()
             await self.keep_warm(policies)
         statuses = await self.status_store.load([t.key for t in [*tenants, *deleted]])
         results = [resolve(t, policies, statuses.get(t.key), now) for t in tenants]
@@ -167,9 +168,10 @@ class Engine:
 
     async def _load_passwords(self, results: list[TenantResult]) -> None:
         """Each resolved tenant's stored password (the Postgres pass generates missing ones)."""
-        for result in results:
-            if result.decision is not None:
-                result.password = await stored_password(self.secrets, result)
+        async def load(result: TenantResult) -> None:
+            result.password = await stored_password(self.secrets, result)
+
+        await for_each((r for r in results if r.decision is not None), load)
 
     def _passes(self, run: PassRun) -> dict[str, BackendPass]:
         """This pass's backend passes, built from the backends configured now (tests swap them)."""
