@@ -238,3 +238,46 @@ def test_the_sharded_operator_overlay_replaces_the_single_operator(stack: Stack,
         assert pod["containers"][0]["image"].startswith("ghcr.io/")
     stack.kubectl("create", "namespace", "dynabase-system", check=False)  # a dry run creates no namespace first
     stack.kubectl("apply", "--dry-run=server", "-k", str(ROOT / "examples" / "sharded-operator"))
+
+
+@pytest.mark.kube
+async def test_an_operator_pass_reads_generated_passwords_in_bulk(stack: Stack, crds_applied: None) -> None:
+    """A drift round over a shard's tenants reads their Secrets with a LIST, not a GET each."""
+    from dynabase.engine.passwords import load_passwords
+    from dynabase.engine.results import TenantResult
+    from dynabase.kube.stores import KubeSecretStore
+    from dynabase.kubeapi import KubeApi
+
+    from .engine_helpers import make_tenant
+
+    stack.need("kube-apiserver")
+    namespace = f"bulk-{uuid.uuid4().hex[:6]}"
+    stack.kubectl("create", "namespace", namespace)
+    os.environ["KUBECONFIG"] = stack.env["KUBECONFIG"]
+    calls: list[str] = []
+
+    class Counted(KubeApi):
+        async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+                          ) -> dict[str, Any]:
+            calls.append(f"{method} {path.split('?')[0].rsplit('/', 1)[-1]}")
+            return await super().request(method, path, body, content_type)
+
+    def tenant_in(name: str) -> Any:
+        raw = make_tenant(name.replace("-", "_"), "FREE").model_dump(by_alias=True, exclude_none=True, mode="json")
+        raw["metadata"].update(name=name, namespace=namespace)
+        from dynabase.spec import TenantDatabase
+        return TenantDatabase.model_validate(raw)
+
+    async with Counted() as api:
+        store = KubeSecretStore(api)
+        generated = [tenant_in(f"gen-{i}") for i in range(3)]
+        for i, tenant in enumerate(generated):
+            await store.create_password(tenant, f"pw-{i}")
+        restored = tenant_in("restored")  # given back by hand, as the SecretMissing hint says: no label
+        stack.kubectl("create", "secret", "generic", "restored-dynabase-password", "-n", namespace,
+                      "--from-literal=password=pw-restored")
+        calls.clear()
+        results = [TenantResult(t) for t in [*generated, restored]]
+        await load_passwords(store, results)
+    assert [r.password.reveal() if r.password else None for r in results] == ["pw-0", "pw-1", "pw-2", "pw-restored"]
+    assert sorted(calls) == ["GET restored-dynabase-password", "GET secrets"]  # one LIST, one GET

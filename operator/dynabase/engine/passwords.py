@@ -17,7 +17,7 @@ from dynabase.desired.sql import quote_ident
 
 from .conditions import Outcome
 from .results import TenantResult
-from .stores import SecretStore, generate_password
+from .stores import BulkSecretStore, SecretStore, generate_password
 
 SECRET_CONDITION = "SecretReady"
 # Store calls in flight: a Kubernetes Secret is one apiserver request each, and a pass of 200 new
@@ -42,6 +42,22 @@ def _failed(result: TenantResult, reason: str, message: str) -> None:
 
 def secret_failed(result: TenantResult) -> bool:
     return any(o.condition_type == SECRET_CONDITION for o in result.outcomes)
+
+
+async def load_passwords(secrets: SecretStore, results: list[TenantResult]) -> None:
+    """Each tenant's stored password, in bulk where the store can (then one by one for the rest)."""
+    known: dict[str, str | None] = {}
+    if isinstance(secrets, BulkSecretStore) and results:
+        try:
+            known = await secrets.get_passwords([r.tenant for r in results])
+        except Exception:  # read one by one below, where each failure is that tenant's condition
+            known = {}
+
+    async def load(result: TenantResult) -> None:
+        value = known.get(result.key)
+        result.password = Password(value) if value is not None else await stored_password(secrets, result)
+
+    await for_each(results, load)
 
 
 async def stored_password(secrets: SecretStore, result: TenantResult) -> Password | None:

@@ -39,7 +39,7 @@ from .passes.postgres import PostgresPass
 from .passes.proxy import ProxyPass
 from .passes.railway import PlatformSchedule, RailwayPass
 from .passes.redis import RedisPass
-from .passwords import for_each, stored_password
+from .passwords import load_passwords
 from .results import PassResult, TenantResult
 from .status import HISTORY_LIMIT
 from .stores import SecretStore, StatusStore
@@ -168,10 +168,7 @@ class Engine:
 
     async def _load_passwords(self, results: list[TenantResult]) -> None:
         """Each resolved tenant's stored password (the Postgres pass generates missing ones)."""
-        async def load(result: TenantResult) -> None:
-            result.password = await stored_password(self.secrets, result)
-
-        await for_each((r for r in results if r.decision is not None), load)
+        await load_passwords(self.secrets, [r for r in results if r.decision is not None])
 
     def _passes(self, run: PassRun) -> dict[str, BackendPass]:
         """This pass's backend passes, built from the backends configured now (tests swap them)."""
