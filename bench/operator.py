@@ -50,13 +50,14 @@ def kubectl(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
     return out.stdout
 
 
-def write_requests(env: dict[str, str]) -> dict[str, float]:
-    """Write requests the apiserver has served, by verb and resource."""
+WRITES = ("PATCH", "POST", "PUT", "DELETE", "APPLY")
+
+
+def write_requests(env: dict[str, str], verbs: tuple[str, ...] = WRITES) -> dict[str, float]:
+    """Requests the apiserver has served (writes by default), by verb and resource."""
     out: dict[str, float] = {}
     for line in kubectl(env, "get", "--raw", "/metrics").splitlines():
-        if line.startswith("apiserver_request_total{") and any(
-            f'verb="{v}"' in line for v in ("PATCH", "POST", "PUT", "DELETE", "APPLY")
-        ):
+        if line.startswith("apiserver_request_total{") and any(f'verb="{v}"' in line for v in verbs):
             labels = dict(part.split("=", 1) for part in line[len("apiserver_request_total{"):].split("}")[0]
                           .split(","))
             key = f"{labels.get('verb', '').strip(chr(34))} {labels.get('resource', '').strip(chr(34))}" \
@@ -170,6 +171,7 @@ def run(env: dict[str, str], args: argparse.Namespace, operators: list[subproces
         print(f"warm pool of {args.pool} filled in {time.monotonic() - started:.1f}s "
               f"({args.pool / (time.monotonic() - started):.1f} databases/s)", flush=True)
     docs = tenant_docs(args.tenants, args.shards, not args.unlabelled)
+    served_before = write_requests(env, (*WRITES, "GET", "LIST"))
     started = time.monotonic()
     apply_all(env, docs, args.apply_workers)
     applied = time.monotonic() - started
@@ -186,6 +188,11 @@ def run(env: dict[str, str], args: argparse.Namespace, operators: list[subproces
     rss = ", ".join(f"{memory_mb(op.pid)[0]:.0f} MB (peak {memory_mb(op.pid)[1]:.0f})" for op in operators)
     print(f"{args.tenants} TenantDatabases, {args.shards} operator(s), warm pool {args.pool}: applied in "
           f"{applied:.1f}s, all Ready after {elapsed:.1f}s; operator RSS {rss}", flush=True)
+    served = {k: v - served_before.get(k, 0.0) for k, v in write_requests(env, (*WRITES, "GET", "LIST")).items()}
+    busiest = sorted(((v, k) for k, v in served.items() if v >= args.tenants / 2), reverse=True)
+    print(f"  apiserver requests until all Ready: {sum(served.values()):.0f} "
+          f"({sum(served.values()) / elapsed:.0f}/s, {sum(served.values()) / args.tenants:.1f} per tenant; "
+          f"{', '.join(f'{k} {v:.0f}' for v, k in busiest)}; the bench's own polling included)", flush=True)
 
     # One drift round per operator (a no-drift pass over its tenants, 200 per engine pass).
     rounds_before = [scrape(port).get(PARTIAL_PASSES, 0.0) for port in metrics]
