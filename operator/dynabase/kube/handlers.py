@@ -55,7 +55,9 @@ class Runtime:
         self._queue: dict[str, tuple[Mapping[str, Any], Mapping[str, Any]]] = {}
         self._waiters: dict[str, list[asyncio.Future[TenantResult | None]]] = collections.defaultdict(list)
         self._batch_task: asyncio.Task[None] | None = None
-        self.batch_window = 0.05
+        # Events that arrive together (an apply of hundreds) share a pass; a lone sign-up waits only
+        # this long, and what arrives while a pass runs queues for the next one anyway.
+        self.batch_window = 0.005
         self.max_batch = self.drift_batch = 200
         self._wake_tasks: set[asyncio.Future[TenantResult | None]] = set()
 
