@@ -18,16 +18,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import yaml
@@ -36,6 +38,8 @@ from bench.common import ROOT, devstack
 from dynabase.desired.warm_pool import like_pattern, pool_prefix
 from dynabase.devstack.stack import free_port
 from dynabase.kube.shards import SHARD_LABEL, shard_of
+from dynabase.kubeapi import KubeApi, KubeApiError
+from dynabase.settings import WARM_POOL_FILL_LOCK
 
 PARTIAL_PASSES = 'dynabase_reconcile_duration_seconds_count{mode="partial"}'
 ROUND_TENANTS = 'dynabase_operator_drift_round{measure="tenants"}'
@@ -110,10 +114,42 @@ def pool_count(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
-def ready_count(env: dict[str, str]) -> int:
-    items = json.loads(kubectl(env, "get", "tdb", "-n", "bench", "-o", "json"))["items"]
-    return sum(any(c["type"] == "Ready" and c["status"] == "True" for c in i.get("status", {}).get("conditions", []))
-               for i in items)
+def is_ready(obj: dict[str, Any]) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in obj.get("status", {}).get("conditions", []))
+
+
+class ReadyWatch:
+    """Counts Ready tenants from a watch (listing 10,000 objects every few seconds would load the apiserver)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.ready: set[str] = set()
+        self.last = 0.0  # when the newest one became Ready
+        self.stop = threading.Event()
+        os.environ["KUBECONFIG"] = env["KUBECONFIG"]
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self.thread.start()
+
+    async def _run(self) -> None:
+        path = "/apis/dynabase.io/v1alpha1/namespaces/bench/tenantdatabases"
+        async with KubeApi() as api:
+            while not self.stop.is_set():
+                listed = await api.request("GET", path)
+                for item in listed["items"]:
+                    self._see(item)
+                version = listed["metadata"]["resourceVersion"]
+                try:
+                    async for event in api.watch(path, "", version, asyncio.Event(), timeout=60):
+                        self._see(event["object"])
+                        if self.stop.is_set():
+                            return
+                except KubeApiError:
+                    continue  # expired: list again
+
+    def _see(self, obj: dict[str, Any]) -> None:
+        name = obj.get("metadata", {}).get("name")
+        if name and name not in self.ready and is_ready(obj):
+            self.ready.add(name)
+            self.last = time.monotonic()
 
 
 def main() -> None:
@@ -129,6 +165,8 @@ def main() -> None:
     parser.add_argument("--unlabelled", action="store_true", help="apply tenants without shard labels")
     parser.add_argument("--apply-workers", type=int, default=1, help="parallel kubectl apply processes")
     parser.add_argument("--stack-dir", help="put the devstack (Postgres' data) under this folder")
+    parser.add_argument("--hold-refill", action="store_true",
+                        help="after the pool is full, hold the fill lock: no refill during the run (bounds disk use)")
     args = parser.parse_args()
     with devstack(["postgres", "redis", "pgbouncer", "etcd", "kube-apiserver"], parent=args.stack_dir) as env:
         kubectl(env, "apply", "-k", str(ROOT / "crds"))
@@ -170,21 +208,28 @@ def run(env: dict[str, str], args: argparse.Namespace, operators: list[subproces
             time.sleep(10)
         print(f"warm pool of {args.pool} filled in {time.monotonic() - started:.1f}s "
               f"({args.pool / (time.monotonic() - started):.1f} databases/s)", flush=True)
+        if args.hold_refill:  # the operators' filler finds the lock taken, as if another engine were filling
+            holder = psycopg.connect(env["DYNABASE_POSTGRES_DSN"], autocommit=True)
+            holder.execute("SELECT pg_advisory_lock(%s)", (WARM_POOL_FILL_LOCK,))
     docs = tenant_docs(args.tenants, args.shards, not args.unlabelled)
+    watch = ReadyWatch(env)
     served_before = write_requests(env, (*WRITES, "GET", "LIST"))
     started = time.monotonic()
     apply_all(env, docs, args.apply_workers)
     applied = time.monotonic() - started
     peak: dict[int, float] = {}
     while True:
-        ready = ready_count(env)
+        ready = len(watch.ready)
         elapsed = time.monotonic() - started
         for op in operators:
             peak[op.pid] = max(peak.get(op.pid, 0.0), memory_mb(op.pid)[0])
         print(f"  {elapsed:6.1f}s ready {ready}/{args.tenants}", flush=True)
-        if ready == args.tenants or elapsed > 1800:
+        if ready == args.tenants or elapsed > 3600:
             break
         time.sleep(5)
+    watch.stop.set()
+    if ready == args.tenants:
+        elapsed = watch.last - started
     rss = ", ".join(f"{memory_mb(op.pid)[0]:.0f} MB (peak {memory_mb(op.pid)[1]:.0f})" for op in operators)
     print(f"{args.tenants} TenantDatabases, {args.shards} operator(s), warm pool {args.pool}: applied in "
           f"{applied:.1f}s, all Ready after {elapsed:.1f}s; operator RSS {rss}", flush=True)
