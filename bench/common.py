@@ -23,8 +23,9 @@ TIERS = ("FREE", "STARTER", "PRO", "ENTERPRISE")
 
 
 @contextlib.contextmanager
-def devstack(services: list[str]) -> Iterator[dict[str, str]]:
-    root = Path(tempfile.mkdtemp(prefix="dynabase-bench-"))
+def devstack(services: list[str], parent: str | None = None) -> Iterator[dict[str, str]]:
+    """``parent``: where the stack's folder goes (e.g. a larger or compressed filesystem for Postgres)."""
+    root = Path(tempfile.mkdtemp(prefix="dynabase-bench-", dir=parent))
     stack = Devstack(root)
     try:
         stack.up(services, build=False)

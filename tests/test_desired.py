@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dynabase.desired.effective import PostgresEffective, ResolveError, effective_limits, merge
-from dynabase.desired.postgres import connect_grantees, render_kilobytes
+from dynabase.desired.postgres import render_kilobytes
+from dynabase.desired.postgres_observed import connect_grantees
 from dynabase.desired.scram import scram_verifier, verifier_matches
 from dynabase.desired.sql import quote_ident, quote_literal
 from dynabase.desired.transition import decide_tier

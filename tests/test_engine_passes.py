@@ -12,13 +12,8 @@ from dynabase.desired.effective import effective_limits
 from dynabase.desired.lifecycle import phase
 from dynabase.desired.overage import decide_overage, usage_outcome
 from dynabase.desired.pgbouncer import layout, pool_name
-from dynabase.desired.postgres import (
-    ObservedRole,
-    PostgresObserved,
-    deletion_target,
-    lowers_connection_limit,
-    tenant_target,
-)
+from dynabase.desired.postgres import deletion_target, lowers_connection_limit, tenant_target
+from dynabase.desired.postgres_observed import ObservedRole, PostgresObserved
 from dynabase.desired.proxy import lowers, proxy_limits, restricted
 from dynabase.desired.transition import decide_tier
 from dynabase.engine.passes.base import BackendPass, PassRun, Phase

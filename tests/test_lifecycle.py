@@ -287,7 +287,7 @@ def _histogram_count() -> float:
 async def test_the_operator_reconciles_a_woken_tenant_at_once(env: Env) -> None:
     """A connection to a Cold tenant at the proxy reaches the operator's runtime, whose own pass
     (not the test's) brings the tenant back to Active."""
-    from dynabase.kube import handlers
+    from dynabase.kube import runtime as operator_runtime
     from dynabase.kube.settings import OperatorSettings
     from dynabase.kube.stores import KubeStatusStore
 
@@ -302,7 +302,7 @@ async def test_the_operator_reconciles_a_woken_tenant_at_once(env: Env) -> None:
 
     passes: asyncio.Queue[TenantResult | None] = asyncio.Queue()
 
-    class Runtime(handlers.Runtime):  # the real submit, its results also handed to the test
+    class Runtime(operator_runtime.Runtime):  # the real submit, its results also handed to the test
         async def submit(self, body: Any, policy_index: Any) -> TenantResult | None:
             result = await super().submit(body, policy_index)
             passes.put_nowait(result)

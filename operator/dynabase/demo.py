@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dynabase.devstack.stack import ALL_SERVICES, Devstack, DevstackError, free_port
+from dynabase.devstack.processes import DevstackError
+from dynabase.devstack.stack import ALL_SERVICES, Devstack, free_port
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CRDS = Path(__file__).resolve().parents[2] / "crds"

@@ -10,12 +10,13 @@ plugins; in a cluster the service account is used.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -107,6 +108,27 @@ class KubeApi:
                 result: dict[str, Any] = await response.json()
                 return result
         raise AssertionError("unreachable")  # the second attempt returns or raises
+
+    async def watch(self, path: str, label_selector: str, resource_version: str, stop: asyncio.Event,
+                    timeout: int = 300) -> AsyncIterator[dict[str, Any]]:
+        """A collection's watch events after ``resource_version``, until the apiserver ends the stream
+        (``timeout`` seconds) or ``stop`` is set. An expired version raises KubeApiError 410: list again."""
+        if self._session is None:
+            self._session = self._connect()
+        params = {"watch": "1", "labelSelector": label_selector, "resourceVersion": resource_version,
+                  "timeoutSeconds": str(timeout)}
+        read_timeout = aiohttp.ClientTimeout(total=None, sock_read=timeout + 30)
+        async with self._session.get(self._server + path, params=params, timeout=read_timeout) as response:
+            if response.status >= 400:
+                raise KubeApiError(response.status, "WATCH", path, await _reason(response))
+            async for line in response.content:
+                if stop.is_set():
+                    return
+                event: dict[str, Any] = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object", {})
+                    raise KubeApiError(int(status.get("code", 500)), "WATCH", path, str(status.get("reason", "")))
+                yield event
 
     async def list_objects(self, group: str, version: str, plural: str,
                            namespaces: Sequence[str] = ()) -> list[dict[str, Any]]:

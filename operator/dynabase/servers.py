@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .kube.shards import UNSHARDED, Shard
 from .options import EXIT_INVALID, EXIT_OK, Command, parse_choice, parse_listen
 from .settings import (
     SettingsError,
@@ -66,7 +67,8 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
     run(OperatorSettings(
         namespaces=args.namespace, drift_interval=args.drift_interval, concurrency=args.concurrency,
-        peering=args.peering, metrics_port=args.metrics_port, liveness_port=args.liveness_port,
+        peering=args.peering, peering_lifetime=args.peering_lifetime, shard=args.shard,
+        metrics_port=args.metrics_port, liveness_port=args.liveness_port,
         max_workers=args.max_workers, api_connections=args.api_connections,
     ))
     return EXIT_OK
@@ -186,8 +188,13 @@ def _operator_parser(sub: Any) -> None:
               default_text="60s", help="time between drift passes per tenant (seconds, or 30s, 5m)")
     op.option("--concurrency", env="DYNABASE_CONCURRENCY", parse=_positive_int, default=8,
               help="backend connections and parallel tenants")
-    op.option("--peering", env="DYNABASE_PEERING", help="peering name: one active replica among several "
-                                                        "(unset: standalone)")
+    op.option("--peering", env="DYNABASE_PEERING", help="peering name: one active replica among several, "
+                                                        "the oldest; NAME-shard-N per shard (unset: standalone)")
+    op.option("--peering-lifetime", env="DYNABASE_PEERING_LIFETIME", parse=_seconds, default=60, default_text="60s",
+              help="how long a crashed active replica is waited for before a standby takes over")
+    op.option("--shard", env="DYNABASE_SHARD", parse=Shard.parse, default=UNSHARDED, default_text="0/1, all tenants",
+              example="0/2", help="N/M: reconcile only tenants labelled dynabase.io/shard=N, and label those "
+                                  "without a shard whose name hashes to N; every operator uses the same M")
     op.option("--metrics-port", env="DYNABASE_METRICS_PORT", parse=parse_port, default=9090,
               help="Prometheus /metrics port (0 = off)")
     op.option("--liveness-port", env="DYNABASE_LIVENESS_PORT", parse=parse_port, default=8080,
@@ -346,6 +353,10 @@ def _portal_parser(sub: Any) -> None:
               default="auto", example="always",
               help="auto: Secure when the request came over https (or X-Forwarded-Proto says so); always")
     pt.done(_cmd_portal)
+
+
+def _seconds(text: str) -> int:
+    return max(1, round(parse_duration(text)))
 
 
 def _positive_int(text: str) -> int:

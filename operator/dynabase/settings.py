@@ -201,3 +201,8 @@ def state_dir(environ: Environ | None = None) -> Path:
 # Every component creating objects in schema ``dynabase`` (the backends with asyncpg, the Stripe ledgers with
 # psycopg) takes this advisory lock around its DDL: ``CREATE … IF NOT EXISTS`` is not safe against itself.
 PLATFORM_SCHEMA_LOCK = 0x64796E617363686D  # "dynaschm"
+
+# The warm pool (backends/warm_pool.py): one filler at a time (a bigint key), and per pool database a claim
+# lock keyed (this class, the database's oid) in the two-int4 key space, which single keys never meet.
+WARM_POOL_FILL_LOCK = 0x64796E61706F6F6C  # "dynapool"
+WARM_POOL_CLAIM_LOCK = 0x64706F6F  # "dpoo"

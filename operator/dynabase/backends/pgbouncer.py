@@ -8,7 +8,10 @@ comes from the agents, which compare PgBouncer's live SHOW output with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -20,6 +23,9 @@ from dynabase.desired.pgbouncer import DEFAULT_POOL, PgBouncerDesired
 from dynabase.keyspace import AGENTS_KEY, LAYOUT_CHANNEL, LAYOUT_KEY, LAYOUT_SEQ_KEY, AgentReport, decode_agent_report
 
 AGENT_STALE_SECONDS = 30.0
+LAYOUT_LOCK_KEY = "dynabase:pgbouncer:lock"  # held by one engine while it reads, patches and publishes
+_LOCK_TTL_MS = 15_000  # a holder that died frees it after this
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 @dataclass
@@ -40,6 +46,26 @@ class PgBouncerBackend:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+    @contextlib.asynccontextmanager
+    async def layout_lock(self) -> AsyncIterator[None]:
+        """One engine at a time reads, patches and publishes the layout.
+
+        Operator shards (and a `dynabase apply` beside them) each patch their own
+        tenants into the one shared layout; without this, two read-modify-writes
+        at once would drop one engine's new routes.
+        """
+        token, pause = secrets.token_hex(8), 0.002
+        deadline = time.monotonic() + _LOCK_TTL_MS / 1000
+        while not await self._redis.set(LAYOUT_LOCK_KEY, token, nx=True, px=_LOCK_TTL_MS):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the PgBouncer layout lock stayed taken; is another engine stuck publishing?")
+            await asyncio.sleep(pause)
+            pause = min(0.05, pause * 2)
+        try:
+            yield
+        finally:
+            await self._redis.eval(_RELEASE, 1, LAYOUT_LOCK_KEY, token)
 
     async def observe(self) -> PgBouncerObserved:
         published_text = await self._redis.get(LAYOUT_KEY)
@@ -75,10 +101,12 @@ class PgBouncerBackend:
     async def wait_confirmed(self, seq: int) -> list[AgentReport]:
         """Agents' reports once all live agents applied publication ``seq`` or a newer one."""
         deadline = time.monotonic() + self.confirm_timeout
+        pause = 0.002  # agents answer in milliseconds; a sign-up's pass waits for this one
         while True:
             agents = await self._agents()
             if agents and all(a.seq >= seq for a in agents):
                 return agents
             if time.monotonic() >= deadline:
                 return agents
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(pause)
+            pause = min(0.05, pause * 2)

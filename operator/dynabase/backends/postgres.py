@@ -10,19 +10,18 @@ from dataclasses import dataclass
 import asyncpg
 
 from dynabase.desired.pg_hba import HbaRule, PgHbaObserved
-from dynabase.desired.postgres import (
-    FORBIDDEN_ATTRIBUTES,
-    PGBOUNCER_AUTH_ROLE,
+from dynabase.desired.postgres import FORBIDDEN_ATTRIBUTES, PGBOUNCER_AUTH_ROLE, PostgresPlan, Statement
+from dynabase.desired.postgres_observed import (
     ObservedDatabase,
     ObservedRole,
     PostgresObserved,
-    PostgresPlan,
-    Statement,
     connect_grantees,
     parse_setconfig,
 )
 from dynabase.desired.sql import quote_ident
+from dynabase.desired.warm_pool import POOL_OWNER, count_by_prefix
 
+from . import warm_pool
 from .platform_schema import SCHEMA_LOCK
 
 log = logging.getLogger(__name__)
@@ -105,6 +104,13 @@ class StatementCounter:
     writes: int = 0
 
 
+@dataclass(frozen=True)
+class Applied:
+    ended: int = 0  # sessions the plan's statements ended
+    claimed: str | None = None  # the warm pool database renamed to the tenant's, if any
+    pool_empty: bool = False  # the plan would have claimed one but none was left: it created the database
+
+
 class PostgresBackend:
     name = "postgres"
 
@@ -127,6 +133,10 @@ class PostgresBackend:
             self._pool = None
 
     @property
+    def dsn(self) -> str:
+        return self._dsn
+
+    @property
     def pool(self) -> asyncpg.Pool:
         if self._pool is None:
             raise RuntimeError("PostgresBackend.start() was not awaited")
@@ -147,11 +157,18 @@ class PostgresBackend:
                 if not has_role:
                     self.counter.writes += 1
                     await conn.execute(f"CREATE ROLE {quote_ident(PGBOUNCER_AUTH_ROLE)} LOGIN NOINHERIT")
-                await self._bootstrap_template()
+                if not await conn.fetchval("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1", POOL_OWNER):
+                    self.counter.writes += 1
+                    await conn.execute(f"CREATE ROLE {quote_ident(POOL_OWNER)} NOLOGIN")
+                if await self._bootstrap_template():
+                    # Pool databases copied from the template before this change lack it: never hand them out.
+                    for oid, name in await warm_pool.pool_databases(conn):
+                        await warm_pool.drop_unclaimed(conn, oid, name)
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", SCHEMA_LOCK)
 
-    async def _bootstrap_template(self) -> None:
+    async def _bootstrap_template(self) -> bool:
+        """Whether template1 had to be written."""
         template = await asyncpg.connect(self._dsn, database="template1")
         try:
             self.counter.reads += 1
@@ -163,6 +180,7 @@ class PostgresBackend:
             if not present:
                 self.counter.writes += 1
                 await template.execute(_BOOTSTRAP_TEMPLATE)
+            return not present
         finally:
             await template.close()
 
@@ -191,6 +209,9 @@ class PostgresBackend:
                 )
             for row in await conn.fetch(_OBSERVE_SESSIONS, role_names):
                 observed.sessions[row["usename"]] = row["n"]
+            if len(observed.databases) < len(db_names):  # someone's database is missing: can the pool give one?
+                self.counter.reads += 1
+                observed.warm_pool = count_by_prefix(name for _oid, name in await warm_pool.pool_databases(conn))
         return observed
 
     async def observe_hba(self, roles: Iterable[str]) -> PgHbaObserved:
@@ -210,26 +231,41 @@ class PostgresBackend:
                     memberships[row["role"]] = frozenset(row["groups"])
         return PgHbaObserved(rules, memberships)
 
-    async def apply(self, plan: PostgresPlan) -> int:
-        """Consecutive transactional statements share one transaction; returns the sessions ended."""
+    async def apply(self, plan: PostgresPlan) -> Applied:
+        """Consecutive transactional statements share one transaction.
+
+        A warm pool claim commits with the statements before it in its transaction
+        (the tenant's role) and the ones after it (owner, grants). When no pool database
+        is left by then, what came before it commits and ``plan.fallback`` runs instead
+        of the rest.
+        """
         if plan.conflict or plan.empty:
-            return 0
-        ended = 0
-        groups: list[tuple[bool, list[Statement]]] = []
-        for statement in plan.statements:
-            if groups and groups[-1][0] and statement.transactional:
-                groups[-1][1].append(statement)
-            else:
-                groups.append((statement.transactional, [statement]))
+            return Applied()
         async with self.pool.acquire() as conn:
-            for transactional, statements in groups:
-                if transactional:
-                    async with conn.transaction():
-                        for statement in statements:
-                            ended += await self._execute(conn, statement)
-                else:
-                    ended += await self._execute(conn, statements[0])
-        return ended
+            ended, claimed = await self._run(conn, plan.statements)
+            if claimed is None:
+                more, _ = await self._run(conn, plan.fallback)
+                return Applied(ended + more, pool_empty=True)
+        return Applied(ended, claimed or None)
+
+    async def _run(self, conn: asyncpg.Connection, plan: tuple[Statement, ...]) -> tuple[int, str | None]:
+        """Sessions ended, and the claimed pool database ("" when there was no claim, None when it found none)."""
+        ended, claimed = 0, ""
+        for transactional, statements in _groups(plan):
+            if not transactional:
+                ended += await self._execute(conn, statements[0])
+                continue
+            async with conn.transaction():
+                for statement in statements:
+                    if statement.claim is None:
+                        ended += await self._execute(conn, statement)
+                        continue
+                    self.counter.writes += 1
+                    found = await warm_pool.claim(conn, statement.claim.prefix, statement.claim.database)
+                    if found is None:
+                        return ended, None  # leaving the block commits what came before the claim
+                    claimed = found
+        return ended, claimed
 
     async def _execute(self, conn: asyncpg.Connection, statement: Statement) -> int:
         self.counter.writes += 1
@@ -241,3 +277,13 @@ class PostgresBackend:
         else:
             await conn.execute(statement.sql)
         return 0
+
+
+def _groups(plan: tuple[Statement, ...]) -> list[tuple[bool, list[Statement]]]:
+    groups: list[tuple[bool, list[Statement]]] = []
+    for statement in plan:
+        if groups and groups[-1][0] and statement.transactional:
+            groups[-1][1].append(statement)
+        else:
+            groups.append((statement.transactional, [statement]))
+    return groups

@@ -100,6 +100,16 @@ class PgBouncerDesired:
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    @property
+    def rendered_version(self) -> str:
+        """Hash of what the agents render from it (render_ini): the pools and the routes with settings of
+        their own. A layout that changes only other routes (a new tenant in a running pool) changes no
+        PgBouncer, so the agents' report on the previous layout holds for it too."""
+        rendered = {"pools": {k: v.to_dict() for k, v in sorted(self.pools.items())},
+                    "routes": {k: [r.role, r.pool, r.settings.to_dict()] for k, r in sorted(self.routes.items())
+                               if r.settings is not None}}
+        return hashlib.sha256(json.dumps(rendered, sort_keys=True).encode()).hexdigest()[:16]
+
     def to_json(self, version: str | None = None, seq: int | None = None) -> str:
         return json.dumps(
             {"version": version or self.version, "seq": self.seq if seq is None else seq, **self.to_dict()},

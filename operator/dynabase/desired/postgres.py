@@ -7,8 +7,6 @@ same plan renders as text for ``dynabase plan`` with secrets redacted.
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,7 +16,8 @@ from dynabase.spec.units import ByteSize, Duration
 
 from . import drain
 from .effective import EffectiveLimits, PostgresEffective
-from .scram import scram_verifier, verifier_matches
+from .postgres_observed import ObservedDatabase, ObservedRole, PostgresObserved
+from .scram import new_verifier, password_ok
 from .sql import quote_ident, quote_literal
 
 MARKER_PREFIX = "dynabase:"
@@ -88,6 +87,8 @@ class PostgresTarget:
     service_roles: tuple[str, ...] = ()
     # Scaled to zero: sessions idle longer than this many seconds are ended (None = not cold).
     cold_after_seconds: int | None = None
+    # Names of the warm pool databases it may claim start with this (desired.warm_pool); None: none.
+    warm_pool: str | None = None
 
     @property
     def marker(self) -> str:
@@ -99,29 +100,11 @@ class PostgresTarget:
 
 
 @dataclass(frozen=True)
-class ObservedRole:
-    name: str
-    login: bool
-    connection_limit: int
-    attributes: frozenset[str]  # which FORBIDDEN_ATTRIBUTES it has
-    settings: dict[str, str]
-    comment: str | None
-    verifier: str | None = field(default=None, repr=False)
+class Claim:
+    """Rename one unclaimed warm pool database to ``database``; which one is chosen when it runs."""
 
-
-@dataclass(frozen=True)
-class ObservedDatabase:
-    name: str
-    owner: str
-    allow_connections: bool
-    connect_grantees: frozenset[str]  # roles with CONNECT; "" is PUBLIC
-
-
-@dataclass
-class PostgresObserved:
-    roles: dict[str, ObservedRole] = field(default_factory=dict)
-    databases: dict[str, ObservedDatabase] = field(default_factory=dict)
-    sessions: dict[str, int] = field(default_factory=dict)
+    prefix: str
+    database: str
 
 
 @dataclass(frozen=True)
@@ -131,6 +114,7 @@ class Statement:
     args: tuple[object, ...] = ()
     transactional: bool = True  # CREATE/DROP DATABASE cannot run in a transaction block
     ends_sessions: bool = False  # answers with the number of sessions it ended
+    claim: Claim | None = None  # run as the rename of a pool database the backend picks and locks
 
 
 @dataclass(frozen=True)
@@ -138,64 +122,13 @@ class PostgresPlan:
     key: str
     statements: tuple[Statement, ...]
     conflict: str | None = None  # why nothing may be done (the role belongs to someone else)
+    # When the pool is empty by the time the claim runs, the statements from the claim on
+    # are replaced by these (CREATE DATABASE and the same grants).
+    fallback: tuple[Statement, ...] = ()
 
     @property
     def empty(self) -> bool:
         return not self.statements
-
-
-def connect_grantees(acl: list[str] | None, owner: str) -> frozenset[str]:
-    """Who may CONNECT, from datacl text items such as ``=Tc/owner`` or ``app=c/owner``."""
-    if acl is None:
-        return frozenset({"", owner})  # NULL datacl is the default: PUBLIC and the owner
-    out = set()
-    for item in acl:
-        grantee, _, rest = item.partition("=")
-        if "c" in rest.split("/", 1)[0]:
-            out.add(grantee.strip('"').replace('""', '"'))
-    return frozenset(out)
-
-
-def parse_setconfig(setconfig: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in setconfig or []:
-        name, _, value = item.partition("=")
-        out[name] = value
-    return out
-
-
-# PBKDF2 with 4096 rounds costs a few ms; a steady-state pass over 10,000 tenants
-# must not pay it again for verifiers already checked or made here. Keyed by a
-# digest of the pair, so the cache holds no password.
-_VERIFIED: OrderedDict[bytes, None] = OrderedDict()
-_VERIFIED_MAX = 200_000
-
-
-def _pair_key(verifier: str, password: str) -> bytes:
-    return hashlib.sha256(verifier.encode() + b"\0" + password.encode()).digest()
-
-
-def _remember(verifier: str, password: str) -> None:
-    _VERIFIED[_pair_key(verifier, password)] = None
-    while len(_VERIFIED) > _VERIFIED_MAX:
-        _VERIFIED.popitem(last=False)
-
-
-def _password_ok(verifier: str | None, password: str) -> bool:
-    if not verifier:
-        return False
-    if _pair_key(verifier, password) in _VERIFIED:
-        return True
-    ok = verifier_matches(verifier, password)
-    if ok:
-        _remember(verifier, password)
-    return ok
-
-
-def _new_verifier(password: str) -> str:
-    verifier = scram_verifier(password)
-    _remember(verifier, password)
-    return verifier
 
 
 def _stmt(sql: str, *, display: str | None = None, args: tuple[object, ...] = (), tx: bool = True,
@@ -203,7 +136,12 @@ def _stmt(sql: str, *, display: str | None = None, args: tuple[object, ...] = ()
     return Statement(sql, display if display is not None else sql, args, tx, ends_sessions)
 
 
-def plan_postgres(target: PostgresTarget, observed: PostgresObserved) -> PostgresPlan:
+def needs_database(target: PostgresTarget, observed: PostgresObserved) -> bool:
+    return target.state in ("active", "suspended") and target.database not in observed.databases
+
+
+def plan_postgres(target: PostgresTarget, observed: PostgresObserved, *, claim: bool = False) -> PostgresPlan:
+    """``claim``: the database is missing and one of the target's warm pool databases is left for it."""
     role = observed.roles.get(target.role)
     if role is not None and role.comment != target.marker:
         if role.comment and role.comment.startswith(MARKER_PREFIX):
@@ -225,9 +163,13 @@ def plan_postgres(target: PostgresTarget, observed: PostgresObserved) -> Postgre
         statements.append(_drain(target.role, target.connection_limit))
     elif target.state == "active" and target.cold_after_seconds is not None and sessions > 0:
         statements.append(_end_idle(target.role, target.cold_after_seconds))
-    if target.state in ("active", "suspended"):
-        statements += _database_statements(target, observed.databases.get(target.database))
-    return PostgresPlan(target.key, tuple(statements))
+    if target.state not in ("active", "suspended"):
+        return PostgresPlan(target.key, tuple(statements))
+    database = observed.databases.get(target.database)
+    if database is None and claim and target.warm_pool is not None:
+        claimed = _claimed_statements(target, target.warm_pool)
+        return PostgresPlan(target.key, (*statements, *claimed), fallback=tuple(_database_statements(target, None)))
+    return PostgresPlan(target.key, (*statements, *_database_statements(target, database)))
 
 
 def _terminate(role: str) -> Statement:
@@ -277,7 +219,7 @@ def _role_statements(target: PostgresTarget, role: ObservedRole | None) -> list[
     if role is None:
         password_sql, password_display = "", ""
         if target.password is not None:
-            verifier = _new_verifier(target.password.reveal())
+            verifier = new_verifier(target.password.reveal())
             password_sql = f" PASSWORD {quote_literal(verifier)}"
             password_display = " PASSWORD '***'"
         head = f"CREATE ROLE {ident} {login} {negated} {limit}"
@@ -293,8 +235,8 @@ def _role_statements(target: PostgresTarget, role: ObservedRole | None) -> list[
         changes += [f"NO{a.upper()}" for a in sorted(role.attributes)]
         if changes:
             out.append(_stmt(f"ALTER ROLE {ident} {' '.join(changes)}"))
-        if target.password is not None and not _password_ok(role.verifier, target.password.reveal()):
-            verifier = _new_verifier(target.password.reveal())
+        if target.password is not None and not password_ok(role.verifier, target.password.reveal()):
+            verifier = new_verifier(target.password.reveal())
             out.append(
                 _stmt(f"ALTER ROLE {ident} PASSWORD {quote_literal(verifier)}",
                       display=f"ALTER ROLE {ident} PASSWORD '***'")
@@ -309,22 +251,46 @@ def _role_statements(target: PostgresTarget, role: ObservedRole | None) -> list[
     return out
 
 
+def _grants(target: PostgresTarget) -> list[Statement]:
+    """Locked down, then opened to the tenant and the service roles, in this order on both paths:
+    the ACL comes out the same whether the database was created or claimed."""
+    db = quote_ident(target.database)
+    return [
+        _stmt(f"REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC"),
+        _grant(target.database, target.role, "CONNECT, TEMPORARY"),
+        *(_grant(target.database, r) for r in target.service_roles),
+        _stmt(f"ALTER DATABASE {db} ALLOW_CONNECTIONS true"),
+    ]
+
+
+def _grant(database: str, grantee: str, privileges: str = "CONNECT") -> Statement:
+    return _stmt(f"GRANT {privileges} ON DATABASE {quote_ident(database)} TO {quote_ident(grantee)}")
+
+
+def _claimed_statements(target: PostgresTarget, prefix: str) -> list[Statement]:
+    """A warm pool database renamed and given to the tenant in the role's transaction.
+
+    The pool database is closed (no connections, no PUBLIC CONNECT) and owned by the
+    pool role; the owner change moves the owner's privileges to the tenant, as
+    CREATE DATABASE … OWNER would have, and the grants are the created path's.
+    """
+    db, role = quote_ident(target.database), quote_ident(target.role)
+    rename = Statement(f"ALTER DATABASE <{prefix}…> RENAME TO {db}",
+                       f"ALTER DATABASE <a warm pool database {prefix}…> RENAME TO {db}",
+                       claim=Claim(prefix, target.database))
+    return [rename, _stmt(f"ALTER DATABASE {db} OWNER TO {role}"), *_grants(target)]
+
+
 def _database_statements(target: PostgresTarget, database: ObservedDatabase | None) -> list[Statement]:
     db, role = quote_ident(target.database), quote_ident(target.role)
     revoke = _stmt(f"REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC")
 
     def grant(grantee: str, privileges: str = "CONNECT") -> Statement:
-        return _stmt(f"GRANT {privileges} ON DATABASE {db} TO {quote_ident(grantee)}")
+        return _grant(target.database, grantee, privileges)
 
     if database is None:
         # Created closed, locked down, then opened: PUBLIC never gets a window to connect.
-        return [
-            _stmt(f"CREATE DATABASE {db} OWNER {role} ALLOW_CONNECTIONS false", tx=False),
-            revoke,
-            grant(target.role, "CONNECT, TEMPORARY"),
-            *(grant(r) for r in target.service_roles),
-            _stmt(f"ALTER DATABASE {db} ALLOW_CONNECTIONS true"),
-        ]
+        return [_stmt(f"CREATE DATABASE {db} OWNER {role} ALLOW_CONNECTIONS false", tx=False), *_grants(target)]
     out: list[Statement] = []
     if database.owner != target.role:
         out.append(_stmt(f"ALTER DATABASE {db} OWNER TO {role}"))
@@ -371,7 +337,7 @@ def restricted_settings(settings: dict[str, str], restriction: str | None) -> di
 
 
 def tenant_target(tenant: TenantDatabase, limits: EffectiveLimits, *, password: Password | None,
-                  restriction: str | None, cold: bool) -> PostgresTarget:
+                  restriction: str | None, cold: bool, warm_pool: str | None = None) -> PostgresTarget:
     state: TenantState = "suspended" if tenant.spec.suspended else "active"
     idle_timeout = limits.lifecycle.idle_timeout
     return PostgresTarget(
@@ -384,6 +350,7 @@ def tenant_target(tenant: TenantDatabase, limits: EffectiveLimits, *, password: 
         password=password,
         service_roles=(PGBOUNCER_AUTH_ROLE,),
         cold_after_seconds=idle_timeout.milliseconds // 1000 if cold and idle_timeout else None,
+        warm_pool=warm_pool,
     )
 
 

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 import re
+from collections import OrderedDict
 
 ITERATIONS = 4096
 SALT_BYTES = 16
@@ -40,3 +41,39 @@ def verifier_matches(verifier: str | None, password: str) -> bool:
         return False
     iterations, salt = int(match.group(1)), base64.b64decode(match.group(2))
     return hmac.compare_digest(scram_verifier(password, salt=salt, iterations=iterations), verifier)
+
+
+# PBKDF2 with 4096 rounds costs a few ms; a steady-state pass over 10,000 tenants
+# must not pay it again for verifiers already checked or made here. Keyed by a
+# digest of the pair, so the cache holds no password.
+_VERIFIED: OrderedDict[bytes, None] = OrderedDict()
+_VERIFIED_MAX = 200_000
+
+
+def _pair_key(verifier: str, password: str) -> bytes:
+    return hashlib.sha256(verifier.encode() + b"\0" + password.encode()).digest()
+
+
+def _remember(verifier: str, password: str) -> None:
+    _VERIFIED[_pair_key(verifier, password)] = None
+    while len(_VERIFIED) > _VERIFIED_MAX:
+        _VERIFIED.popitem(last=False)
+
+
+def password_ok(verifier: str | None, password: str) -> bool:
+    """``verifier_matches``, remembered: each pair is checked at most once per process."""
+    if not verifier:
+        return False
+    if _pair_key(verifier, password) in _VERIFIED:
+        return True
+    ok = verifier_matches(verifier, password)
+    if ok:
+        _remember(verifier, password)
+    return ok
+
+
+def new_verifier(password: str) -> str:
+    """A fresh verifier, remembered as matching ``password``."""
+    verifier = scram_verifier(password)
+    _remember(verifier, password)
+    return verifier

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from . import binaries
-from .stack import Devstack, DevstackError, Service
+from .processes import DevstackError, Service
+from .stack import Devstack
 
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 K8S_NAMESPACE = "k8s.io"  # containerd's namespace for the CRI

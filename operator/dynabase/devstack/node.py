@@ -34,7 +34,8 @@ import yaml
 
 from . import binaries, pki
 from .containerd import CNI_BIN_DIR, RUNC, Containerd
-from .stack import Devstack, DevstackError, Service, free_port
+from .processes import DevstackError, Service
+from .stack import Devstack, free_port
 
 NODE_NAME = "devstack-node"
 # The kubelet sets these to its own values unless protectKernelDefaults (then it refuses to start).

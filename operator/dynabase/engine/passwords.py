@@ -8,16 +8,33 @@ nothing is generated and no ``ALTER ROLE … PASSWORD`` is planned.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from collections.abc import Awaitable, Callable, Iterable
 
-from dynabase.desired.postgres import Password, PostgresObserved, PostgresTarget
+from dynabase.desired.postgres import Password, PostgresTarget
+from dynabase.desired.postgres_observed import PostgresObserved
 from dynabase.desired.sql import quote_ident
 
 from .conditions import Outcome
 from .results import TenantResult
-from .stores import SecretStore, generate_password
+from .stores import BulkSecretStore, SecretStore, generate_password
 
 SECRET_CONDITION = "SecretReady"
+# Store calls in flight: a Kubernetes Secret is one apiserver request each, and a pass of 200 new
+# tenants reads and creates 200 of them; one at a time that was most of the pass.
+STORE_CALLS = 8
+
+
+async def for_each(results: Iterable[TenantResult], call: Callable[[TenantResult], Awaitable[None]]) -> None:
+    """``call`` for each tenant, ``STORE_CALLS`` at a time."""
+    slots = asyncio.Semaphore(STORE_CALLS)
+
+    async def one(result: TenantResult) -> None:
+        async with slots:
+            await call(result)
+
+    await asyncio.gather(*(one(r) for r in results))
 
 
 def _failed(result: TenantResult, reason: str, message: str) -> None:
@@ -26,6 +43,22 @@ def _failed(result: TenantResult, reason: str, message: str) -> None:
 
 def secret_failed(result: TenantResult) -> bool:
     return any(o.condition_type == SECRET_CONDITION for o in result.outcomes)
+
+
+async def load_passwords(secrets: SecretStore, results: list[TenantResult]) -> None:
+    """Each tenant's stored password, in bulk where the store can (then one by one for the rest)."""
+    known: dict[str, str | None] = {}
+    if isinstance(secrets, BulkSecretStore) and results:
+        try:
+            known = await secrets.get_passwords([r.tenant for r in results])
+        except Exception:  # read one by one below, where each failure is that tenant's condition
+            known = {}
+
+    async def load(result: TenantResult) -> None:
+        value = known.get(result.key)
+        result.password = Password(value) if value is not None else await stored_password(secrets, result)
+
+    await for_each(results, load)
 
 
 async def stored_password(secrets: SecretStore, result: TenantResult) -> Password | None:
@@ -41,23 +74,25 @@ async def stored_password(secrets: SecretStore, result: TenantResult) -> Passwor
 async def settle_passwords(secrets: SecretStore, results: list[TenantResult], targets: dict[str, PostgresTarget],
                            observed: PostgresObserved, dry_run: bool) -> None:
     """Give every active tenant without a stored password one, unless its role already has one."""
-    for result in results:
+    async def settle(result: TenantResult) -> None:
         target = targets.get(result.key)
         if target is None or target.password is not None or secret_failed(result):
-            continue
+            return
         role = observed.roles.get(target.role)
         if role is not None and role.verifier and role.comment == target.marker:
             _failed(result, "SecretMissing", (
                 f"role {target.role} has a password that no store holds, so none is generated: "
                 f"{secrets.restore_hint(result.tenant)}; or, to give the tenant a new one, "
                 f"ALTER ROLE {quote_ident(target.role)} PASSWORD NULL"))
-            continue
+            return
         if dry_run:
-            continue
+            return
         try:
             value = await secrets.create_password(result.tenant, generate_password())
         except Exception as exc:  # as above: this tenant's condition
             _failed(result, "SecretUnavailable", f"{type(exc).__name__}: {exc}")
-            continue
+            return
         targets[result.key] = dataclasses.replace(target, password=Password(value))
         result.password = targets[result.key].password
+
+    await for_each(results, settle)

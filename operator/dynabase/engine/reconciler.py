@@ -22,9 +22,11 @@ from dynabase.backends.postgres import PostgresBackend
 from dynabase.backends.proxy import ProxyBackend
 from dynabase.backends.railway import RailwayBackend
 from dynabase.backends.redis_acl import RedisBackend
+from dynabase.backends.warm_pool import WarmPoolStore
 from dynabase.desired.cost import FittedModel
 from dynabase.desired.pg_hba import AllowedSources
 from dynabase.desired.railway import ServiceTarget
+from dynabase.desired.warm_pool import pool_sizes
 from dynabase.spec import TenantDatabase, TierPolicy
 
 from . import metrics, status
@@ -38,12 +40,13 @@ from .passes.postgres import PostgresPass
 from .passes.proxy import ProxyPass
 from .passes.railway import PlatformSchedule, RailwayPass
 from .passes.redis import RedisPass
-from .passwords import stored_password
+from .passwords import load_passwords
 from .results import PassResult, TenantResult
 from .status import HISTORY_LIMIT
 from .stores import SecretStore, StatusStore
 from .tiers import resolve
 from .usage import MonthUsage, UsageRollup, judge_usage
+from .warm_pool import WarmPoolFiller
 
 __all__ = ["HISTORY_LIMIT", "Clock", "Engine", "PassResult", "TenantResult", "describe_error", "utcnow",
            "with_retries"]
@@ -104,6 +107,8 @@ class Engine:
         self._layout_lock = asyncio.Lock()
         self._bootstrapped = False
         self._bootstrap_lock = asyncio.Lock()
+        # Databases made ahead of sign-ups, refilled beside the passes (runtime.close_engine stops it).
+        self.warm_pool = WarmPoolFiller(WarmPoolStore(postgres.dsn))
 
     @property
     def platform_plans(self) -> list[str]:
@@ -115,6 +120,13 @@ class Engine:
             if not self._bootstrapped:
                 await with_retries(self.postgres.bootstrap)
                 self._bootstrapped = True
+
+    async def keep_warm(self, policies: dict[str, TierPolicy]) -> None:
+        """Start (or resize) the warm pools the policies declare, before any tenant's pass needs them."""
+        sizes = pool_sizes(policies)
+        if any(sizes.values()):
+            await self.bootstrap()  # pool databases are copies of the bootstrapped template
+        self.warm_pool.want(sizes)
 
     async def reconcile_all(
         self,
@@ -137,6 +149,7 @@ class Engine:
         now = self.clock()
         if not dry_run:
             await self.bootstrap()
+            await self.keep_warm(policies)
         statuses = await self.status_store.load([t.key for t in [*tenants, *deleted]])
         results = [resolve(t, policies, statuses.get(t.key), now, unusable_policies) for t in tenants]
         await mark_cold(self.proxy, results, statuses, now)
@@ -163,9 +176,7 @@ class Engine:
 
     async def _load_passwords(self, results: list[TenantResult]) -> None:
         """Each resolved tenant's stored password (the Postgres pass generates missing ones)."""
-        for result in results:
-            if result.decision is not None:
-                result.password = await stored_password(self.secrets, result)
+        await load_passwords(self.secrets, [r for r in results if r.decision is not None])
 
     def _passes(self, run: PassRun) -> dict[str, BackendPass]:
         """This pass's backend passes, built from the backends configured now (tests swap them)."""

@@ -195,6 +195,7 @@ async def start_engine(
 
 
 async def close_engine(engine: Engine) -> None:
+    await engine.warm_pool.close()
     await engine.postgres.close()
     if engine.pgbouncer is not None:
         await engine.pgbouncer.close()
@@ -211,6 +212,7 @@ async def close_engine(engine: Engine) -> None:
 @asynccontextmanager
 async def open_engine(settings: EngineSettings, *, clock: Clock = utcnow) -> AsyncIterator[Engine]:
     engine = await start_engine(settings, clock=clock)
+    engine.warm_pool.refill = False  # a one-off command claims; the long-running engines refill
     try:
         yield engine
     finally:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import re
 import secrets as _secrets
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from dynabase.settings import secret_from_env
 from dynabase.spec import TenantDatabase, TenantDatabaseStatus
@@ -36,6 +37,15 @@ class SecretStore(Protocol):
 
     def restore_hint(self, tenant: TenantDatabase) -> str:
         """How a person gives back the password of a role whose secret is lost (no secret in it)."""
+        ...
+
+
+@runtime_checkable
+class BulkSecretStore(Protocol):
+    """A store that reads many tenants' passwords in a few requests (Kubernetes: a LIST per namespace)."""
+
+    async def get_passwords(self, tenants: Sequence[TenantDatabase]) -> dict[str, str | None]:
+        """By tenant key; a tenant missing from the answer is read with ``get_password``."""
         ...
 
 

@@ -7,253 +7,36 @@
   status (policy_status.py) and an invalid TenantDatabase's Ready condition.
 - Deletion holds a finalizer, honours deletionPolicy, and gives up after bounded
   retries with a Warning event instead of hanging forever.
+- With ``--shard N/M`` the apiserver sends this operator only the tenants labelled
+  for shard N (shards.py); a labeller labels the unlabelled ones that fall to it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
 from prometheus_client import start_http_server
-from pydantic import ValidationError
 
-from dynabase.desired.declared_status import invalid_tenant_status
-from dynabase.engine.reconciler import Engine, TenantResult, describe_error, utcnow
-from dynabase.engine.runtime import EngineSettings, close_engine, start_engine
-from dynabase.events.pipeline import event_pipeline
 from dynabase.kubeapi import KubeApi, kopf_login
-from dynabase.spec import GROUP, VERSION, TenantDatabase, TenantDatabaseStatus, TierPolicy
-from dynabase.spec.documents import field_errors
-from dynabase.spec.tenant import database_name_from
+from dynabase.spec import GROUP, VERSION
 
 from . import memory
-from .policy_status import PolicyCatalog, PolicyStatuses
+from .labeller import Labeller
+from .peering import ensure_peering, peering_priority
+from .runtime import Runtime, plain_body
 from .settings import OperatorSettings
-from .stores import KubeSecretStore, KubeStatusStore
-from .webhooks import kube_endpoints
 
 log = logging.getLogger(__name__)
 TENANTS, POLICIES = "tenantdatabases", "tierpolicies"
 
 
-class Runtime:
-    """What the handlers share: the engine and the Kubernetes-backed stores."""
-
-    def __init__(self, engine: Engine, api: KubeApi, statuses: KubeStatusStore, settings: OperatorSettings) -> None:
-        self.engine = engine
-        self.api = api
-        self.statuses = statuses
-        self.settings = settings
-        self.catalog = PolicyCatalog()
-        self.policy_statuses = PolicyStatuses(api, self.catalog)
-        self._invalid: dict[str, tuple[Mapping[str, Any], list[tuple[str, str]]]] = {}  # tenants, by key
-        # kopf runs a tenant's timer beside its event handlers: one pass per tenant at a time.
-        self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
-        self._queue: dict[str, tuple[Mapping[str, Any], Mapping[str, Any]]] = {}
-        self._waiters: dict[str, list[asyncio.Future[TenantResult | None]]] = collections.defaultdict(list)
-        self._batch_task: asyncio.Task[None] | None = None
-        self.batch_window = 0.05
-        self.max_batch = self.drift_batch = 200
-        self._wake_tasks: set[asyncio.Future[TenantResult | None]] = set()
-        # Events also go to Postgres (the portal, `dynabase events`), and from there to webhooks.
-        self.events, self.notifier = event_pipeline(engine.postgres.pool, kube_endpoints(api))
-
-    @classmethod
-    async def start(cls, settings: OperatorSettings, kopf_settings: kopf.OperatorSettings) -> Runtime:
-        api = KubeApi(kopf_settings)
-        statuses = KubeStatusStore(api)
-        engine = await start_engine(
-            EngineSettings.from_env(concurrency=settings.concurrency),
-            secrets=KubeSecretStore(api), status_store=statuses,
-        )
-        return cls(engine, api, statuses, settings)
-
-    async def close(self) -> None:
-        await close_engine(self.engine)
-        await self.api.close()
-
-    async def submit(self, body: Mapping[str, Any], policy_index: Mapping[str, Any]) -> TenantResult | None:
-        """Reconcile one tenant as part of a micro-batch.
-
-        Events for many tenants (a `kubectl apply` of hundreds, the drift timers)
-        arrive together; one engine pass for all of them observes each backend once
-        and publishes the PgBouncer layout once, instead of once per tenant.
-        """
-        future: asyncio.Future[TenantResult | None] = asyncio.get_running_loop().create_future()
-        key = _key(body)
-        self._queue[key] = (body, policy_index)  # the newest body of a tenant wins
-        self._waiters[key].append(future)
-        if self._batch_task is None or self._batch_task.done():
-            self._batch_task = asyncio.create_task(self._run_batch())
-        return await future
-
-    async def _run_batch(self) -> None:
-        while self._queue:
-            await asyncio.sleep(self.batch_window)
-            # A bounded pass: one pass over everything queued at a 1,000-tenant apply left
-            # pymalloc with ~25 MB of arenas it never returned; the rest waits for the next.
-            batch = {key: self._queue.pop(key) for key in list(self._queue)[:self.max_batch]}
-            waiters = {key: self._waiters.pop(key, []) for key in batch}
-            try:
-                results = await self.reconcile([body for body, _ in batch.values()],
-                                               list(batch.values())[-1][1])
-            except Exception as exc:  # every waiter learns of it; kopf retries
-                for futures in waiters.values():
-                    for future in futures:
-                        if not future.done():
-                            future.set_exception(exc)
-                continue
-            by_key = {r.key: r for r in results}
-            for key, futures in waiters.items():
-                for future in futures:
-                    if not future.done():
-                        future.set_result(by_key.get(key))
-
-    async def drift(self, tenants: Mapping[str, Iterable[Mapping[str, Any]]],
-                    policy_index: Mapping[str, Any]) -> None:
-        """Every drift interval, one level-based pass over all tenants, a batch at a time.
-
-        It reverts manual changes and applies due downgrades. One task for all tenants,
-        instead of a kopf timer per tenant, whose task, conditions and handler
-        context cost memory for every tenant all the time. The kopf index is live:
-        it holds each tenant's newest body.
-        """
-        while True:
-            await asyncio.sleep(self.settings.drift_interval)
-            bodies = [body for group in list(tenants.values()) for body in group
-                      if not body.get("metadata", {}).get("deletionTimestamp")]
-            for start in range(0, len(bodies), self.drift_batch):
-                try:
-                    await self.reconcile(bodies[start:start + self.drift_batch], policy_index)
-                except Exception as exc:  # the next interval tries again, as kopf's timers did
-                    log.warning("drift pass failed", extra={"error": describe_error(exc)})
-
-    async def wakes(self, tenants: Mapping[str, Iterable[Mapping[str, Any]]], policy_index: Mapping[str, Any],
-                    stop: asyncio.Event) -> None:
-        """A Cold tenant woken by a connection at a proxy is reconciled at once, so its status is
-        Active again without waiting for the drift loop. Wake-ups are rare: a scan of the index is fine."""
-
-        def on_wake(database: str) -> None:
-            for group in list(tenants.values()):
-                for body in group:
-                    if _database_of(body) == database:
-                        task = asyncio.ensure_future(self.submit(body, policy_index))
-                        self._wake_tasks.add(task)
-                        task.add_done_callback(self._wake_done)
-
-        await self.engine.watch_wakes(on_wake, stop)
-
-    def _wake_done(self, task: asyncio.Future[TenantResult | None]) -> None:
-        self._wake_tasks.discard(task)
-        error = None if task.cancelled() else task.exception()
-        if error is not None:  # the drift loop retries it
-            log.warning("wake-up reconcile failed", extra={"error": describe_error(error)})
-
-    def policies(self, index: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[str, TierPolicy]:
-        return self.catalog.split(index)[0]
-
-    def tenant(self, body: Mapping[str, Any]) -> TenantDatabase | None:
-        """The tenant, or None when its spec does not validate (its status then says why)."""
-        key = _key(body)
-        try:
-            tenant = TenantDatabase.model_validate(_plain(body))
-        except ValidationError as exc:
-            self._invalid[key] = (body, field_errors(exc))
-            return None
-        self._invalid.pop(key, None)
-        self.statuses.remember(tenant)
-        return tenant
-
-    async def _record_invalid(self, bodies: list[Mapping[str, Any]]) -> None:
-        """Ready=False on the status of each tenant the engine cannot use, naming the fields, and a
-        Warning Event when that starts (posted through the API: drift passes run outside kopf's handlers)."""
-        for body in bodies:
-            key = _key(body)
-            if key not in self._invalid:
-                continue
-            async with self._locks[key]:  # one writer per tenant: the event is posted once
-                await self._record_one_invalid(key, body, self._invalid[key][1])
-
-    async def _record_one_invalid(self, key: str, body: Mapping[str, Any], errors: list[tuple[str, str]]) -> None:
-        previous = self.statuses.known.get(key)  # what this operator wrote last, newer than the body's
-        if previous is None:
-            try:
-                previous = TenantDatabaseStatus.model_validate(body.get("status") or {})
-            except ValidationError:
-                previous = None
-        status = invalid_tenant_status(body.get("metadata", {}).get("generation"), errors, previous, utcnow())
-        if status == previous:
-            return
-        await self.statuses.save(key, status)
-        was = previous.condition("Ready") if previous is not None else None
-        if was is None or was.reason != "InvalidSpec":
-            meta = body["metadata"]
-            namespace = meta.get("namespace", "default")
-            await self.api.post_warning(
-                {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TenantDatabase", "name": meta["name"],
-                 "namespace": namespace, "uid": str(meta.get("uid", ""))},
-                namespace, "InvalidSpec", "; ".join(f"{f}: {m}" for f, m in errors), "dynabase-operator")
-
-    async def reconcile(self, bodies: list[Mapping[str, Any]], policy_index: Mapping[str, Any]) -> list[TenantResult]:
-        tenants = [t for t in (self.tenant(b) for b in bodies) if t is not None]
-        await self._record_invalid(bodies)
-        if not tenants:
-            return []
-        policies, unusable = self.catalog.split(policy_index)
-        async with contextlib.AsyncExitStack() as stack:
-            for key in sorted({t.key for t in tenants}):  # sorted: no lock-order deadlocks
-                await stack.enter_async_context(self._locks[key])
-            result = await self.engine.reconcile_all(policies, tenants, unusable_policies=unusable)
-        await self._post_events(result.tenants, {_key(b): b for b in bodies})
-        await self.events.record_quietly(result.tenants, utcnow())
-        return result.tenants
-
-    async def _post_events(self, results: list[TenantResult], bodies: Mapping[str, Mapping[str, Any]]) -> None:
-        """The pass's Events, through the API: passes also run in the drift and wake-up tasks, where
-        kopf.event cannot post. A refused post is logged; it never fails the pass (the Events are
-        kept in Postgres too)."""
-        posting = asyncio.Semaphore(8)
-
-        async def post(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-            meta = body["metadata"]
-            namespace = meta.get("namespace", "default")
-            involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "TenantDatabase", "name": meta["name"],
-                        "namespace": namespace, "uid": str(meta.get("uid", ""))}
-            async with posting:
-                try:
-                    await self.api.post_event(involved, namespace, type_, reason, message, "dynabase-operator")
-                except Exception as exc:
-                    log.warning("posting an Event failed", extra={"reason": reason, "error": describe_error(exc)})
-
-        await asyncio.gather(*(post(bodies[r.key], *event) for r in results for event in r.events))
-
-
 def _event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
     # kopf only reads apiVersion/kind/metadata of the body to address the event.
     kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message)
-
-
-def _key(body: Mapping[str, Any]) -> str:
-    return f"{body['metadata'].get('namespace', 'default')}/{body['metadata']['name']}"
-
-
-def _database_of(body: Mapping[str, Any]) -> str:
-    spec, meta = body.get("spec", {}), body.get("metadata", {})
-    return str(spec.get("databaseName") or database_name_from(str(meta.get("name", ""))))
-
-
-def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A kopf body as plain data, without the fields the models do not declare."""
-    raw = {k: body[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in body}
-    meta = dict(raw.get("metadata", {}))
-    raw["metadata"] = {k: meta[k] for k in ("name", "namespace", "generation", "uid", "labels", "annotations",
-                                            "resourceVersion") if k in meta}
-    return raw
 
 
 def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
@@ -277,17 +60,25 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         # Many parallel workers fill the micro-batches (500 tenants: 32 s at 1000 workers, 56 s
         # at 100, about the same RSS); engine passes are capped, so memory stays bounded.
         settings.batching.worker_limit = operator_settings.max_workers or None
+        settings.peering.lifetime = operator_settings.peering_lifetime
+        shard = operator_settings.shard
+        if shard.sharded:  # filtered by the apiserver: other shards' tenants never reach this process
+            settings.watching.label_selectors[GROUP, TENANTS] = shard.selector
         if operator_settings.metrics_port:
             start_http_server(operator_settings.metrics_port)
         memo.runtime = await Runtime.start(operator_settings, settings)
         if operator_settings.drift_interval > 0:  # 0 turns drift correction off (e.g. to measure without it)
             memo.drift = asyncio.create_task(memo.runtime.drift(kwargs["tenants_by_policy"], kwargs["policy_index"]))
-        memo.policy_statuses = asyncio.create_task(memo.runtime.policy_statuses.run(
-            kwargs["policy_index"], kwargs["tenants_by_policy"], every=operator_settings.drift_interval))
+        if shard.index == 0:  # one writer per policy: with shards, the first one (it counts its own tenants)
+            memo.policy_statuses = asyncio.create_task(memo.runtime.policy_statuses.run(
+                kwargs["policy_index"], kwargs["tenants_by_policy"], every=operator_settings.drift_interval))
         memo.wake_stop = asyncio.Event()
         memo.wakes = asyncio.create_task(
             memo.runtime.wakes(kwargs["tenants_by_policy"], kwargs["policy_index"], memo.wake_stop))
         memo.notify = asyncio.create_task(memo.runtime.notifier.run(memo.wake_stop))
+        if shard.sharded:
+            memo.labeller = asyncio.create_task(
+                Labeller(memo.runtime.api, shard, operator_settings.namespaces).run(memo.wake_stop))
         if memory.enabled():
             memo.memory_log = asyncio.create_task(memory.log_periodically())
 
@@ -297,7 +88,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         if getattr(memo, "wake_stop", None) is not None:
             memo.wake_stop.set()
-        for name in ("memory_log", "drift", "wakes", "notify", "policy_statuses"):
+        for name in ("memory_log", "drift", "wakes", "notify", "policy_statuses", "labeller"):
             task = getattr(memo, name, None)
             if task is not None:
                 task.cancel()
@@ -307,11 +98,11 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
 
     @kopf.index(GROUP, VERSION, POLICIES, registry=registry, id="policy_index")
     async def policy_index(name: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
-        return {name: _plain(body)}
+        return {name: plain_body(body)}
 
     @kopf.index(GROUP, VERSION, TENANTS, registry=registry, id="tenants_by_policy")
     async def tenants_by_policy(spec: kopf.Spec, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
-        return {spec.get("tierPolicyRef", "default"): _plain(body)}
+        return {spec.get("tierPolicyRef", "default"): plain_body(body)}
 
     async def reconcile_one(body: kopf.Body, memo: kopf.Memo, policy_index: kopf.Index[str, Any]) -> None:
         memo.runtime.policy_statuses.schedule()  # the tenants using a policy may have changed
@@ -332,6 +123,7 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     @kopf.on.update(GROUP, VERSION, POLICIES, registry=registry)
     async def policy_changed(name: str, memo: kopf.Memo, **kwargs: Any) -> None:
         memo.runtime.policy_statuses.schedule()
+        await memo.runtime.engine.keep_warm(memo.runtime.policies(kwargs["policy_index"]))  # warmPool.size
         bodies = list(kwargs["tenants_by_policy"].get(name, []))
         if bodies:
             await memo.runtime.reconcile(bodies, kwargs["policy_index"])
@@ -368,11 +160,21 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
 
 def run(settings: OperatorSettings) -> None:
     registry = build_registry(settings)
+    peering = settings.shard.peering_name(settings.peering) if settings.peering else None
+    if peering is not None:
+        asyncio.run(_ensure_peering(peering, settings.namespaces))
+    log.warning("operator starting", extra={"shard": str(settings.shard), "peering": peering})
     kopf.run(
         registry=registry,
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
-        standalone=settings.peering is None,
-        peering_name=settings.peering,
+        standalone=peering is None,
+        peering_name=peering,
+        priority=peering_priority(),
         liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None,
     )
+
+
+async def _ensure_peering(name: str, namespaces: list[str]) -> None:
+    async with KubeApi() as api:
+        await ensure_peering(api, name, namespaces)

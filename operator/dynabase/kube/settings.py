@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .shards import UNSHARDED, Shard
+
 
 @dataclass(frozen=True)
 class OperatorSettings:
@@ -11,6 +13,8 @@ class OperatorSettings:
     drift_interval: float = 60.0
     concurrency: int = 8
     peering: str | None = None  # None = standalone (no peering objects needed)
+    peering_lifetime: int = 60  # seconds a silent active replica is trusted before a standby takes over
+    shard: Shard = UNSHARDED  # only tenants labelled dynabase.io/shard=N (see shards.py)
     metrics_port: int = 9090
     liveness_port: int = 8080
     delete_retries: int = 5

@@ -21,6 +21,10 @@ class Coordination(Protocol):
         reached (``connected`` is False then)."""
         ...
 
+    async def look_up(self, database: str) -> None:
+        """Read one tenant's published limits now, without waiting for its change message."""
+        ...
+
     def wake(self, database: str) -> None:
         """Announce that a connection reached a Cold tenant, so it is marked awake."""
         ...
@@ -44,6 +48,9 @@ class LocalOnly:
 
     async def lease(self, owner: str, lanes: int, args: list[float]) -> list[int] | None:
         return None
+
+    async def look_up(self, database: str) -> None:
+        pass
 
     def wake(self, database: str) -> None:
         pass

@@ -105,6 +105,12 @@ class Coordinator:
         table.update(decoded)
         self.tenants.limits = table
 
+    async def look_up(self, database: str) -> None:
+        try:
+            await self.load_some([database])
+        except (aioredis.RedisError, OSError) as exc:  # refused as unknown; the watcher reconnects
+            log.warning("tenant lookup failed", extra={"database": database, "error": str(exc)})
+
     async def refresh_topology(self) -> None:
         now = time.time()
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -193,9 +193,15 @@ class ClientConnection(Handover):
             return
         await send_cancel(target, pid, key)
 
-    def _begin(self, params: dict[str, str], startup_bytes: bytes) -> None:
+    def _begin(self, params: dict[str, str], startup_bytes: bytes, *, looked_up: bool = False) -> None:
         database = params.get("database") or params["user"]
         tenant = self.proxy.tenants.get(database)
+        if tenant is None and not looked_up:
+            # A tenant published a moment ago (a sign-up) may not have reached this replica over
+            # pub/sub yet: ask Redis once before refusing. Bytes that arrive meanwhile are buffered.
+            self.state = CONNECTING
+            self.proxy.spawn(self._look_up(params, startup_bytes, database))
+            return
         if tenant is None:
             self.fail("FATAL", "3D000", f'database "{database}" is not a tenant database served by this proxy',
                       hint="check the database name in your connection string")
@@ -225,6 +231,11 @@ class ClientConnection(Handover):
         self.counted_pending = True
         self.state = CONNECTING
         self.proxy.spawn(self._connect(port, startup_bytes))
+
+    async def _look_up(self, params: dict[str, str], startup_bytes: bytes, database: str) -> None:
+        await self.proxy.coordination.look_up(database)
+        if self.state != CLOSED:
+            self._begin(params, startup_bytes, looked_up=True)
 
     async def _connect(self, port: int, startup: bytes) -> None:
         loop = asyncio.get_running_loop()

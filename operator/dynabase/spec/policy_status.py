@@ -30,7 +30,7 @@ class TierPolicyStatus(Model):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
     tenants: int = Field(0, ge=0, description="TenantDatabases that reference this policy (in the namespaces "
-                         "the writing operator watches).")
+                         "the writing operator watches; with --shard, the first shard writes it and counts its own).")
     tenant_names: list[str] = Field(
         default_factory=list, max_length=MAX_TENANT_NAMES,
         description=f"The first {MAX_TENANT_NAMES} of them as namespace/name, sorted.",

@@ -119,10 +119,27 @@ class Tier(TierLimits):
     description: str | None = Field(None, max_length=256)
 
 
+MAX_WARM_POOL = 10_000
+
+
+class WarmPool(Model):
+    """Databases created ahead of sign-ups for this policy's tenants (see desired/warm_pool.py)."""
+
+    size: int = Field(
+        0, ge=0, le=MAX_WARM_POOL, strict=True,
+        description="Empty tenant databases kept ready; a new tenant of this policy claims one "
+        "instead of waiting for CREATE DATABASE. Each costs the disk of an empty database "
+        "(about 7.5 MB). 0 keeps none.",
+    )
+
+
 class TierPolicySpec(Model):
     tiers: dict[str, Tier] = Field(
         ..., min_length=1, max_length=MAX_TIERS,
         description="Tiers by name (upper case, e.g. FREE, PRO).",
+    )
+    warm_pool: WarmPool | None = Field(
+        None, description="Tenant databases created ahead of sign-ups (refilled in the background).",
     )
 
     rules = (

@@ -30,8 +30,15 @@ class PgBouncerPass(BackendPass):
         self.seq: int | None = None  # the publication the agents must confirm, once published
 
     async def step(self, phase: Phase) -> None:
-        async with self.layout_lock:  # observe, plan and publish; waiting for the agents needs no lock
-            await super().step(phase)
+        # Observe, plan and publish one pass at a time here, and one engine at a time anywhere
+        # (operator shards share the layout); waiting for the agents needs no lock.
+        async with self.layout_lock:
+            try:
+                async with self.pgbouncer.layout_lock():
+                    await super().step(phase)
+            except Exception as exc:  # Redis unreachable for the lock: this backend's condition, as observing
+                self._planned = self._planned or False
+                self.fail(self.affected(), "ObserveFailed", exc)
         if self.seq is not None:
             await self._confirm(self.seq)
 
@@ -59,7 +66,10 @@ class PgBouncerPass(BackendPass):
             self.fail(self.affected(), "PublishFailed", exc)
 
     async def _confirm(self, seq: int) -> None:
-        agents = self.observed.agents
+        agents, published = self.observed.agents, self.observed.published
+        if (self.changed and published is not None and agents and all(a.seq >= published.seq for a in agents)
+                and published.rendered_version == self.desired.rendered_version):
+            seq, self.changed = published.seq, False  # nothing for the agents to do: their last report stands
         try:
             if self.changed or any(a.seq < seq for a in agents):
                 agents = await self.pgbouncer.wait_confirmed(seq)

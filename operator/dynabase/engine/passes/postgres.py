@@ -14,15 +14,17 @@ from collections.abc import Sequence
 from dynabase.backends.postgres import PostgresBackend
 from dynabase.desired.pg_hba import AllowedSources, PgHbaObserved, direct_access
 from dynabase.desired.postgres import (
-    PostgresObserved,
     PostgresPlan,
     PostgresTarget,
     deletion_target,
     lowers_connection_limit,
+    needs_database,
     plan_postgres,
     render_plan,
     tenant_target,
 )
+from dynabase.desired.postgres_observed import PostgresObserved
+from dynabase.desired.warm_pool import pool_prefix
 
 from .. import metrics
 from ..conditions import Outcome
@@ -30,6 +32,7 @@ from ..failures import describe_error, with_retries
 from ..passwords import secret_failed, settle_passwords
 from ..results import TenantResult
 from ..stores import SecretStore
+from ..warm_pool import CLAIMS
 from .base import BackendPass, PassRun, Phase
 
 
@@ -48,7 +51,7 @@ class PostgresPass(BackendPass):
             assert result.limits is not None
             self.targets[result.key] = tenant_target(
                 result.tenant, result.limits, password=result.password, restriction=result.restriction,
-                cold=result.cold,
+                cold=result.cold, warm_pool=pool_prefix(result.tenant.spec.tier_policy_ref),
             )
         for result in run.deleted:
             self.targets[result.key] = deletion_target(result.tenant)
@@ -71,7 +74,13 @@ class PostgresPass(BackendPass):
                 self.hba = describe_error(exc)
 
     def plan(self) -> None:
-        self.plans = {k: plan_postgres(t, self.observed) for k, t in self.targets.items()}
+        left = dict(self.observed.warm_pool)  # each pool database is planned for one tenant at most
+        for key, target in self.targets.items():
+            claim = target.warm_pool is not None and left.get(target.warm_pool, 0) > 0 \
+                and needs_database(target, self.observed)
+            if claim and target.warm_pool is not None:
+                left[target.warm_pool] -= 1
+            self.plans[key] = plan_postgres(target, self.observed, claim=claim)
         self.falling = {k for k, t in self.targets.items() if lowers_connection_limit(t, self.observed)}
         for result in self.run.everyone:
             plan = self.plans.get(result.key)
@@ -124,11 +133,13 @@ class PostgresPass(BackendPass):
             return
         async with semaphore:
             try:
-                ended = await with_retries(lambda: self.postgres.apply(plan))
+                applied = await with_retries(lambda: self.postgres.apply(plan))
             except Exception as exc:  # this tenant's condition
                 self.fail([result], "ApplyFailed", exc, event="PostgresApplyFailed")
                 return
-        limits = result.limits
+        ended, limits = applied.ended, result.limits
+        if applied.claimed or applied.pool_empty:
+            CLAIMS.labels("claimed" if applied.claimed else "pool_empty").inc()
         message = (
             f"role {result.tenant.database_name}: connection limit {limits.postgres.connection_limit}"
             if limits else "removed"
