@@ -100,11 +100,13 @@ def admissible(since: float, qps: int = 5, burst: int = 5) -> float:
     return burst + qps * (time.monotonic() - since) + 1
 
 
-def make(name: str, tier: str) -> TenantDatabase:
+def make(name: str, tier: str, org: str) -> TenantDatabase:
+    # An organization of this module's own: the QPS budget is the organization's, and other
+    # modules' tenants in the same Redis would otherwise share it.
     return TenantDatabase.model_validate({
         "apiVersion": "dynabase.io/v1alpha1", "kind": "TenantDatabase",
         "metadata": {"name": name.replace("_", "-"), "namespace": "kernel", "generation": 1},
-        "spec": {"orgId": "org", "tier": tier, "tierPolicyRef": "kerneltest", "databaseName": name},
+        "spec": {"orgId": org, "tier": tier, "tierPolicyRef": "kerneltest", "databaseName": name},
     })
 
 
@@ -115,8 +117,9 @@ async def env(stack: Stack) -> AsyncIterator[Env]:
     engine.pgbouncer = PgBouncerBackend(stack.env["DYNABASE_REDIS_URL"])
     engine.proxy = ProxyBackend(stack.env["DYNABASE_REDIS_URL"])
     suffix = uuid.uuid4().hex[:6]
-    tenants = {"open": make(f"kx_open_{suffix}", "OPEN"), "timed": make(f"kx_timed_{suffix}", "TIMED"),
-               "moving": make(f"kx_moving_{suffix}", "OPEN")}
+    org = f"kx-{suffix}"
+    tenants = {"open": make(f"kx_open_{suffix}", "OPEN", org), "timed": make(f"kx_timed_{suffix}", "TIMED", org),
+               "moving": make(f"kx_moving_{suffix}", "OPEN", org)}
     result = await engine.reconcile_all(POLICIES, list(tenants.values()))
     assert all(t.ready for t in result.tenants), [t.outcomes for t in result.tenants]
     try:
