@@ -141,6 +141,8 @@ def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
         if tenant is None:
             return
         policies = runtime.policies(kwargs["policy_index"])
+        if body.get("metadata", {}).get("uid"):
+            runtime.deleted.add(str(body["metadata"]["uid"]))  # no queued pass makes it again
         async with runtime._locks[tenant.key]:
             result = await runtime.engine.reconcile_all(policies, [], deleted=[tenant])
         failing = [o for r in result.tenants for o in r.outcomes if not o.ok]

@@ -35,6 +35,8 @@ from .webhooks import kube_endpoints
 log = logging.getLogger(__name__)
 DRIFT_ROUND = Gauge("dynabase_operator_drift_round", "The last drift round over this operator's tenants: "
                     "its wall time (seconds) and how many tenants it covered (tenants).", ["measure"])
+for _measure in ("seconds", "tenants"):  # exported before the first round, as 0
+    DRIFT_ROUND.labels(_measure)
 
 
 class Runtime:
@@ -48,6 +50,7 @@ class Runtime:
         self.catalog = PolicyCatalog()
         self.policy_statuses = PolicyStatuses(api, self.catalog)
         self._invalid: dict[str, tuple[Mapping[str, Any], list[tuple[str, str]]]] = {}  # tenants, by key
+        self.deleted: set[str] = set()  # uids of tenants whose deletion handler has run
         # kopf runs a tenant's timer beside its event handlers: one pass per tenant at a time.
         self._locks: dict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self._queue: dict[str, tuple[Mapping[str, Any], Mapping[str, Any]]] = {}
@@ -205,7 +208,14 @@ class Runtime:
                  "namespace": namespace, "uid": str(meta.get("uid", ""))},
                 namespace, "InvalidSpec", "; ".join(f"{f}: {m}" for f, m in errors), "dynabase-operator")
 
+    def deleting(self, body: Mapping[str, Any]) -> bool:
+        """Whether the deletion handler has this tenant (or had it: a pass queued with an older
+        body must not make again what the deletion dropped)."""
+        meta = body.get("metadata", {})
+        return bool(meta.get("deletionTimestamp")) or (bool(meta.get("uid")) and str(meta["uid"]) in self.deleted)
+
     async def reconcile(self, bodies: list[Mapping[str, Any]], policy_index: Mapping[str, Any]) -> list[TenantResult]:
+        bodies = [b for b in bodies if not self.deleting(b)]
         tenants = [t for t in (self.tenant(b) for b in bodies) if t is not None]
         await self._record_invalid(bodies)
         if not tenants:
@@ -214,6 +224,9 @@ class Runtime:
         async with contextlib.AsyncExitStack() as stack:
             for key in sorted({t.key for t in tenants}):  # sorted: no lock-order deadlocks
                 await stack.enter_async_context(self._locks[key])
+            # A deletion may have run while this pass waited for the locks.
+            live = {_key(b) for b in bodies if not self.deleting(b)}
+            tenants = [t for t in tenants if t.key in live]
             result = await self.engine.reconcile_all(policies, tenants, unusable_policies=unusable)
         await self._post_events(result.tenants, {_key(b): b for b in bodies})
         await self.events.record_quietly(result.tenants, utcnow())
