@@ -71,6 +71,7 @@ apiVersion: dynabase.io/v1alpha1
 kind: TierPolicy
 metadata: {name: monitoring}
 spec:
+  warmPool: {size: 1}
   tiers:
     NAP:
       rank: 0
@@ -360,6 +361,7 @@ async def exposition(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
     try:
         railway.fail_next(429, retry_after=0.1)
         await headless.run_once()  # tenants, a Railway 429 then ok, a missing Railway service
+        await engine.warm_pool.until_full()  # the policy's pool database made: its gauge has a sample
         quo = aioredis.Redis.from_url(redis_url, username=acl_username(dbs["quo"]),
                                       password=secrets.passwords["mon/quo"], decode_responses=True)
         try:
@@ -445,6 +447,7 @@ async def exposition(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
         stop.set()
         if proxy_task is not None:
             await asyncio.wait_for(proxy_task, 10)
+        await engine.warm_pool.close()
         await engine.railway.close()
         await engine.postgres.close()
         await engine.pgbouncer.close()

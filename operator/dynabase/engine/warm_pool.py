@@ -29,6 +29,8 @@ POOL_DATABASES = Gauge("dynabase_warm_pool_databases", "Unclaimed warm pool data
 POOL_CREATED = Counter("dynabase_warm_pool_created_total", "Warm pool databases created.")
 CLAIMS = Counter("dynabase_warm_pool_claims_total",
                  "New tenant databases: claimed from the warm pool, or created because it was empty.", ["outcome"])
+for _outcome in ("claimed", "pool_empty"):  # at 0 from the start, so increase() sees the first one
+    CLAIMS.labels(_outcome)
 
 
 class WarmPoolFiller:
