@@ -338,15 +338,18 @@ async def test_a_new_tenant_in_a_running_pool_does_not_wait_for_the_agents(stack
         return await real_wait(seq)
 
     backend.wait_confirmed = counted  # type: ignore[method-assign]
-    policies = {"default": policy("default", None)}
+    # A policy of its own: its PgBouncer pools are this test's alone (other modules' engines and
+    # operators publish pools of a policy named "default" to the same layout).
+    name = unique("pgbpolicy").replace("_", "-")
+    policies = {name: policy(name, None)}
     try:
-        first = await engine.reconcile_all(policies, [make_tenant(unique("pgb"), "FREE")])
+        first = await engine.reconcile_all(policies, [pooled_tenant(unique("pgb"), name)])
         assert first.tenants[0].ready, first.tenants[0].outcomes
         waits.clear()
-        second = await engine.reconcile_all(policies, [make_tenant(unique("pgb"), "FREE")])
+        second = await engine.reconcile_all(policies, [pooled_tenant(unique("pgb"), name)])
         assert second.tenants[0].ready, second.tenants[0].outcomes
         assert waits == [] and backend.writes == 2  # published, nothing to wait for
-        own = await engine.reconcile_all(policies, [make_tenant(unique("pgb"), "FREE",
+        own = await engine.reconcile_all(policies, [make_tenant(unique("pgb"), "FREE", tierPolicyRef=name,
                                                                 overrides={"pgbouncer": {"poolSize": 2}})])
         assert own.tenants[0].ready and len(waits) == 1  # an entry of its own: the agents confirm it
     finally:
