@@ -34,8 +34,10 @@ for _outcome in ("claimed", "pool_empty"):  # at 0 from the start, so increase()
 
 
 class WarmPoolFiller:
-    def __init__(self, store: WarmPoolStore, *, concurrency: int = 2, recheck: float = 30.0) -> None:
+    def __init__(self, store: WarmPoolStore, *, concurrency: int = 1, recheck: float = 30.0) -> None:
         self.store = store
+        # One CREATE DATABASE at a time: bench.signup (50 sign-ups while the pool refills, 2 vCPUs)
+        # gave apply -> first query p99 164-240 ms with 1, 206-415 ms with 2; the refill rate halves.
         self.concurrency = concurrency
         self.recheck = recheck
         self.sizes: dict[str, int] = {}
