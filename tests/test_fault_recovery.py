@@ -23,6 +23,7 @@ from dynabase.engine.reconciler import Engine
 from dynabase.engine.stores import MemorySecretStore, MemoryStatusStore
 from dynabase.keyspace import ACTIVITY_KEY, AGENTS_KEY, decode_agent_report, usage_field, usage_key
 from dynabase.proxy.metering import HourlyMeter, Usage
+from dynabase.spec import TenantDatabase
 
 from .conftest import Stack
 from .engine_helpers import FakeClock
@@ -148,8 +149,13 @@ async def test_a_killed_pgbouncer_agent_leaves_its_pools_serving_and_the_next_on
             os.kill(faults.devstack.state.services["pgbouncer"].pid, signal.SIGKILL)  # its PgBouncers live on
             assert await conn.fetchval("SELECT 2") == 2
 
-            # A tier change the dead agent cannot confirm: published, and said to be pending.
-            blind = await one(eng, with_tier(low, "HOT"))
+            # A change the dead agent cannot confirm: published, and said to be pending. Pool settings of
+            # the tenant's own, so its PgBouncer must render it (a move between running pools alone is
+            # confirmed by the agents' last report).
+            raw = with_tier(low, "HOT").model_dump(by_alias=True, exclude_none=True, mode="json")
+            raw["spec"]["overrides"] = {"pgbouncer": {"poolSize": 1}}
+            own_pool = TenantDatabase.model_validate(raw)
+            blind = await one(eng, own_pool)
             assert condition(blind.status, "PgBouncerReady").reason == "AgentPending"
 
             async with key_writes(url, AGENTS_KEY) as writes:
@@ -162,7 +168,7 @@ async def test_a_killed_pgbouncer_agent_leaves_its_pools_serving_and_the_next_on
                         p.ok for p in a.pools.values()) for a in observed.agents)
                 await writes.until(confirmed, "the new agent on the published layout")
             assert await conn.fetchval("SELECT 3") == 3  # the same server connection: adopted, not replaced
-            back = await one(eng, with_tier(low, "HOT"))
+            back = await one(eng, own_pool)
             assert back.ready, back.outcomes
         finally:
             await conn.close()
