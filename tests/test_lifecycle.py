@@ -226,7 +226,16 @@ async def gone_cold(env: Env, nap: TenantDatabase) -> TenantResult:
     assert still.status is not None and still.status.phase == "Active" and not still.cold  # within idleTimeout
     assert await env.sessions(nap.database_name) >= 1  # PgBouncer keeps a server connection
     await idle_in_postgres(env.stack.env["DYNABASE_POSTGRES_DSN"], nap.database_name, 1.0)
-    env.clock.now = last_query + dt.timedelta(seconds=1.5)
+    # Judged from the activity the engine reads: a later usage flush (the connection's close) may
+    # have moved it past the query's own record.
+    redis = aioredis.Redis.from_url(env.stack.env["DYNABASE_REDIS_URL"])
+    try:
+        score = await redis.zscore(ACTIVITY_KEY, nap.database_name)
+    finally:
+        await redis.aclose()
+    assert score is not None
+    last_activity = max(last_query, dt.datetime.fromtimestamp(score, dt.UTC))
+    env.clock.now = last_activity + dt.timedelta(seconds=1.5)
     cold = await env.reconcile(nap)
     assert cold.status is not None and cold.status.phase == "Cold", cold.outcomes
     await env.proxy_has(nap, lambda limits: limits.cold)
